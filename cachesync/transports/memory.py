@@ -1,0 +1,161 @@
+"""``memory://NAME``: an in-process bus, the embedded default.
+
+Every transport object opened on the same URL in one process shares one :class:`MemoryBus`, so
+a ``Publisher`` and several ``CacheSync`` instances see each other's events (tests, the demo).
+Like Redis pub/sub it is at-most-once: a subscriber that falls more than ``max_backlog``
+messages behind is disconnected (``ConnectionLost``), as Redis does with a slow client, and
+:meth:`MemoryBus.disconnect_all` cuts every subscription, for fault tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import ConnectionLost, StateError
+from .base import OnReady, Transport
+
+__all__ = ["MemoryBus", "MemoryTransport"]
+
+DEFAULT_MAX_BACKLOG = 1_000_000
+
+
+class _Subscription:
+    __slots__ = ("channel", "buffer", "wakeup", "lost", "max_backlog")
+
+    def __init__(self, channel: str, max_backlog: int) -> None:
+        self.channel = channel
+        self.buffer: deque[bytes] = deque()
+        self.wakeup = asyncio.Event()
+        self.lost = False
+        self.max_backlog = max_backlog
+
+    def deliver(self, payload: bytes) -> None:
+        if self.lost:
+            return
+        if len(self.buffer) >= self.max_backlog:
+            self.cut()
+            return
+        self.buffer.append(payload)
+        self.wakeup.set()
+
+    def cut(self) -> None:
+        self.lost = True
+        self.buffer.clear()
+        self.wakeup.set()
+
+
+class MemoryBus:
+    """The shared state of one ``memory://NAME`` URL: who subscribes to which channel."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._subscriptions: dict[str, set[_Subscription]] = {}
+        self.published = 0
+
+    def publish(self, channel: str, payload: bytes) -> int:
+        """Deliver ``payload`` to every live subscription of ``channel``; return how many."""
+        self.published += 1
+        subs = self._subscriptions.get(channel)
+        if not subs:
+            return 0
+        for sub in subs:
+            sub.deliver(payload)
+        return len(subs)
+
+    def subscriber_count(self, channel: str) -> int:
+        """How many subscriptions ``channel`` has now."""
+        return len(self._subscriptions.get(channel, ()))
+
+    def disconnect_all(self) -> None:
+        """Cut every subscription, as a broker restart would: events in flight are lost."""
+        for subs in self._subscriptions.values():
+            for sub in subs:
+                sub.cut()
+
+    def _add(self, sub: _Subscription) -> None:
+        self._subscriptions.setdefault(sub.channel, set()).add(sub)
+
+    def _remove(self, sub: _Subscription) -> None:
+        subs = self._subscriptions.get(sub.channel)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscriptions[sub.channel]
+
+
+class _BusRegistry:
+    """Buses by name, alive while some transport holds them."""
+
+    def __init__(self) -> None:
+        self._buses: weakref.WeakValueDictionary[str, MemoryBus] = weakref.WeakValueDictionary()
+
+    def get(self, name: str) -> MemoryBus:
+        bus = self._buses.get(name)
+        if bus is None:
+            bus = MemoryBus(name)
+            self._buses[name] = bus
+        return bus
+
+
+# The lookup that makes "same URL, same bus" true inside one process. It holds no
+# configuration, only weak references, so a bus disappears with its last transport.
+_registry = _BusRegistry()
+
+
+def bus_for(url: str) -> MemoryBus:
+    """The bus that ``url`` (``memory://NAME``) names in this process."""
+    parts = urlsplit(url)
+    return _registry.get(parts.netloc + parts.path)
+
+
+class MemoryTransport(Transport):
+    """Transport over a :class:`MemoryBus` in this process. No server needed.
+
+    ``memory://NAME?max_backlog=N`` bounds how far a subscriber may fall behind.
+    """
+
+    def __init__(self, url: str = "memory://", *, connect_timeout: float = 10.0) -> None:
+        super().__init__(url, connect_timeout=connect_timeout)
+        self.bus = bus_for(url)
+        query = parse_qs(urlsplit(url).query)
+        self.max_backlog = int(query.get("max_backlog", [DEFAULT_MAX_BACKLOG])[0])
+        self._connected = False
+        self._subscriptions: set[_Subscription] = set()
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def close(self) -> None:
+        self._connected = False
+        for sub in list(self._subscriptions):
+            sub.cut()
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        if not self._connected:
+            raise StateError(f"{self!r} is not connected: call connect() first")
+        self.bus.publish(channel, payload)
+
+    async def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:
+        if not self._connected:
+            raise ConnectionLost(f"{self!r} is not connected")
+        sub = _Subscription(channel, self.max_backlog)
+        self.bus._add(sub)
+        self._subscriptions.add(sub)
+        try:
+            if on_ready is not None:
+                on_ready(False)
+            buffer = sub.buffer
+            while True:
+                while buffer:
+                    yield buffer.popleft()
+                if sub.lost:
+                    raise ConnectionLost(f"subscription to {channel!r} on {self!r} was cut")
+                sub.wakeup.clear()
+                await sub.wakeup.wait()
+        finally:
+            self.bus._remove(sub)
+            self._subscriptions.discard(sub)

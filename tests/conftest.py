@@ -1,0 +1,69 @@
+"""Shared fixtures: which real servers are up, and fresh names so tests never share state.
+
+Under ``CI=true`` a test that needs a server fails when the server is missing; elsewhere it is
+skipped with a message that says how to start it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_DSN = os.environ.get("CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+_SERVERS = {
+    "redis": ("127.0.0.1", 6379),
+    "rabbitmq": ("127.0.0.1", 5672),
+    "postgres": ("127.0.0.1", 5432),
+}
+
+
+def server_up(name: str) -> bool:
+    host, port = _SERVERS[name]
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_server(name: str) -> None:
+    """Fail under CI, skip elsewhere, when server ``name`` is not reachable."""
+    if server_up(name):
+        return
+    host, port = _SERVERS[name]
+    message = (
+        f"{name} is not reachable on {host}:{port}; start it with `docker compose up -d {name}`"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_server("redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    require_server("rabbitmq")
+    return AMQP_URL
+
+
+@pytest.fixture
+def postgres_dsn() -> str:
+    require_server("postgres")
+    return POSTGRES_DSN
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh name for channels, buses and tables, so tests never see each other's events."""
+    return uuid.uuid4().hex[:12]
