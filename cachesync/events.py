@@ -56,8 +56,8 @@ class ChangeEvent(BaseModel):
     sig: str | None = None
 
     def encode(self) -> bytes:
-        """The event as compact JSON bytes (fields left at their defaults are omitted)."""
-        return self.model_dump_json(exclude_defaults=True).encode()
+        """The event as compact JSON bytes (fields that are ``None`` are omitted)."""
+        return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
     def decode(cls, data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> ChangeEvent:
@@ -75,7 +75,7 @@ class ChangeEvent(BaseModel):
 
     def signing_payload(self) -> bytes:
         """The bytes an HMAC signature covers: the encoded event without its ``sig``."""
-        return self.model_dump_json(exclude_defaults=True, exclude={"sig"}).encode()
+        return self.model_dump_json(exclude_none=True, exclude={"sig"}).encode()
 
 
 def _short_reason(exc: ValidationError) -> str:

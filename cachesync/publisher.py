@@ -1,0 +1,235 @@
+"""The owner side: publish change events with sequence numbers and heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Self
+
+from .backoff import Backoff
+from .errors import StateError, TransportError
+from .events import ChangeEvent, Op
+from .signing import Signer
+from .transports.base import Transport, from_url, redact_url
+
+__all__ = ["Publisher", "PublisherState"]
+
+log = logging.getLogger("cachesync.publisher")
+
+
+class PublisherState(dict[str, Any]):
+    """What ``GET /cachesync/state`` reports: source, channel, last seq, heartbeat interval."""
+
+
+class Publisher:
+    """Publishes :class:`ChangeEvent` s for one channel from inside the owner service.
+
+    Every start draws a new ``source`` id and restarts ``seq`` at 0; each event takes the next
+    ``seq``, so consumers can detect a lost event. A heartbeat carrying the last ``seq`` goes out
+    every ``heartbeat_interval`` seconds (``None`` turns it off), so even a lost *last* event is
+    noticed. Events are sent one at a time, in ``seq`` order. If the broker is unreachable,
+    sending retries with backoff for up to ``publish_timeout`` seconds and then raises
+    :class:`~cachesync.errors.TransportError`; the seq of an event that failed stays used, so
+    consumers see a gap and flush rather than miss it. For changes that must never be lost, write
+    them to the outbox (:mod:`cachesync.outbox`) instead.
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        channel: str = "cachesync",
+        *,
+        heartbeat_interval: float | None = 1.0,
+        publish_timeout: float = 10.0,
+        signing_key: bytes | str | None = None,
+        transport: Transport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if heartbeat_interval is not None and heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive, or None to turn it off")
+        if publish_timeout <= 0:
+            raise ValueError("publish_timeout must be positive")
+        if not channel:
+            raise ValueError("channel must be a non-empty string")
+        self.url = url
+        self.channel = channel
+        self.heartbeat_interval = heartbeat_interval
+        self.publish_timeout = publish_timeout
+        self._transport = transport if transport is not None else from_url(url)
+        self._signer = Signer([signing_key]) if signing_key is not None else None
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._running = False
+        self.source = ""
+        self.seq = 0
+        self.published = 0
+        self.publish_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the broker, draw a new source id, start the heartbeat."""
+        if self._running:
+            raise StateError("this Publisher is already started")
+        await self._transport.connect()
+        self.source = uuid.uuid4().hex
+        self.seq = 0
+        self._running = True
+        if self.heartbeat_interval is not None:
+            self._heartbeat_task = asyncio.create_task(
+                self._heartbeat_loop(self.heartbeat_interval), name="cachesync-heartbeat"
+            )
+        log.info(
+            "publisher started",
+            extra={"url": redact_url(self.url), "channel": self.channel, "source": self.source},
+        )
+
+    async def stop(self) -> None:
+        """Stop the heartbeat and close the connection. Safe to call twice."""
+        self._running = False
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._transport.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- the API ---------------------------------------------------------------------------
+
+    async def changed(
+        self,
+        ns: str,
+        *keys: str,
+        version: int | None = None,
+        value: Any = None,
+        ts: float | None = None,
+    ) -> ChangeEvent:
+        """Announce that ``keys`` of namespace ``ns`` changed.
+
+        Without ``value`` consumers drop their entries (and fetch again on the next read); with
+        ``value`` (one key only) consumers in refresh mode store it in place of a fetch.
+        ``version`` is the owner's row version: consumers never let an older version replace a
+        newer one. ``ts`` is the commit time (defaults to now).
+        """
+        if value is not None and len(keys) != 1:
+            raise ValueError("an event that carries a value must name exactly one key")
+        return await self.send(Op.UPSERT, ns, keys, version=version, value=value, ts=ts)
+
+    async def deleted(
+        self, ns: str, *keys: str, version: int | None = None, ts: float | None = None
+    ) -> ChangeEvent:
+        """Announce that ``keys`` of ``ns`` no longer exist."""
+        return await self.send(Op.DELETE, ns, keys, version=version, ts=ts)
+
+    async def flush(self, ns: str, ts: float | None = None) -> ChangeEvent:
+        """Tell every consumer to drop all of namespace ``ns``."""
+        return await self.send(Op.FLUSH, ns, (), ts=ts)
+
+    async def send(
+        self,
+        op: Op,
+        ns: str,
+        keys: Iterable[str],
+        *,
+        version: int | None = None,
+        value: Any = None,
+        ts: float | None = None,
+    ) -> ChangeEvent:
+        """Publish one event with the next ``seq``; the building block of the methods above."""
+        if not self._running:
+            raise StateError("Publisher is not started: use 'async with Publisher(...)'")
+        if op is not Op.HEARTBEAT and not ns:
+            raise ValueError("ns must be a non-empty namespace name")
+        keys = tuple(keys)
+        for key in keys:
+            if not isinstance(key, str):
+                raise TypeError(f"event keys must be strings, got {type(key).__name__}")
+        if op in (Op.UPSERT, Op.DELETE) and not keys:
+            raise ValueError(f"a {op.value} event needs at least one key")
+        async with self._lock:
+            self.seq += 1
+            event = ChangeEvent(
+                source=self.source,
+                seq=self.seq,
+                ns=ns,
+                op=op,
+                keys=keys,
+                version=version,
+                value=value,
+                ts=self._clock() if ts is None else ts,
+            )
+            await self._send(event)
+        return event
+
+    def state(self) -> PublisherState:
+        """Source id, channel, last seq and heartbeat interval (for ``/cachesync/state``)."""
+        return PublisherState(
+            source=self.source,
+            channel=self.channel,
+            seq=self.seq,
+            heartbeat_interval=self.heartbeat_interval,
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _send(self, event: ChangeEvent) -> None:
+        if self._signer is not None:
+            event = self._signer.sign(event)
+        payload = event.encode()
+        deadline = time.monotonic() + self.publish_timeout
+        backoff = Backoff(initial=0.05, maximum=1.0)
+        while True:
+            try:
+                await self._transport.publish(self.channel, payload)
+                self.published += 1
+                return
+            except TransportError as exc:
+                self.publish_errors += 1
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(
+                        f"could not publish to {redact_url(self.url)} within "
+                        f"{self.publish_timeout:g}s: {exc}; is the broker running?"
+                    ) from exc
+                log.warning(
+                    "publish failed, reconnecting",
+                    extra={"url": redact_url(self.url), "error": str(exc), "retry_in": delay},
+                )
+                await asyncio.sleep(delay)
+                with contextlib.suppress(TransportError):
+                    await self._transport.close()
+                    await self._transport.connect()
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self._lock:
+                    beat = ChangeEvent(
+                        source=self.source,
+                        seq=self.seq,
+                        op=Op.HEARTBEAT,
+                        value={"interval": interval},
+                        ts=self._clock(),
+                    )
+                    await self._send(beat)
+            except TransportError as exc:
+                log.warning("heartbeat not sent", extra={"error": str(exc)})
