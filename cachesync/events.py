@@ -44,7 +44,7 @@ class ChangeEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     source: str = Field(min_length=1, max_length=128)
     seq: int = Field(ge=0)
     ns: str = Field(default="", max_length=256)

@@ -139,7 +139,9 @@ class MemoryTransport(Transport):
             raise StateError(f"{self!r} is not connected: call connect() first")
         self.bus.publish(channel, payload)
 
-    async def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:
+    async def subscribe(
+        self, channel: str, on_ready: OnReady | None = None
+    ) -> AsyncIterator[bytes]:
         if not self._connected:
             raise ConnectionLost(f"{self!r} is not connected")
         sub = _Subscription(channel, self.max_backlog)

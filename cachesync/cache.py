@@ -1,0 +1,362 @@
+"""LocalCache: one namespace's entries, with TTLs, versions, fill reservations and trust.
+
+The cache knows nothing of transports or events. The client tells it what happened
+(``invalidate``, ``apply_value``, ``clear``, ``suspect_all``, ``distrust``/``trust``) and the
+decorator reads it and fills it through reservations (:class:`Flight`):
+
+- **Reservations** guard against a fetch that raced an invalidation (guarantee 2). A fill
+  starts with :meth:`begin_fill`; every invalidation of that key, every flush and every change of
+  trust *voids* the flights in progress, and :meth:`finish_fill` stores nothing for a void
+  flight. A void flight is also detached from the key, so a read that starts after the
+  invalidation makes a new fetch instead of joining the old one (guarantee 1).
+- **Versions** keep an older event or fetch from replacing a newer value (guarantee 4). An
+  invalidation that names a version leaves a *tombstone* that remembers it.
+- **Trust**: while the listener is down the client calls :meth:`distrust`; reads then miss,
+  fills are not stored, and single-flight still holds (guarantee 5).
+
+Mutations take a lock, so a plain function may be called from any thread; the read of a fresh
+entry takes none.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+__all__ = ["Entry", "Flight", "LocalCache", "NamespaceStats", "TOMBSTONE"]
+
+
+class _Tombstone:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "TOMBSTONE"
+
+
+TOMBSTONE: Final = _Tombstone()
+"""The value of an entry that only remembers the last version an invalidation named."""
+
+_NEVER = float("-inf")
+
+
+class Entry:
+    """One cached value: fresh until ``expires``; servable while revalidating until
+    ``stale_until``; servable when the owner fails until ``error_until`` (monotonic seconds)."""
+
+    __slots__ = ("value", "expires", "stale_until", "error_until", "version")
+
+    def __init__(
+        self,
+        value: Any,
+        expires: float,
+        stale_until: float,
+        error_until: float,
+        version: int | None,
+    ) -> None:
+        self.value = value
+        self.expires = expires
+        self.stale_until = stale_until
+        self.error_until = error_until
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Entry({self.value!r}, expires={self.expires}, version={self.version})"
+
+
+class Flight:
+    """A fill in progress for one key: a reservation that invalidation can void.
+
+    ``waiter`` is whatever the caller uses to hand the result to concurrent readers (an
+    ``asyncio.Future`` or a ``concurrent.futures.Future``); the cache never touches it.
+    """
+
+    __slots__ = ("key", "void", "waiter")
+
+    def __init__(self, key: str, waiter: Any) -> None:
+        self.key = key
+        self.void = False
+        self.waiter = waiter
+
+
+@dataclass(slots=True)
+class NamespaceStats:
+    """Counters of one namespace. ``snapshot()`` gives them as a plain dict."""
+
+    hits: int = 0
+    misses: int = 0
+    fetches: int = 0
+    fetch_errors: int = 0
+    stale_serves: int = 0
+    events: int = 0
+    invalidations: int = 0
+    refreshes: int = 0
+    ignored_older: int = 0
+    flushes: int = 0
+    evictions: int = 0
+    bypassed: int = 0
+    errors: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class LocalCache:
+    """The entries of one namespace. See the module docstring for the rules it keeps.
+
+    ``ttl`` is the safety net; each stored entry gets ``ttl`` times a random factor in
+    ``[1 - jitter, 1 + jitter]`` so entries filled together do not expire together.
+    ``negative_ttl`` (None: do not cache) applies to results of ``None`` ("absent").
+    ``maxsize`` bounds the number of entries (tombstones included), evicting the least
+    recently used. ``clock`` is the monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        ttl: float,
+        maxsize: int = 10_000,
+        negative_ttl: float | None = None,
+        jitter: float = 0.1,
+        stale_while_revalidate: float = 0.0,
+        stale_if_error: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_positive("ttl", ttl)
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
+            raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
+        if negative_ttl is not None:
+            _check_positive("negative_ttl", negative_ttl)
+        if not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+        _check_non_negative("stale_while_revalidate", stale_while_revalidate)
+        _check_non_negative("stale_if_error", stale_if_error)
+        self.name = name
+        self.ttl = float(ttl)
+        self.maxsize = maxsize
+        self.negative_ttl = negative_ttl
+        self.jitter = jitter
+        self.stale_while_revalidate = float(stale_while_revalidate)
+        self.stale_if_error = float(stale_if_error)
+        self.clock = clock
+        self.stats = NamespaceStats()
+        self.trusted = False
+        self.lock = threading.RLock()
+        # The decorator's hot path reads these two directly; they are never rebound.
+        self.data: OrderedDict[str, Entry] = OrderedDict()
+        self.flights: dict[str, Flight] = {}
+        self.thread_flights: dict[str, Flight] = {}
+        self._random = (rng or random.Random()).random
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, key: object) -> bool:
+        entry = self.data.get(key)  # type: ignore[call-overload]
+        return entry is not None and entry.value is not TOMBSTONE
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get_fresh(self, key: str) -> Entry | None:
+        """The entry for ``key`` if it may be served as fresh now, else None."""
+        entry = self.data.get(key)
+        if entry is not None and entry.expires > self.clock() and self.trusted:
+            return entry
+        return None
+
+    def get_stale(self, key: str, *, for_error: bool) -> Entry | None:
+        """An expired entry still servable: within ``stale_while_revalidate`` of its expiry
+        (``for_error=False``, only while trusted) or ``stale_if_error`` (``for_error=True``)."""
+        entry = self.data.get(key)
+        if entry is None or entry.value is TOMBSTONE:
+            return None
+        now = self.clock()
+        if for_error:
+            return entry if now < entry.error_until else None
+        return entry if self.trusted and now < entry.stale_until else None
+
+    def version_of(self, key: str) -> int | None:
+        """The last version known for ``key`` (from a value or a tombstone)."""
+        entry = self.data.get(key)
+        return None if entry is None else entry.version
+
+    # -- fills -----------------------------------------------------------------------------
+
+    def begin_fill(self, key: str, waiter: Any, *, threaded: bool = False) -> Flight:
+        """Reserve a fill of ``key``; concurrent readers find it in ``flights``."""
+        flight = Flight(key, waiter)
+        with self.lock:
+            (self.thread_flights if threaded else self.flights)[key] = flight
+        return flight
+
+    def finish_fill(self, flight: Flight, value: Any, version: int | None = None) -> bool:
+        """Store the result of ``flight`` unless it was voided, the cache is not trusted, or a
+        newer version is already known. Returns whether it was stored."""
+        with self.lock:
+            self._detach(flight)
+            if flight.void or not self.trusted:
+                return False
+            if value is None and self.negative_ttl is None:
+                return False
+            known = self.data.get(flight.key)
+            if _is_older(version, known):
+                self.stats.ignored_older += 1
+                return False
+            if version is None and known is not None:
+                # The fetch began after every invalidation applied so far, so its result is at
+                # least as new as the version they named: keep that knowledge.
+                version = known.version
+            ttl = self.negative_ttl if value is None else self.ttl
+            assert ttl is not None  # checked above; narrows the type
+            self._store(flight.key, value, ttl, version)
+            return True
+
+    def abandon_fill(self, flight: Flight) -> None:
+        """Forget ``flight`` after its fetch failed; nothing is stored."""
+        with self.lock:
+            self._detach(flight)
+
+    def prime(self, key: str, value: Any, version: int | None = None) -> bool:
+        """Store ``value`` as fresh (a warm-up), unless untrusted or older than what is known."""
+        with self.lock:
+            if not self.trusted or _is_older(version, self.data.get(key)):
+                return False
+            self._void_key(key)
+            self._store(key, value, self.ttl, version)
+            return True
+
+    # -- what events do --------------------------------------------------------------------
+
+    def invalidate(self, key: str, version: int | None = None) -> bool:
+        """Drop ``key`` and void its fills. With ``version``, remember it in a tombstone, and
+        do nothing to an entry that already holds that version or a newer one.
+        Returns whether an entry was dropped."""
+        with self.lock:
+            self._void_key(key)
+            entry = self.data.get(key)
+            if entry is None:
+                return False
+            if version is not None and entry.version is not None and entry.version >= version:
+                self.stats.ignored_older += 1
+                return False
+            if version is None:
+                del self.data[key]
+            else:
+                entry.value = TOMBSTONE
+                entry.expires = entry.stale_until = entry.error_until = _NEVER
+                entry.version = version
+            self.stats.invalidations += 1
+            return True
+
+    def apply_value(self, key: str, value: Any, version: int | None) -> bool:
+        """Replace the entry of ``key`` with ``value`` carried by an event (refresh mode).
+
+        Only keys this instance holds (or remembers in a tombstone) are refreshed; an event
+        whose version is not newer than the known one is ignored. Returns whether it stored.
+        """
+        with self.lock:
+            entry = self.data.get(key)
+            if entry is None:
+                self._void_key(key)
+                return False
+            if version is not None and entry.version is not None and entry.version >= version:
+                self.stats.ignored_older += 1
+                return False
+            self._void_key(key)
+            self._store(key, value, self.ttl, version)
+            self.stats.refreshes += 1
+            return True
+
+    def clear(self) -> None:
+        """Drop every entry and void every fill (a flush event, ``cache_clear()``)."""
+        with self.lock:
+            self.data.clear()
+            self._void_all()
+            self.stats.flushes += 1
+
+    def suspect_all(self) -> None:
+        """Events may have been lost: nothing may be served as fresh any more, but values
+        stay available to ``stale_if_error`` and versions stay known. Voids every fill."""
+        with self.lock:
+            now = self.clock()
+            for entry in self.data.values():
+                if entry.expires > now:
+                    entry.expires = now
+                entry.stale_until = _NEVER
+            self._void_all()
+            self.stats.flushes += 1
+
+    def distrust(self) -> None:
+        """The listener is down: stop serving from the cache and storing fills."""
+        with self.lock:
+            self.trusted = False
+            self._void_all()
+
+    def trust(self) -> None:
+        """The listener is live again: serve and store as usual."""
+        with self.lock:
+            self._void_all()
+            self.trusted = True
+
+    # -- internals (lock held) -------------------------------------------------------------
+
+    def _store(self, key: str, value: Any, ttl: float, version: int | None) -> None:
+        now = self.clock()
+        if self.jitter:
+            ttl *= 1.0 + self.jitter * (2.0 * self._random() - 1.0)
+        expires = now + ttl
+        data = self.data
+        data[key] = Entry(
+            value,
+            expires,
+            expires + self.stale_while_revalidate,
+            expires + self.stale_if_error,
+            version,
+        )
+        data.move_to_end(key)
+        while len(data) > self.maxsize:
+            data.popitem(last=False)
+            self.stats.evictions += 1
+
+    def _detach(self, flight: Flight) -> None:
+        for flights in (self.flights, self.thread_flights):
+            if flights.get(flight.key) is flight:
+                del flights[flight.key]
+
+    def _void_key(self, key: str) -> None:
+        for flights in (self.flights, self.thread_flights):
+            flight = flights.pop(key, None)
+            if flight is not None:
+                flight.void = True
+
+    def _void_all(self) -> None:
+        for flights in (self.flights, self.thread_flights):
+            for flight in flights.values():
+                flight.void = True
+            flights.clear()
+
+
+def _is_older(version: int | None, known: Entry | None) -> bool:
+    return (
+        version is not None
+        and known is not None
+        and known.version is not None
+        and version < known.version
+    )
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")

@@ -1,0 +1,328 @@
+"""The ``@cached`` wrappers: a hot path that is a dict lookup and a clock check, and a miss
+path with single-flight, stale-while-revalidate and stale-if-error.
+
+The wrappers read and fill a :class:`~cachesync.cache.LocalCache`; they know nothing of events
+or transports. :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` builds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+
+from .cache import Flight, LocalCache
+
+__all__ = ["CachedAsync", "CachedSync", "KeyFunc", "default_key", "wrap_async", "wrap_sync"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+KeyFunc = Callable[..., str]
+"""Builds the cache key (the owner's key for the entity, as its events name it) from the
+arguments of the cached function."""
+
+VersionOf = Callable[[Any], int | None]
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+Submit = Callable[[Callable[[], None]], object]
+
+log = logging.getLogger("cachesync.cache")
+
+
+class _Handle(Protocol):
+    """What the cached function carries besides being callable."""
+
+    cache: LocalCache
+    namespace: str
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str: ...
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool: ...
+    def cache_clear(self) -> None: ...
+    def prime(self, key: str, value: Any, *, version: int | None = None) -> bool: ...
+
+
+class CachedAsync(_Handle, Protocol, Generic[P, R_co]):
+    """A coroutine function wrapped by ``@sync.cached``."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+
+class CachedSync(_Handle, Protocol, Generic[P, R_co]):
+    """A plain function wrapped by ``@sync.cached``; callable from any thread."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+
+def default_key(*args: Any, **kwargs: Any) -> str:
+    """``"USD"`` for ``f("USD")``; ``str`` of each argument joined by ``:`` otherwise, with
+    keyword arguments as ``name=value`` in name order. Unhashable arguments are refused."""
+    if not kwargs and len(args) == 1:
+        return _key_part(args[0])
+    parts = [_key_part(a) for a in args]
+    parts += [f"{name}={_key_part(kwargs[name])}" for name in sorted(kwargs)]
+    return ":".join(parts)
+
+
+def _key_part(arg: object) -> str:
+    if type(arg) is str:
+        return arg
+    try:
+        hash(arg)
+    except TypeError:
+        raise TypeError(
+            f"cannot build a cache key from an unhashable argument of type "
+            f"{type(arg).__name__}; pass key= to cached() to build the key yourself"
+        ) from None
+    return str(arg)
+
+
+def _checked_key(key_func: KeyFunc, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    key = key_func(*args, **kwargs)
+    if type(key) is not str:
+        raise TypeError(f"the key= function must return a str, got {type(key).__name__}")
+    return key
+
+
+def _attach(
+    wrapper: Any,
+    fn: Callable[..., Any],
+    cache: LocalCache,
+    make_key: Callable[[tuple[Any, ...], dict[str, Any]], str],
+) -> None:
+    functools.update_wrapper(wrapper, fn)
+    wrapper.cache = cache
+    wrapper.namespace = cache.name
+
+    def key_for(*args: Any, **kwargs: Any) -> str:
+        """The cache key these arguments map to."""
+        return make_key(args, kwargs)
+
+    def invalidate(*args: Any, **kwargs: Any) -> bool:
+        """Drop the entry for these arguments in this instance; True if one was dropped."""
+        return cache.invalidate(make_key(args, kwargs))
+
+    def cache_clear() -> None:
+        """Drop every entry of this namespace in this instance."""
+        cache.clear()
+
+    def prime(key: str, value: Any, *, version: int | None = None) -> bool:
+        """Store ``value`` for ``key`` as if fetched (warm-up); False if refused."""
+        return cache.prime(key, value, version)
+
+    wrapper.key_for = key_for
+    wrapper.invalidate = invalidate
+    wrapper.cache_clear = cache_clear
+    wrapper.prime = prime
+
+
+def _key_maker(
+    key_func: KeyFunc | None,
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    if key_func is None:
+        return lambda args, kwargs: default_key(*args, **kwargs)
+    return lambda args, kwargs: _checked_key(key_func, args, kwargs)
+
+
+def wrap_async(
+    fn: Callable[P, Awaitable[R]],
+    cache: LocalCache,
+    *,
+    key_func: KeyFunc | None,
+    version_of: VersionOf | None,
+    spawn: Spawn,
+) -> CachedAsync[P, R]:
+    """Wrap coroutine function ``fn`` so that its results are cached in ``cache``."""
+    data = cache.data
+    get = data.get
+    move_to_end = data.move_to_end
+    clock = cache.clock
+    stats = cache.stats
+    flights = cache.flights
+    make_key = _key_maker(key_func)
+    default_keys = key_func is None
+
+    async def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        waiter: asyncio.Future[Any] = flight.waiter
+        stats.fetches += 1
+        try:
+            value = await fn(*args, **kwargs)
+        except Exception as exc:
+            stats.fetch_errors += 1
+            cache.abandon_fill(flight)
+            stale = cache.get_stale(flight.key, for_error=True)
+            if stale is None:
+                waiter.set_exception(exc)
+            else:
+                stats.stale_serves += 1
+                log.warning(
+                    "serving a stale value: the fetch failed",
+                    extra={"ns": cache.name, "key": flight.key, "error": repr(exc)},
+                )
+                waiter.set_result(stale.value)
+            return
+        except BaseException:
+            cache.abandon_fill(flight)
+            waiter.cancel()
+            raise
+        cache.finish_fill(flight, value, _version(version_of, value, cache))
+        waiter.set_result(value)
+
+    def start_fill(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flight:
+        waiter = asyncio.get_running_loop().create_future()
+        # A fill nobody waits for (a background revalidation) must not leave its exception
+        # unretrieved.
+        waiter.add_done_callback(_retrieve)
+        flight = cache.begin_fill(key, waiter)
+        spawn(fill(flight, args, kwargs))
+        return flight
+
+    async def miss(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        stale = cache.get_stale(key, for_error=False)
+        if stale is not None:
+            stats.stale_serves += 1
+            if key not in flights:
+                start_fill(key, args, kwargs)
+            return stale.value  # type: ignore[no-any-return]
+        if cache.trusted:
+            stats.misses += 1
+        else:
+            stats.bypassed += 1
+        flight = flights.get(key)
+        if flight is None:
+            flight = start_fill(key, args, kwargs)
+        return await asyncio.shield(flight.waiter)
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if default_keys and not kwargs and len(args) == 1 and type(args[0]) is str:
+            key = args[0]
+        else:
+            key = make_key(args, kwargs)
+        entry = get(key)
+        if entry is not None and entry.expires > clock() and cache.trusted:
+            stats.hits += 1
+            try:
+                move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile; the value is still right
+                pass
+            return entry.value
+        return await miss(key, args, kwargs)
+
+    _attach(wrapper, fn, cache, make_key)
+    return wrapper  # type: ignore[return-value]
+
+
+def wrap_sync(
+    fn: Callable[P, R],
+    cache: LocalCache,
+    *,
+    key_func: KeyFunc | None,
+    version_of: VersionOf | None,
+    submit: Submit,
+) -> CachedSync[P, R]:
+    """Wrap plain function ``fn`` so that its results are cached in ``cache``.
+
+    Safe to call from any thread: concurrent misses of one key wait for one fetch.
+    """
+    data = cache.data
+    get = data.get
+    move_to_end = data.move_to_end
+    clock = cache.clock
+    stats = cache.stats
+    lock = cache.lock
+    flights = cache.thread_flights
+    make_key = _key_maker(key_func)
+    default_keys = key_func is None
+
+    def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        waiter: concurrent.futures.Future[Any] = flight.waiter
+        stats.fetches += 1
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:
+            stats.fetch_errors += 1
+            cache.abandon_fill(flight)
+            stale = cache.get_stale(flight.key, for_error=True)
+            if stale is None:
+                waiter.set_exception(exc)
+                raise
+            stats.stale_serves += 1
+            log.warning(
+                "serving a stale value: the fetch failed",
+                extra={"ns": cache.name, "key": flight.key, "error": repr(exc)},
+            )
+            waiter.set_result(stale.value)
+            return stale.value
+        except BaseException as exc:
+            cache.abandon_fill(flight)
+            waiter.set_exception(exc)
+            raise
+        cache.finish_fill(flight, value, _version(version_of, value, cache))
+        waiter.set_result(value)
+        return value
+
+    def background_fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            fill(flight, args, kwargs)
+        except Exception:
+            pass  # counted in fetch_errors; the stale value was served
+
+    def miss(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        stale = cache.get_stale(key, for_error=False)
+        if stale is not None:
+            stats.stale_serves += 1
+            with lock:
+                leader = key not in flights
+                if leader:
+                    flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
+            if leader:
+                submit(functools.partial(background_fill, flight, args, kwargs))
+            return stale.value
+        if cache.trusted:
+            stats.misses += 1
+        else:
+            stats.bypassed += 1
+        with lock:
+            existing = flights.get(key)
+            if existing is None:
+                flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
+        if existing is not None:
+            return existing.waiter.result()
+        return fill(flight, args, kwargs)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if default_keys and not kwargs and len(args) == 1 and type(args[0]) is str:
+            key = args[0]
+        else:
+            key = make_key(args, kwargs)
+        entry = get(key)
+        if entry is not None and entry.expires > clock() and cache.trusted:
+            stats.hits += 1
+            try:
+                move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile; the value is still right
+                pass
+            return entry.value
+        return miss(key, args, kwargs)
+
+    _attach(wrapper, fn, cache, make_key)
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int | None:
+    if version_of is None or value is None:
+        return None
+    try:
+        return version_of(value)
+    except Exception:
+        cache.stats.errors += 1
+        log.warning("version_of() failed; storing without a version", exc_info=True)
+        return None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

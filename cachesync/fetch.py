@@ -1,0 +1,342 @@
+"""HttpFetcher: read one entry from the owner's REST API, the fallback on a cache miss.
+
+The fetcher is the body of a ``@sync.cached`` function::
+
+    currencies = HttpFetcher("http://owner:8000", "/currencies/{key}", model=Currency)
+
+    @sync.cached("currencies", ttl=3600)
+    async def get_currency(code: str) -> Currency | None:
+        return await currencies.get(code)
+
+What it guarantees: a 404 is "absent" (``None``, which the cache may negative-cache); anything
+else that is not a usable answer (5xx after the retries, a timeout, a refused connection, a body
+that is not JSON or does not fit ``model``) raises :class:`~cachesync.errors.FetchError`, so the
+cache stores nothing and may serve a stale value under ``stale_if_error``. Conditional requests
+(``If-None-Match``) make a refetch of an unchanged entry cheap for the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar, overload
+from urllib.parse import quote
+
+import httpx
+from pydantic import TypeAdapter, ValidationError
+
+from .backoff import Backoff
+from .errors import FetchError
+
+__all__ = ["HttpFetcher", "Primeable"]
+
+log = logging.getLogger("cachesync.fetch")
+
+T = TypeVar("T")
+
+# Statuses that say "try again later" rather than "this request is wrong".
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class Primeable(Protocol):
+    """What :meth:`HttpFetcher.warm` needs of a cached function: its ``prime`` method."""
+
+    def prime(self, key: str, value: Any, *, version: int | None = None) -> bool:
+        """Store ``value`` for ``key`` as fresh; False if a newer entry or an event won."""
+        ...
+
+
+class HttpFetcher(Generic[T]):
+    """Fetches entries of one resource from the owner's REST API with httpx.
+
+    ``base_url`` and ``path`` (with a ``{key}`` placeholder, URL-quoted) name the entry.
+    ``model`` is a pydantic model class or a :class:`~pydantic.TypeAdapter` the JSON body is
+    validated into; without it the parsed JSON is returned as is.
+
+    Failures: 5xx (and 429), timeouts and connection errors are retried up to ``retries``
+    times with jittered exponential backoff, then raised as :class:`FetchError` carrying
+    ``url`` and ``status``. Other 4xx are raised at once. 404 returns ``None``.
+
+    ETags: the last good response of up to ``etag_cache_size`` keys is remembered with its
+    ``ETag``; the next fetch of such a key sends ``If-None-Match``, and a 304 returns the
+    remembered value without a body to parse.
+
+    The fetcher owns its ``httpx.AsyncClient`` and closes it in :meth:`aclose` (or on leaving
+    ``async with``) unless ``client`` was passed in, in which case the caller closes it.
+    """
+
+    @overload
+    def __init__(
+        self: HttpFetcher[Any],
+        base_url: str,
+        path: str = ...,
+        model: None = None,
+        *,
+        timeout: float = ...,
+        retries: int = ...,
+        backoff_initial: float = ...,
+        backoff_max: float = ...,
+        headers: dict[str, str] | None = ...,
+        etag_cache_size: int = ...,
+        client: httpx.AsyncClient | None = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        base_url: str,
+        path: str = ...,
+        model: type[T] | TypeAdapter[T] = ...,
+        *,
+        timeout: float = ...,
+        retries: int = ...,
+        backoff_initial: float = ...,
+        backoff_max: float = ...,
+        headers: dict[str, str] | None = ...,
+        etag_cache_size: int = ...,
+        client: httpx.AsyncClient | None = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        base_url: str,
+        path: str = "/currencies/{key}",
+        model: type[T] | TypeAdapter[T] | None = None,
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 1.0,
+        headers: dict[str, str] | None = None,
+        etag_cache_size: int = 10_000,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url:
+            raise ValueError("base_url must be a non-empty URL string")
+        if "{key}" not in path:
+            raise ValueError("path must contain the '{key}' placeholder, e.g. '/currencies/{key}'")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if etag_cache_size < 0:
+            raise ValueError("etag_cache_size must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.path = path
+        self.timeout = timeout
+        self.retries = retries
+        self._backoff_args = (backoff_initial, backoff_max)
+        Backoff(initial=backoff_initial, maximum=backoff_max)  # validates the pair now
+        self._adapter: TypeAdapter[T] | None
+        if model is None:
+            self._adapter = None
+        elif isinstance(model, TypeAdapter):
+            self._adapter = model
+        else:
+            self._adapter = TypeAdapter(model)
+        self._headers = dict(headers or {})
+        self._etags: OrderedDict[str, tuple[str, T | None]] = OrderedDict()
+        self._etag_cache_size = etag_cache_size
+        self._owns_client = client is None
+        self._client = (
+            client
+            if client is not None
+            else httpx.AsyncClient(timeout=timeout, follow_redirects=True)
+        )
+        self._closed = False
+        self.requests = 0
+        self.retried = 0
+        self.not_modified = 0
+        self.errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this fetcher created it. Safe to call twice."""
+        self._closed = True
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def url_for(self, key: str) -> str:
+        """The URL of entry ``key`` (the key is URL-quoted, so ``/`` cannot change the path)."""
+        return self.base_url + self.path.format(key=quote(str(key), safe=""))
+
+    async def get(self, key: str) -> T | None:
+        """The owner's current value of ``key``, or ``None`` if the owner says 404.
+
+        Raises :class:`FetchError` once the retries are used up, or at once for a 4xx other
+        than 404 or a body that does not parse.
+        """
+        url = self.url_for(key)
+        remembered = self._etags.get(key)
+        headers = {"If-None-Match": remembered[0]} if remembered is not None else None
+        response = await self._request(url, headers)
+        if response.status_code == 304:
+            # Look up again: a concurrent fetch may have replaced or evicted the entry while
+            # this request was in flight.
+            entry = self._etags.get(key)
+            if entry is not None and remembered is not None and entry[0] == remembered[0]:
+                self._etags.move_to_end(key)
+                self.not_modified += 1
+                return entry[1]
+            # A 304 for a validator we no longer hold cannot be served: ask unconditionally.
+            response = await self._request(url, None)
+        if response.status_code == 404:
+            self._etags.pop(key, None)
+            return None
+        value = self._parse(url, response)
+        etag = response.headers.get("etag")
+        if etag and self._etag_cache_size:
+            self._etags[key] = (etag, value)
+            self._etags.move_to_end(key)
+            while len(self._etags) > self._etag_cache_size:
+                self._etags.popitem(last=False)
+        else:
+            self._etags.pop(key, None)
+        return value
+
+    async def __call__(self, key: str) -> T | None:
+        """Same as :meth:`get`, so the fetcher itself can be the body of a cached function."""
+        return await self.get(key)
+
+    async def fetch_all(self, list_path: str) -> list[T]:
+        """Every item of the JSON array at ``list_path``, each validated into ``model``."""
+        url = self.base_url + list_path
+        response = await self._request(url, None)
+        if response.status_code == 404:
+            raise FetchError(f"GET {url} returned 404: no list endpoint there", url=url, status=404)
+        raw = self._parse_json(url, response)
+        if not isinstance(raw, list):
+            raise FetchError(f"GET {url} did not return a JSON array", url=url, status=200)
+        if self._adapter is None:
+            return raw
+        adapter = self._adapter
+        try:
+            # strict=False: the items come from JSON, so lax python validation accepts what
+            # JSON mode would (ISO dates as strings, and so on).
+            return [adapter.validate_python(item, strict=False) for item in raw]
+        except ValidationError as exc:
+            raise FetchError(
+                f"GET {url}: an item does not fit the model: {_first_error(exc)}",
+                url=url,
+                status=response.status_code,
+            ) from exc
+
+    async def warm(
+        self,
+        cached_fn: Primeable,
+        list_path: str = "/currencies",
+        key: Callable[[T], str] = lambda item: item.code,  # type: ignore[attr-defined]
+        version: Callable[[T], int | None] | None = None,
+    ) -> int:
+        """Preload a namespace from a list endpoint so a new instance starts hot.
+
+        Calls ``cached_fn.prime(key(item), item, version=version(item))`` for every item;
+        the cache guards a prime like a fetch, so an event applied meanwhile wins. Returns how
+        many items were stored. Raises :class:`FetchError` if the list cannot be read.
+        """
+        items = await self.fetch_all(list_path)
+        stored = 0
+        for item in items:
+            item_version = version(item) if version is not None else None
+            if cached_fn.prime(key(item), item, version=item_version):
+                stored += 1
+        log.info("cache warmed", extra={"url": self.base_url + list_path, "items": len(items)})
+        return stored
+
+    def stats(self) -> dict[str, int]:
+        """Counters: requests sent, retries, 304 answers, errors raised, ETags remembered."""
+        return {
+            "requests": self.requests,
+            "retried": self.retried,
+            "not_modified": self.not_modified,
+            "errors": self.errors,
+            "etags": len(self._etags),
+        }
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _request(self, url: str, extra_headers: dict[str, str] | None) -> httpx.Response:
+        if self._closed:
+            raise FetchError("this HttpFetcher is closed", url=url)
+        headers = {"Accept": "application/json", **self._headers, **(extra_headers or {})}
+        backoff = Backoff(initial=self._backoff_args[0], maximum=self._backoff_args[1])
+        attempt = 0
+        while True:
+            attempt += 1
+            self.requests += 1
+            status: int | None = None
+            try:
+                response = await self._client.get(url, headers=headers, timeout=self.timeout)
+            except httpx.TimeoutException as exc:
+                reason: str = f"timed out after {self.timeout:g}s"
+                cause: BaseException = exc
+            except httpx.RequestError as exc:
+                reason = f"connection failed: {exc!r}"
+                cause = exc
+            else:
+                status = response.status_code
+                if status < 400 or status == 404:
+                    return response
+                reason = f"returned {status}"
+                cause = FetchError(reason, url=url, status=status)
+                if status < 500 and status not in _RETRY_STATUSES:
+                    self.errors += 1
+                    raise FetchError(f"GET {url} {reason}", url=url, status=status)
+            if attempt > self.retries:
+                self.errors += 1
+                raise FetchError(
+                    f"GET {url} {reason} (after {attempt} attempts)", url=url, status=status
+                ) from cause
+            self.retried += 1
+            delay = backoff.next_delay()
+            log.warning(
+                "fetch failed, retrying",
+                extra={"url": url, "reason": reason, "attempt": attempt, "retry_in": delay},
+            )
+            await asyncio.sleep(delay)
+
+    def _parse_json(self, url: str, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            self.errors += 1
+            raise FetchError(
+                f"GET {url} returned a body that is not JSON", url=url, status=response.status_code
+            ) from exc
+
+    def _parse(self, url: str, response: httpx.Response) -> T | None:
+        if self._adapter is None:
+            parsed: T | None = self._parse_json(url, response)
+            return parsed
+        try:
+            return self._adapter.validate_json(response.content)
+        except ValidationError as exc:
+            self.errors += 1
+            raise FetchError(
+                f"GET {url} returned a body that does not fit the model: {_first_error(exc)}",
+                url=url,
+                status=response.status_code,
+            ) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"

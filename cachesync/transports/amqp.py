@@ -1,0 +1,467 @@
+"""``amqp://`` and ``amqps://``: RabbitMQ through aio-pika.
+
+Each channel name is a fanout exchange (``durable=False``, declared by both sides, so either may
+start first). Each subscription declares its own exclusive, auto-delete, server-named queue and
+binds it to the exchange: every subscriber gets every message published while it is live, and
+nothing published while it is not (at-most-once, like Redis pub/sub).
+
+Connections. One :class:`aio_pika.RobustConnection` per transport object carries both the
+publisher and the subscriptions. Its automatic reconnect is what the publisher wants: after a
+broker restart or a dropped socket, ``publish`` works again without anyone calling
+``connect()``. Subscriptions must *not* resume silently, because the events sent while the
+connection was down are gone with the old exclusive queue and the consumer has to flush. So
+subscriptions and the publisher use plain, non-robust :class:`aio_pika.Channel` objects opened
+on the robust connection: the connection never restores them (it only restores channels made by
+its own ``channel()``), so no zombie queue or consumer reappears after a reconnect. A broken
+connection closes those channels, their close callback cuts the subscription, and the iterator
+raises :class:`~cachesync.errors.ConnectionLost`. The caller then calls ``connect()`` (a no-op
+if aio-pika has already reconnected, otherwise a fresh connection) and ``subscribe()`` again,
+which declares a new queue and calls ``on_ready(False)``.
+
+Consumption is ``no_ack``: the queue is exclusive, so an unacknowledged delivery could never be
+redelivered to anyone else, and a lost connection means a flush anyway. ``basic.qos`` prefetch
+does not apply to no-ack consumers, so the bound on memory is ours: a subscriber that falls more
+than ``max_backlog`` messages behind is cut with ``ConnectionLost`` (as Redis cuts a slow pub/sub
+client), and its queue is deleted.
+
+URL options (query string; keyword arguments of the same meaning win):
+
+``confirm=1``
+    Publisher confirms (default on). ``publish`` returns once the broker has taken the message,
+    which the outbox relay needs to mark a row as sent. ``confirm=0`` returns as soon as the
+    frame is written: higher sequential publish rate, same publish-to-applied latency, but a
+    message in flight when the connection drops is lost without an error (consumers still see
+    the sequence gap).
+``max_backlog=100000``
+    Messages a subscriber may have received but not yet consumed before it is cut.
+``name=…``, ``heartbeat=…``, ``reconnect_interval=…``, TLS options
+    Passed to aio-pika unchanged. ``name`` sets the connection name shown by the management UI
+    and ``rabbitmqctl list_connections client_properties`` (``connection_name=`` does the same
+    as a keyword). ``reconnect_interval`` defaults to 1 second here (aio-pika's default is 5).
+
+Every broker round trip (channel open, declare, bind, consume, publish confirm, close) is bounded
+by ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..backoff import Backoff
+from ..errors import ConfigError, ConnectionLost, StateError, TransportError
+from .base import OnReady, Transport
+
+try:
+    import aio_pika
+    import aio_pika.exceptions
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    # from_url turns this into "pip install 'cachesync[rabbitmq]'" using exc.name.
+    raise ImportError(
+        "amqp:// needs aio-pika: pip install 'cachesync[rabbitmq]'", name=exc.name
+    ) from exc
+
+if TYPE_CHECKING:
+    from aio_pika.abc import (
+        AbstractChannel,
+        AbstractConnection,
+        AbstractExchange,
+        AbstractIncomingMessage,
+        AbstractRobustConnection,
+    )
+
+__all__ = ["AmqpTransport", "DEFAULT_MAX_BACKLOG"]
+
+log = logging.getLogger("cachesync.transports.amqp")
+
+DEFAULT_MAX_BACKLOG = 100_000
+DEFAULT_RECONNECT_INTERVAL = 1.0
+
+# Options this module reads from the query string; everything else goes to aio-pika.
+_OWN_OPTIONS = frozenset({"confirm", "max_backlog"})
+
+_BROKER_HINT = "start it with `docker compose up -d rabbitmq`"
+
+# What "the broker or the socket failed" looks like from aio-pika/aiormq. TimeoutError is an
+# OSError subclass since Python 3.11, so bounded operations land here too.
+_FAILURES: tuple[type[BaseException], ...] = (
+    *aio_pika.exceptions.CONNECTION_EXCEPTIONS,
+    ConnectionError,
+)
+
+_AUTH_FAILURES = (
+    aio_pika.exceptions.ProbableAuthenticationError,
+    aio_pika.exceptions.AuthenticationError,
+)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"amqp:// option {name}={value!r} must be 0 or 1")
+
+
+class _Subscription:
+    """The receiving end of one subscribe() call: a buffer the consumer callback fills."""
+
+    __slots__ = ("buffer", "wakeup", "lost", "reason", "max_backlog", "connection")
+
+    def __init__(self, max_backlog: int, connection: AbstractConnection) -> None:
+        self.buffer: deque[bytes] = deque()
+        self.wakeup = asyncio.Event()
+        self.lost = False
+        self.reason = ""
+        self.max_backlog = max_backlog
+        self.connection = connection
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        # Runs in a task aio-pika starts per delivery; tasks start in delivery order and this
+        # body never awaits, so payloads enter the buffer in the order the broker sent them.
+        if self.lost:
+            return
+        if len(self.buffer) >= self.max_backlog:
+            self.cut(f"subscriber fell more than {self.max_backlog} messages behind")
+            return
+        self.buffer.append(message.body)
+        self.wakeup.set()
+
+    def cut(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.reason = reason
+        # Events still buffered were received, but the caller is about to flush anyway; dropping
+        # them keeps "everything after the cut is unknown" simple and frees the memory now.
+        self.buffer.clear()
+        self.wakeup.set()
+
+
+class AmqpTransport(Transport):
+    """Transport over RabbitMQ: a fanout exchange per channel, a private queue per subscription.
+
+    ``connect()`` opens one robust aio-pika connection, retrying with backoff until
+    ``connect_timeout``. ``publish`` raises :class:`~cachesync.errors.TransportError` while the
+    broker is unreachable and works again once aio-pika has reconnected. A subscription raises
+    :class:`~cachesync.errors.ConnectionLost` when its connection breaks and never resumes on its
+    own. See the module docstring for the URL options.
+    """
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@localhost/",
+        *,
+        connect_timeout: float = 10.0,
+        connection_name: str | None = None,
+        publisher_confirms: bool | None = None,
+        max_backlog: int | None = None,
+    ) -> None:
+        super().__init__(url, connect_timeout=connect_timeout)
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be positive")
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigError(f"malformed AMQP URL {self.safe_url!r}: {exc}") from None
+        if parts.scheme.lower() not in ("amqp", "amqps"):
+            raise ConfigError(
+                f"AmqpTransport needs an amqp:// or amqps:// URL, not {self.safe_url!r}"
+            )
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        own = {key: value for key, value in query if key in _OWN_OPTIONS}
+        passed = [(key, value) for key, value in query if key not in _OWN_OPTIONS]
+        if not any(key == "reconnect_interval" for key, _ in passed):
+            passed.append(("reconnect_interval", f"{DEFAULT_RECONNECT_INTERVAL:g}"))
+        # The URL aio-pika sees: ours minus the options only this module understands.
+        self._broker_url = urlunsplit(parts._replace(query=urlencode(passed)))
+
+        if publisher_confirms is None:
+            publisher_confirms = _parse_bool("confirm", own.get("confirm", "1"))
+        self.publisher_confirms = publisher_confirms
+        if max_backlog is None:
+            try:
+                max_backlog = int(own.get("max_backlog", DEFAULT_MAX_BACKLOG))
+            except ValueError:
+                raise ConfigError(
+                    f"amqp:// option max_backlog={own['max_backlog']!r} must be an integer"
+                ) from None
+        if max_backlog < 1:
+            raise ValueError("max_backlog must be at least 1")
+        self.max_backlog = max_backlog
+
+        url_name = dict(passed).get("name")
+        # An explicit name (keyword, then URL) wins; the default still tells operators which
+        # process holds the connection.
+        self.connection_name = connection_name or url_name or f"cachesync-{os.getpid()}"
+
+        self._connection: AbstractRobustConnection | None = None
+        # "new" and "closed" make publish a lifecycle error (StateError); after a connect()
+        # attempt, a missing connection is a broker problem (TransportError), which is what the
+        # Publisher's retry loop (close(), connect(), publish again) expects to see.
+        self._state = "new"
+        self._connect_lock = asyncio.Lock()
+        self._publish_lock = asyncio.Lock()
+        self._pub_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._subscriptions: set[_Subscription] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (false while aio-pika is reconnecting)."""
+        conn = self._connection
+        return (
+            conn is not None
+            and not conn.is_closed
+            and conn.connected.is_set()
+            and conn.transport is not None
+            and not conn.transport.connection.is_closed
+        )
+
+    async def connect(self) -> None:
+        """Open the connection, or make sure it is open.
+
+        A no-op while the connection is up (including after aio-pika reconnected by itself).
+        A connection that is down is closed and replaced. Failed attempts are retried with
+        :class:`~cachesync.backoff.Backoff` until ``connect_timeout``, then
+        :class:`~cachesync.errors.TransportError` names the redacted URL. Wrong credentials
+        fail at once: retrying cannot fix them.
+        """
+        async with self._connect_lock:
+            if self.connected:
+                self._state = "open"
+                return
+            self._state = "connecting"
+            if self._connection is not None:
+                await self._drop_connection("the connection was replaced")
+            self._connection = await self._open_connection()
+            self._state = "open"
+
+    async def _open_connection(self) -> AbstractRobustConnection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        backoff = Backoff(initial=0.05, maximum=1.0)
+        while True:
+            remaining = deadline - loop.time()
+            # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or cancelled
+            # attempt can be closed, so its reconnect task never outlives this call.
+            conn = aio_pika.RobustConnection(
+                aio_pika.connection.make_url(self._broker_url),
+                client_properties={"connection_name": self.connection_name},
+            )
+            try:
+                await conn.connect(timeout=max(remaining, 0.001))
+            except BaseException as exc:
+                await self._close_quietly(conn)
+                if isinstance(exc, _AUTH_FAILURES):
+                    raise TransportError(
+                        f"RabbitMQ at {self.safe_url} refused the credentials: {exc}"
+                    ) from exc
+                if not isinstance(exc, _FAILURES):
+                    raise
+                delay = backoff.next_delay()
+                if loop.time() + delay >= deadline:
+                    raise TransportError(
+                        f"cannot connect to RabbitMQ at {self.safe_url} within "
+                        f"{self.connect_timeout:g}s ({type(exc).__name__}: {exc}); "
+                        f"is the broker running? {_BROKER_HINT}"
+                    ) from exc
+                log.debug("AMQP connect failed, retrying", extra={"url": self.safe_url})
+                await asyncio.sleep(delay)
+                continue
+            conn.close_callbacks.add(self._on_connection_close)
+            conn.reconnect_callbacks.add(self._on_reconnect)
+            return conn
+
+    def _on_connection_close(self, conn: Any, exc: BaseException | None) -> None:
+        # The channel close callbacks normally cut the subscriptions first; this catches a
+        # subscription still setting up its channel when the socket dies.
+        self._cut_subscriptions(conn, f"connection closed ({exc!r})")
+
+    def _on_reconnect(self, conn: Any) -> None:
+        # Nothing to restore: subscriptions already ended with ConnectionLost, and the
+        # publisher opens a new channel on its next publish.
+        log.info("AMQP connection restored", extra={"url": self.safe_url})
+
+    def _cut_subscriptions(self, conn: Any, reason: str) -> None:
+        for sub in list(self._subscriptions):
+            if conn is None or sub.connection is conn:
+                sub.cut(reason)
+
+    async def close(self) -> None:
+        """Close the connection and end every subscription (they raise ConnectionLost).
+
+        Safe to call twice; ``connect()`` may open the transport again afterwards.
+        """
+        async with self._connect_lock:
+            if self._state != "new":
+                self._state = "closed"
+            await self._drop_connection("the transport was closed")
+
+    async def _drop_connection(self, reason: str) -> None:
+        conn, self._connection = self._connection, None
+        self._pub_channel = None
+        self._exchanges.clear()
+        self._cut_subscriptions(None, reason)
+        if conn is not None:
+            await self._close_quietly(conn)
+
+    async def _close_quietly(self, conn: AbstractRobustConnection) -> None:
+        # Closing can block on a stalled socket (it waits for Close-Ok); the connection is being
+        # thrown away, so bound the wait and ignore what a dead socket reports.
+        try:
+            async with asyncio.timeout(min(self.connect_timeout, 5.0)):
+                await conn.close()
+        except Exception as exc:
+            log.debug("closing the AMQP connection failed: %r", exc)
+
+    def _live_connection(self) -> AbstractRobustConnection:
+        conn = self._connection
+        if self._state in ("new", "closed"):
+            raise StateError(f"{self!r} is not connected: call connect() first")
+        if conn is None or not self.connected:
+            raise TransportError(
+                f"not connected to RabbitMQ at {self.safe_url}; {_BROKER_HINT} if it is down"
+            )
+        return conn
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Send ``payload`` to every live subscription of ``channel``.
+
+        With publisher confirms (the default) this returns once the broker has accepted the
+        message. Raises :class:`~cachesync.errors.TransportError` when the broker is
+        unreachable or refuses; publishing works again once the connection is back.
+        """
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        pub = self._pub_channel
+        exchange = self._exchanges.get(channel)
+        if exchange is None or pub is None or pub.is_closed:
+            exchange = await self._declare_for_publish(channel)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await exchange.publish(
+                    aio_pika.Message(bytes(payload)), routing_key="", mandatory=False
+                )
+        except _FAILURES as exc:
+            raise TransportError(
+                f"publishing to {channel!r} on {self.safe_url} failed: {exc!r}"
+            ) from exc
+
+    async def _declare_for_publish(self, channel: str) -> AbstractExchange:
+        async with self._publish_lock:
+            conn = self._live_connection()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    pub = self._pub_channel
+                    if pub is None or pub.is_closed:
+                        # Exchanges declared on the old channel are known to the broker, but the
+                        # objects are bound to the dead channel: declare again.
+                        self._exchanges.clear()
+                        pub = aio_pika.Channel(conn, publisher_confirms=self.publisher_confirms)
+                        await pub.initialize()
+                        self._pub_channel = pub
+                    # _exchanges only ever holds exchanges declared on the current channel.
+                    exchange = self._exchanges.get(channel)
+                    if exchange is None:
+                        exchange = await pub.declare_exchange(
+                            channel, aio_pika.ExchangeType.FANOUT, durable=False
+                        )
+                        self._exchanges[channel] = exchange
+                    return exchange
+            except _FAILURES as exc:
+                raise TransportError(
+                    f"cannot declare exchange {channel!r} on {self.safe_url}: {exc!r}"
+                ) from exc
+
+    # -- subscribing -----------------------------------------------------------------------
+
+    async def subscribe(
+        self, channel: str, on_ready: OnReady | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield the payloads published on ``channel`` while this subscription is live.
+
+        Declares a fresh exclusive queue bound to the channel's exchange, then calls
+        ``on_ready(False)`` (a new queue never holds earlier events) before the first payload.
+        Raises :class:`~cachesync.errors.ConnectionLost` when the connection breaks, the transport
+        is closed, the queue is deleted, or the subscriber falls ``max_backlog`` behind.
+        """
+        try:
+            conn = self._live_connection()
+        except (TransportError, StateError) as exc:
+            raise ConnectionLost(str(exc)) from exc
+        sub = _Subscription(self.max_backlog, conn)
+        self._subscriptions.add(sub)
+        sub_channel: AbstractChannel | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    # Plain Channel, not conn.channel(): the robust connection must not restore
+                    # this queue and consumer after a reconnect (see the module docstring).
+                    sub_channel = aio_pika.Channel(conn, publisher_confirms=False)
+                    sub_channel.close_callbacks.add(
+                        lambda _ch, exc: sub.cut(f"channel closed ({exc!r})")
+                    )
+                    await sub_channel.initialize()
+                    exchange = await sub_channel.declare_exchange(
+                        channel, aio_pika.ExchangeType.FANOUT, durable=False
+                    )
+                    queue = await sub_channel.declare_queue("", exclusive=True, auto_delete=True)
+                    await queue.bind(exchange)
+                    tag = await queue.consume(sub.on_message, no_ack=True)
+                    underlay = await sub_channel.get_underlay_channel()
+            except _FAILURES as exc:
+                if sub.lost or isinstance(
+                    exc, TimeoutError | aio_pika.exceptions.AMQPConnectionError
+                ):
+                    raise ConnectionLost(
+                        f"subscribing to {channel!r} on {self.safe_url} failed: {exc!r}"
+                    ) from exc
+                raise TransportError(
+                    f"RabbitMQ at {self.safe_url} refused the subscription to {channel!r}: {exc!r}"
+                ) from exc
+
+            def on_cancel(frame: Any) -> None:
+                # The broker cancels the consumer when the queue is deleted under it.
+                if getattr(frame, "consumer_tag", None) == tag:
+                    sub.cut("the broker cancelled the consumer (queue deleted?)")
+
+            underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            if sub.lost:
+                raise ConnectionLost(f"subscription to {channel!r} on {self!r}: {sub.reason}")
+            if on_ready is not None:
+                on_ready(False)
+            buffer = sub.buffer
+            while True:
+                while buffer:
+                    yield buffer.popleft()
+                if sub.lost:
+                    raise ConnectionLost(f"subscription to {channel!r} on {self!r}: {sub.reason}")
+                sub.wakeup.clear()
+                await sub.wakeup.wait()
+        finally:
+            self._subscriptions.discard(sub)
+            lost = sub.lost
+            sub.cut("the subscription ended")
+            # A consumer that stops iterating on a healthy connection must not leave its queue
+            # behind: closing the channel cancels the consumer, and auto-delete drops the queue.
+            # On a lost connection the broker has dropped both already.
+            if sub_channel is not None and not lost and not sub_channel.is_closed:
+                await self._close_channel(sub_channel)
+
+    async def _close_channel(self, channel: AbstractChannel) -> None:
+        try:
+            async with asyncio.timeout(min(self.connect_timeout, 5.0)):
+                await channel.close()
+        except _FAILURES as exc:
+            log.debug("closing an AMQP channel failed: %r", exc)
