@@ -14,7 +14,9 @@ import pytest
 
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
-POSTGRES_DSN = os.environ.get("CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_DSN = os.environ.get(
+    "CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 _SERVERS = {
     "redis": ("127.0.0.1", 6379),

@@ -1,0 +1,196 @@
+"""The @cached decorator: keys, options, sync functions, revalidation, and its handle."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cachesync import CacheSync
+
+from .helpers import FakeClock, Owner, eventually
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture
+async def sync(unique: str) -> AsyncIterator[CacheSync]:
+    async with CacheSync(f"memory://{unique}") as client:
+        yield client
+
+
+async def test_unhashable_argument_says_to_pass_key(sync: CacheSync) -> None:
+    @sync.cached("ns", ttl=60)
+    async def get(query: dict[str, str]) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="pass key="):
+        await get({"a": "b"})
+
+
+async def test_custom_key_function(sync: CacheSync) -> None:
+    owner = Owner(USD=1.0)
+
+    @sync.cached("fx", ttl=60, key=lambda query: query["code"])
+    async def get(query: dict[str, str]) -> float:
+        return await owner.fetch(query["code"])
+
+    await get({"code": "USD"})
+    await get({"code": "USD"})
+    assert owner.calls == 1
+    assert "USD" in sync.namespace("fx")
+
+
+async def test_key_function_must_return_str(sync: CacheSync) -> None:
+    @sync.cached("ns", ttl=60, key=lambda x: x)
+    async def get(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="must return a str"):
+        await get(5)
+
+
+async def test_default_key_joins_arguments(sync: CacheSync) -> None:
+    @sync.cached("rates", ttl=60)
+    async def rate(base: str, quote: str, *, day: int = 0) -> str:
+        return f"{base}{quote}{day}"
+
+    assert rate.key_for("EUR", "USD", day=3) == "EUR:USD:day=3"
+    assert rate.key_for(42) == "42"
+    await rate("EUR", "USD", day=3)
+    assert "EUR:USD:day=3" in sync.namespace("rates")
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"ttl": 0}, "ttl"),
+        ({"ttl": -5}, "ttl"),
+        ({"maxsize": 0}, "maxsize"),
+        ({"mode": "eventually"}, "mode"),
+        ({"negative_ttl": -1}, "negative_ttl"),
+        ({"stale_if_error": -1}, "stale_if_error"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_argument(
+    options: dict[str, object], name: str
+) -> None:
+    with pytest.raises(ValueError, match=name):
+        CacheSync("memory://bad-options").cached("ns", **options)  # type: ignore[arg-type]
+
+
+async def test_invalidate_and_cache_clear(sync: CacheSync) -> None:
+    owner = Owner(A=1, B=2)
+    get = sync.cached("ns", ttl=60)(owner.fetch)
+    await get("A")
+    await get("B")
+    assert get.invalidate("A")
+    await get("A")
+    await get("B")
+    assert owner.calls == 3
+    get.cache_clear()
+    await get("B")
+    assert owner.calls == 4
+
+
+async def test_negative_results_are_cached_only_with_negative_ttl(sync: CacheSync) -> None:
+    owner = Owner()
+    plain = sync.cached("plain", ttl=60)(owner.fetch)
+    assert await plain("nope") is None
+    assert await plain("nope") is None
+    assert owner.calls == 2
+    negative = sync.cached("negative", ttl=60, negative_ttl=5)(owner.fetch)
+    await negative("nope")
+    await negative("nope")
+    assert owner.calls == 3
+
+
+async def test_stale_while_revalidate_serves_stale_and_refreshes_once(unique: str) -> None:
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        owner = Owner(USD=1.0)
+        get = sync.cached("fx", ttl=10, jitter=0, stale_while_revalidate=30)(owner.fetch)
+        await get("USD")
+        owner.values["USD"] = 1.1
+        clock.advance(15)
+        assert [await get("USD") for _ in range(5)] == [1.0] * 5
+        await eventually(lambda: owner.calls == 2)
+        await eventually(lambda: sync.namespace("fx").get_fresh("USD") is not None)
+        assert await get("USD") == 1.1
+        assert sync.stats()["namespaces"]["fx"]["stale_serves"] == 5
+
+
+async def test_sync_function_caches_and_is_callable_from_threads(sync: CacheSync) -> None:
+    calls = 0
+
+    @sync.cached("ns", ttl=60)
+    def square(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x * x
+
+    assert square(3) == 9
+    results = await asyncio.gather(*(asyncio.to_thread(square, 3) for _ in range(8)))
+    assert results == [9] * 8
+    assert calls == 1
+    assert square.__name__ == "square"
+
+
+async def test_sync_stale_while_revalidate_refreshes_in_background(unique: str) -> None:
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        values = {"a": 1}
+        refreshed = threading.Event()
+
+        @sync.cached("ns", ttl=10, jitter=0, stale_while_revalidate=30)
+        def get(key: str) -> int:
+            if values[key] == 2:
+                refreshed.set()
+            return values[key]
+
+        get("a")
+        values["a"] = 2
+        clock.advance(15)
+        assert get("a") == 1
+        assert await asyncio.to_thread(refreshed.wait, 5)
+        await eventually(lambda: sync.namespace("ns").get_fresh("a") is not None)
+        assert get("a") == 2
+
+
+async def test_sync_failure_reaches_caller_and_caches_nothing(sync: CacheSync) -> None:
+    calls = 0
+
+    @sync.cached("ns", ttl=60)
+    def get(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        raise LookupError("owner says 503")
+
+    for _ in range(2):
+        with pytest.raises(LookupError):
+            get("a")
+    assert calls == 2
+    assert sync.stats()["namespaces"]["ns"]["fetch_errors"] == 2
+
+
+async def test_prime_stores_as_fresh(sync: CacheSync) -> None:
+    owner = Owner(USD=1.0)
+    get = sync.cached("fx", ttl=60)(owner.fetch)
+    assert get.prime("USD", 0.9)
+    assert await get("USD") == 0.9
+    assert owner.calls == 0
+
+
+async def test_reads_before_start_go_to_the_owner(unique: str) -> None:
+    sync = CacheSync(f"memory://{unique}")
+    owner = Owner(USD=1.0)
+    get = sync.cached("fx", ttl=60)(owner.fetch)
+    await get("USD")
+    await get("USD")
+    assert owner.calls == 2
+    async with sync:
+        await get("USD")
+        await get("USD")
+    assert owner.calls == 3
