@@ -219,8 +219,9 @@ class Publisher:
                     await self._transport.connect()
 
     async def _heartbeat_loop(self, interval: float) -> None:
+        # The first beat goes out at once, so consumers learn of a restarted owner (a new
+        # source) right away rather than at its first change.
         while True:
-            await asyncio.sleep(interval)
             try:
                 async with self._lock:
                     beat = ChangeEvent(
@@ -233,3 +234,4 @@ class Publisher:
                     await self._send(beat)
             except TransportError as exc:
                 log.warning("heartbeat not sent", extra={"error": str(exc)})
+            await asyncio.sleep(interval)
