@@ -31,10 +31,19 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar, overload
 
 from .backoff import Backoff
 from .cache import LocalCache
-from .decorator import CachedAsync, CachedSync, KeyFunc, VersionOf, wrap_async, wrap_sync
+from .decorator import (
+    CachedAsync,
+    CachedSync,
+    FetchObserver,
+    KeyFunc,
+    VersionOf,
+    wrap_async,
+    wrap_sync,
+)
 from .errors import EventDecodeError, StateError, TransportError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
 from .logutil import RateLimitedLogger
+from .observe import Observer
 from .signing import Signer
 from .transports.base import Transport, from_url, redact_url
 
@@ -62,8 +71,10 @@ class Decorator:
         *,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
         submit: Callable[[Callable[[], None]], None],
+        observe: FetchObserver | None = None,
     ) -> None:
         self.cache = cache
+        self._observe = observe
         self._key = key
         self._version_of = version_of
         self._spawn = spawn
@@ -78,12 +89,22 @@ class Decorator:
     def __call__(self, fn: Callable[..., Any]) -> Any:
         if inspect.iscoroutinefunction(fn):
             return wrap_async(
-                fn, self.cache, key_func=self._key, version_of=self._version_of, spawn=self._spawn
+                fn,
+                self.cache,
+                key_func=self._key,
+                version_of=self._version_of,
+                spawn=self._spawn,
+                observe=self._observe,
             )
         if not callable(fn):
             raise TypeError(f"cached() decorates functions, got {type(fn).__name__}")
         return wrap_sync(
-            fn, self.cache, key_func=self._key, version_of=self._version_of, submit=self._submit
+            fn,
+            self.cache,
+            key_func=self._key,
+            version_of=self._version_of,
+            submit=self._submit,
+            observe=self._observe,
         )
 
 
@@ -162,6 +183,7 @@ class CacheSync:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if not channel:
             raise ValueError("channel must be a non-empty string")
@@ -195,6 +217,8 @@ class CacheSync:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_message = clock()
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
+        self._observer = observer
+        self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- decorating ------------------------------------------------------------------------
 
@@ -248,7 +272,14 @@ class CacheSync:
             cache.trusted = self._stats.listener_up
             namespace = _Namespace(cache, mode, from_event)
             self._namespaces[ns] = namespace
-        return Decorator(namespace.cache, key, version_of, spawn=self._spawn, submit=self._submit)
+        return Decorator(
+            namespace.cache,
+            key,
+            version_of,
+            spawn=self._spawn,
+            submit=self._submit,
+            observe=self._observer.fetch_done if self._observer is not None else None,
+        )
 
     def namespace(self, ns: str) -> LocalCache:
         """The cache of namespace ``ns`` (KeyError if nothing was decorated for it)."""
@@ -357,7 +388,17 @@ class CacheSync:
             counters: dict[str, Any] = ns.cache.stats.snapshot()
             counters["size"] = len(ns.cache)
             namespaces[name] = counters
-        return {"listener": self._stats.snapshot(), "namespaces": namespaces}
+        result: dict[str, Any] = {"listener": self._stats.snapshot(), "namespaces": namespaces}
+        for name, source in self._stats_sources.items():
+            result[name] = source()
+        return result
+
+    def add_stats(self, name: str, source: Callable[[], dict[str, Any]]) -> None:
+        """Include ``source()`` under ``name`` in :meth:`stats` (for add-ons such as the
+        consistency monitor)."""
+        if name in ("listener", "namespaces"):
+            raise ValueError(f"{name!r} is a reserved stats section")
+        self._stats_sources[name] = source
 
     # -- the listener ----------------------------------------------------------------------
 
@@ -374,6 +415,8 @@ class CacheSync:
             except TransportError as exc:
                 if self._stats.listener_up:
                     self._stats.reconnects += 1
+                    if self._observer is not None:
+                        self._observer.lost_events("reconnect")
                 self._set_down()
                 delay = self._backoff.next_delay()
                 log.warning(
@@ -390,12 +433,16 @@ class CacheSync:
         if resumed:
             self._stats.replays += 1
         self._stats.listener_up = True
+        if self._observer is not None:
+            self._observer.listener_state(True)
         self._last_message = self._clock()
         self._backoff.reset()
         self._ready.set()
         log.info("cachesync listener up", extra={"resumed": resumed, "channel": self.channel})
 
     def _set_down(self) -> None:
+        if self._stats.listener_up and self._observer is not None:
+            self._observer.listener_state(False)
         self._stats.listener_up = False
         self._ready.clear()
         for ns in self._namespaces.values():
@@ -429,11 +476,14 @@ class CacheSync:
         if op is Op.HEARTBEAT:
             self._stats.heartbeats += 1
             return
-        self._stats.last_event_lag = self._wall_clock() - event.ts
+        lag = self._wall_clock() - event.ts
+        self._stats.last_event_lag = lag
         ns = self._namespaces.get(event.ns)
         if ns is None:
             self._stats.unknown_namespace += 1
             return
+        if self._observer is not None:
+            self._observer.event_applied(event.ns, op.value, lag)
         cache = ns.cache
         cache.stats.events += 1
         if op is Op.FLUSH:
@@ -496,6 +546,8 @@ class CacheSync:
         """Events may have been lost: nothing cached may be trusted as fresh any more."""
         for ns in self._namespaces.values():
             ns.cache.suspect_all()
+        if self._observer is not None and not quiet:
+            self._observer.lost_events(cause)
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -29,6 +30,8 @@ arguments of the cached function."""
 VersionOf = Callable[[Any], int | None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 Submit = Callable[[Callable[[], None]], object]
+FetchObserver = Callable[[str, float, bool], None]
+"""Told (namespace, seconds, ok) after each fetch from the owner."""
 
 log = logging.getLogger("cachesync.cache")
 
@@ -134,6 +137,7 @@ def wrap_async(
     key_func: KeyFunc | None,
     version_of: VersionOf | None,
     spawn: Spawn,
+    observe: FetchObserver | None = None,
 ) -> CachedAsync[P, R]:
     """Wrap coroutine function ``fn`` so that its results are cached in ``cache``."""
     data = cache.data
@@ -148,10 +152,13 @@ def wrap_async(
     async def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         waiter: asyncio.Future[Any] = flight.waiter
         stats.fetches += 1
+        started = time.perf_counter()
         try:
             value = await fn(*args, **kwargs)
         except Exception as exc:
             stats.fetch_errors += 1
+            if observe is not None:
+                observe(cache.name, time.perf_counter() - started, False)
             cache.abandon_fill(flight)
             stale = cache.get_stale(flight.key, for_error=True)
             if stale is None:
@@ -168,6 +175,8 @@ def wrap_async(
             cache.abandon_fill(flight)
             waiter.cancel()
             raise
+        if observe is not None:
+            observe(cache.name, time.perf_counter() - started, True)
         cache.finish_fill(flight, value, _version(version_of, value, cache))
         waiter.set_result(value)
 
@@ -222,6 +231,7 @@ def wrap_sync(
     key_func: KeyFunc | None,
     version_of: VersionOf | None,
     submit: Submit,
+    observe: FetchObserver | None = None,
 ) -> CachedSync[P, R]:
     """Wrap plain function ``fn`` so that its results are cached in ``cache``.
 
@@ -240,10 +250,13 @@ def wrap_sync(
     def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter: concurrent.futures.Future[Any] = flight.waiter
         stats.fetches += 1
+        started = time.perf_counter()
         try:
             value = fn(*args, **kwargs)
         except Exception as exc:
             stats.fetch_errors += 1
+            if observe is not None:
+                observe(cache.name, time.perf_counter() - started, False)
             cache.abandon_fill(flight)
             stale = cache.get_stale(flight.key, for_error=True)
             if stale is None:
@@ -260,6 +273,8 @@ def wrap_sync(
             cache.abandon_fill(flight)
             waiter.set_exception(exc)
             raise
+        if observe is not None:
+            observe(cache.name, time.perf_counter() - started, True)
         cache.finish_fill(flight, value, _version(version_of, value, cache))
         waiter.set_result(value)
         return value
