@@ -1,0 +1,530 @@
+"""AmqpTransport against the real RabbitMQ on 127.0.0.1:5672 (see tests/conftest.py).
+
+Faults are injected from the broker side with ``rabbitmqctl close_connection``, aimed only at
+this test's own connections (each transport gets a unique ``connection_name``), so tests running
+beside these are not disturbed. The TCP-proxy tests run once ``tests/tcpproxy.py`` exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from cachesync.errors import ConfigError, ConnectionLost, StateError, TransportError
+from cachesync.transports.amqp import AmqpTransport
+from cachesync.transports.base import from_url
+
+from .amqp_tools import (
+    amqp_connection_names,
+    close_amqp_connections,
+    exchange_bindings,
+    rabbitmqctl_available,
+)
+from .helpers import eventually
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.rabbitmq]
+
+Make = Callable[..., Awaitable[AmqpTransport]]
+
+
+class Consumer:
+    """Iterates one subscription in a task, logging ``("ready", resumed)`` and payloads in order.
+
+    ``async with`` starts it and returns once ``on_ready`` ran; leaving cancels and awaits it.
+    """
+
+    def __init__(self, transport: AmqpTransport, channel: str) -> None:
+        self.transport = transport
+        self.channel = channel
+        self.log: list[Any] = []
+        self.ready = asyncio.Event()
+        self.payloads: asyncio.Queue[bytes] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    def _on_ready(self, resumed: bool) -> None:
+        self.log.append(("ready", resumed))
+        self.ready.set()
+
+    async def _run(self) -> None:
+        async for payload in self.transport.subscribe(self.channel, self._on_ready):
+            self.log.append(payload)
+            self.payloads.put_nowait(payload)
+
+    async def __aenter__(self) -> Consumer:
+        self.task = asyncio.create_task(self._run())
+        ready = asyncio.create_task(self.ready.wait())
+        try:
+            await asyncio.wait({self.task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            await asyncio.gather(ready, return_exceptions=True)
+        if self.task.done():
+            self.task.result()  # raises what the subscription raised
+            raise AssertionError("the subscription ended before it was ready")
+        assert self.ready.is_set(), "on_ready was not called within 10s"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def take(self, n: int, timeout: float = 10.0) -> list[bytes]:
+        """The next ``n`` payloads; fail if they do not all arrive within ``timeout``."""
+        async with asyncio.timeout(timeout):
+            return [await self.payloads.get() for _ in range(n)]
+
+    async def ended(self, timeout: float = 10.0) -> BaseException | None:
+        """Wait for the iteration to end; return what it raised."""
+        assert self.task is not None
+        done, _ = await asyncio.wait({self.task}, timeout=timeout)
+        assert done, f"the subscription did not end within {timeout}s"
+        return self.task.exception()
+
+
+@pytest.fixture
+async def make(amqp_url: str, unique: str) -> AsyncIterator[Make]:
+    """Build connected transports, each with its own connection name; close them all after."""
+    opened: list[AmqpTransport] = []
+
+    async def factory(**options: Any) -> AmqpTransport:
+        options.setdefault("connection_name", f"cachesync-test-{unique}-{len(opened)}")
+        transport = AmqpTransport(amqp_url, **options)
+        opened.append(transport)
+        await transport.connect()
+        return transport
+
+    yield factory
+    for transport in opened:
+        await transport.close()
+
+
+@pytest.fixture
+def rabbitmqctl() -> None:
+    if not rabbitmqctl_available():
+        pytest.skip("rabbitmqctl is not on the PATH (it must run on the broker's host)")
+
+
+async def poll(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Await ``check()`` until it holds (for broker state only rabbitmqctl can see)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the timeout")
+        await asyncio.sleep(0.05)
+
+
+def generator(iterator: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """A subscription as what it is, an async generator, for ``aclose()``."""
+    assert isinstance(iterator, AsyncGenerator)
+    return iterator
+
+
+async def next_payload(iterator: AsyncIterator[bytes]) -> bytes:
+    return await anext(iterator)
+
+
+def refused_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+
+async def test_publish_then_receive_in_order(make: Make, unique: str) -> None:
+    pub, sub = await make(), await make()
+    async with Consumer(sub, unique) as consumer:
+        sent = [b"m%d" % i for i in range(300)]
+        for payload in sent:
+            await pub.publish(unique, payload)
+        assert await consumer.take(len(sent)) == sent
+
+
+async def test_two_subscribers_each_get_every_message(make: Make, unique: str) -> None:
+    pub, sub_a, sub_b = await make(), await make(), await make()
+    # Two transports, and two subscriptions on one transport's connection.
+    async with (
+        Consumer(sub_a, unique) as first,
+        Consumer(sub_b, unique) as second,
+        Consumer(sub_b, unique) as third,
+    ):
+        sent = [b"e%d" % i for i in range(20)]
+        for payload in sent:
+            await pub.publish(unique, payload)
+        for consumer in (first, second, third):
+            assert await consumer.take(len(sent)) == sent
+
+
+async def test_channels_are_separate(make: Make, unique: str) -> None:
+    transport = await make()
+    async with (
+        Consumer(transport, f"{unique}-a") as on_a,
+        Consumer(transport, f"{unique}-b") as on_b,
+    ):
+        await transport.publish(f"{unique}-b", b"for b")
+        await transport.publish(f"{unique}-a", b"for a")
+        assert await on_a.take(1) == [b"for a"]
+        assert await on_b.take(1) == [b"for b"]
+        assert on_a.payloads.empty() and on_b.payloads.empty()
+
+
+async def test_on_ready_comes_once_before_the_first_payload_and_means_live(
+    make: Make, unique: str
+) -> None:
+    pub, sub = await make(), await make()
+    async with Consumer(sub, unique) as consumer:
+        # Published the moment on_ready ran: the queue must already be bound and consuming.
+        await pub.publish(unique, b"first")
+        assert await consumer.take(1) == [b"first"]
+        assert consumer.log == [("ready", False), b"first"]
+
+
+async def test_publishing_to_a_channel_nobody_subscribes_is_fine(make: Make, unique: str) -> None:
+    pub = await make()
+    for _ in range(3):
+        await pub.publish(unique, b"into the void")
+
+
+async def test_publish_without_confirms_also_delivers(make: Make, unique: str) -> None:
+    pub, sub = await make(publisher_confirms=False), await make()
+    assert not pub.publisher_confirms
+    async with Consumer(sub, unique) as consumer:
+        for i in range(50):
+            await pub.publish(unique, b"%d" % i)
+        assert await consumer.take(50) == [b"%d" % i for i in range(50)]
+
+
+async def test_publish_rejects_what_is_not_bytes(make: Make, unique: str) -> None:
+    pub = await make()
+    with pytest.raises(TypeError):
+        await pub.publish(unique, "text")  # type: ignore[arg-type]
+
+
+# -- connection loss -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_broker_closing_the_connection_raises_connection_lost_and_resubscribe_works(
+    make: Make, unique: str
+) -> None:
+    pub, sub = await make(), await make()
+    async with Consumer(sub, unique) as consumer:
+        await pub.publish(unique, b"before")
+        assert await consumer.take(1) == [b"before"]
+        started = time.monotonic()
+        assert await close_amqp_connections(sub.connection_name) == 1
+        error = await consumer.ended(timeout=5)
+        assert isinstance(error, ConnectionLost), error
+        # rabbitmqctl itself takes about half a second; the loss must follow promptly.
+        assert time.monotonic() - started < 5
+    await sub.connect()
+    async with Consumer(sub, unique) as again:
+        assert again.log == [("ready", False)]
+        await pub.publish(unique, b"after")
+        assert await again.take(1) == [b"after"]
+    # The publisher's connection was not touched.
+    assert pub.reconnects == 0
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_robust_reconnect_leaves_no_zombie_queue(make: Make, unique: str) -> None:
+    pub, sub = await make(), await make()
+    async with Consumer(sub, unique) as consumer:
+        assert len(await exchange_bindings(unique)) == 1
+        await close_amqp_connections(sub.connection_name)
+        assert isinstance(await consumer.ended(), ConnectionLost)
+    # aio-pika reconnects by itself and restores what it manages; our subscription channel is
+    # not among it, so no queue comes back bound to the exchange.
+    await eventually(lambda: sub.reconnects == 1, timeout=10)
+    assert sub.connected
+    assert await exchange_bindings(unique) == []
+    await pub.publish(unique, b"nobody listens")
+    assert await exchange_bindings(unique) == []
+    # And subscribing again over the restored connection works without a new connect().
+    async with Consumer(sub, unique) as again:
+        await pub.publish(unique, b"fresh")
+        assert await again.take(1) == [b"fresh"]
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_publish_works_again_after_aio_pika_reconnects(make: Make, unique: str) -> None:
+    pub, sub = await make(), await make()
+    async with Consumer(sub, unique) as consumer:
+        await close_amqp_connections(pub.connection_name)
+        confirmed: list[bytes] = []
+        deadline = time.monotonic() + 15
+        # No connect() call: the robust connection comes back by itself. Until it does,
+        # publish raises TransportError and nothing else.
+        while pub.reconnects == 0 or not confirmed:
+            assert time.monotonic() < deadline, "publishing did not resume"
+            payload = b"%d" % len(confirmed)
+            try:
+                await pub.publish(unique, payload)
+            except TransportError:
+                await asyncio.sleep(0.05)
+                continue
+            confirmed.append(payload)
+        # With publisher confirms, every publish that returned reached the queue.
+        received = await consumer.take(len(confirmed))
+        assert received == confirmed
+
+
+async def test_close_ends_subscriptions_promptly_and_is_idempotent(make: Make, unique: str) -> None:
+    sub = await make()
+    async with Consumer(sub, unique) as consumer:
+        await sub.close()
+        assert isinstance(await consumer.ended(timeout=2), ConnectionLost)
+    await sub.close()
+    with pytest.raises(StateError):
+        await sub.publish(unique, b"closed")
+    # Closed is not final: connect() opens it again.
+    await sub.connect()
+    async with Consumer(sub, unique) as again:
+        await sub.publish(unique, b"reopened")
+        assert await again.take(1) == [b"reopened"]
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_a_subscription_that_stops_leaves_no_queue(make: Make, unique: str) -> None:
+    sub = await make()
+    ready = asyncio.Event()
+    iterator = generator(sub.subscribe(unique, lambda _resumed: ready.set()))
+    first = asyncio.create_task(next_payload(iterator))
+    try:
+        await ready.wait()
+        assert len(await exchange_bindings(unique)) == 1
+        await sub.publish(unique, b"one")
+        assert await first == b"one"
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await iterator.aclose()  # what `break` out of `async for` does
+    await poll(lambda: _no_bindings(unique))
+    assert sub.connected
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_a_subscriber_that_falls_behind_is_cut(make: Make, unique: str) -> None:
+    pub, sub = await make(), await make(max_backlog=5)
+    ready = asyncio.Event()
+    iterator = generator(sub.subscribe(unique, lambda _resumed: ready.set()))
+    first = asyncio.create_task(next_payload(iterator))
+    try:
+        await ready.wait()
+        for i in range(20):
+            await pub.publish(unique, b"%d" % i)
+        assert await first == b"0"
+        # Not iterating while the rest arrives: the backlog passes 5 and the subscription is cut.
+        await eventually(lambda: all(s.lost for s in sub._subscriptions), timeout=10)
+        with pytest.raises(ConnectionLost, match="behind"):
+            await anext(iterator)
+        # Its queue is gone with it, while the connection stays up for the next subscribe.
+        await poll(lambda: _no_bindings(unique))
+        assert sub.connected
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await iterator.aclose()
+
+
+async def _no_bindings(exchange: str) -> bool:
+    return await exchange_bindings(exchange) == []
+
+
+# -- connecting ------------------------------------------------------------------------------
+
+
+async def test_refused_port_fails_fast_with_a_redacted_url_and_a_hint() -> None:
+    port = refused_port()
+    transport = AmqpTransport(f"amqp://guest:hunter2@127.0.0.1:{port}/", connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        await transport.connect()
+    assert time.monotonic() - started < 2
+    message = str(info.value)
+    assert "hunter2" not in message
+    assert f"amqp://guest:***@127.0.0.1:{port}/" in message
+    assert "docker compose up -d rabbitmq" in message
+    assert not isinstance(info.value, ConnectionLost)
+    # After a failed connect, publishing is a broker problem, not a lifecycle mistake.
+    with pytest.raises(TransportError):
+        await transport.publish("x", b"x")
+    with pytest.raises(ConnectionLost):
+        await anext(transport.subscribe("x"))
+    await transport.close()
+
+
+async def test_wrong_password_fails_at_once(amqp_url: str) -> None:
+    url = amqp_url.replace("guest:guest@", "guest:not-the-password@")
+    transport = AmqpTransport(url, connect_timeout=5)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="refused") as info:
+        await transport.connect()
+    assert time.monotonic() - started < 2, "credentials errors must not be retried"
+    assert "not-the-password" not in str(info.value)
+    await transport.close()
+
+
+async def test_use_before_connect_is_a_lifecycle_error(amqp_url: str, unique: str) -> None:
+    transport = AmqpTransport(amqp_url)
+    with pytest.raises(StateError):
+        await transport.publish(unique, b"x")
+    with pytest.raises(ConnectionLost):
+        await anext(transport.subscribe(unique))
+    await transport.close()
+    await transport.close()
+
+
+async def test_connect_twice_keeps_one_connection(make: Make) -> None:
+    transport = await make()
+    first = transport._connection
+    await transport.connect()
+    assert transport._connection is first
+
+
+async def test_close_during_connect_leaves_no_connection(unique: str) -> None:
+    transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{refused_port()}/", connect_timeout=5)
+    connecting = asyncio.create_task(transport.connect())
+    await asyncio.sleep(0.1)  # let it fail once and wait for its retry
+    await transport.close()
+    with pytest.raises(TransportError):
+        await connecting
+    assert transport._connection is None
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_url_options_are_read_and_not_passed_to_aio_pika() -> None:
+    transport = from_url(
+        "amqp://guest:guest@127.0.0.1/?confirm=0&max_backlog=7&name=orders&heartbeat=5"
+    )
+    assert isinstance(transport, AmqpTransport)
+    assert transport.publisher_confirms is False
+    assert transport.max_backlog == 7
+    assert transport.connection_name == "orders"
+    broker_url = transport._broker_url
+    assert "confirm" not in broker_url and "max_backlog" not in broker_url
+    assert "heartbeat=5" in broker_url and "name=orders" in broker_url
+    assert "reconnect_interval=1" in broker_url
+
+
+def test_keyword_options_win_over_the_url() -> None:
+    transport = AmqpTransport(
+        "amqp://guest:guest@127.0.0.1/?confirm=0&name=url-name",
+        publisher_confirms=True,
+        connection_name="kw-name",
+    )
+    assert transport.publisher_confirms is True
+    assert transport.connection_name == "kw-name"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://127.0.0.1/?confirm=maybe",
+        "amqp://127.0.0.1/?max_backlog=lots",
+        "redis://127.0.0.1/",
+    ],
+)
+def test_bad_options_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError):
+        AmqpTransport(url)
+
+
+def test_repr_hides_the_password() -> None:
+    assert "secret" not in repr(AmqpTransport("amqps://user:secret@broker.example/"))
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_the_connection_name_is_visible_on_the_broker(make: Make, unique: str) -> None:
+    transport = await make(connection_name=f"cachesync-test-{unique}-named")
+    names = await amqp_connection_names(f"cachesync-test-{unique}-named")
+    assert list(names.values()) == [transport.connection_name]
+
+
+# -- through a TCP proxy ---------------------------------------------------------------------
+
+
+def _tcpproxy() -> Any:
+    try:
+        return importlib.import_module(".tcpproxy", __package__)
+    except ModuleNotFoundError:
+        pytest.skip("tests/tcpproxy.py is not there yet")
+
+
+async def test_a_cut_socket_raises_connection_lost(unique: str, amqp_url: str) -> None:
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=2)
+        await transport.connect()
+        try:
+            async with Consumer(transport, unique) as consumer:
+                await transport.publish(unique, b"through the proxy")
+                assert await consumer.take(1) == [b"through the proxy"]
+                await proxy.cut()
+                assert isinstance(await consumer.ended(timeout=5), ConnectionLost)
+        finally:
+            await transport.close()
+
+
+async def test_while_the_broker_is_unreachable_publish_and_connect_raise_transport_error(
+    unique: str, amqp_url: str
+) -> None:
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=1)
+        await transport.connect()
+        try:
+            await transport.publish(unique, b"up")
+            proxy.refuse(True)
+            await proxy.cut()
+            await eventually(lambda: not transport.connected, timeout=5)
+            with pytest.raises(TransportError):
+                await transport.publish(unique, b"down")
+            with pytest.raises(TransportError, match="docker compose up -d rabbitmq"):
+                await transport.connect()
+            proxy.refuse(False)
+            await transport.connect()
+            await transport.publish(unique, b"up again")
+        finally:
+            await transport.close()
+
+
+async def test_a_stalled_broker_bounds_publish_and_close(unique: str) -> None:
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=1)
+        await transport.connect()
+        try:
+            async with Consumer(transport, unique) as consumer:
+                await transport.publish(unique, b"before the stall")
+                assert await consumer.take(1) == [b"before the stall"]
+                proxy.stall()
+                started = time.monotonic()
+                # The confirm never comes back: publish gives up after connect_timeout.
+                with pytest.raises(TransportError):
+                    await transport.publish(unique, b"stalled")
+                assert time.monotonic() - started < 3
+                started = time.monotonic()
+                await transport.close()
+                assert isinstance(await consumer.ended(timeout=5), ConnectionLost)
+                assert time.monotonic() - started < 5
+        finally:
+            proxy.resume()
+            await transport.close()
