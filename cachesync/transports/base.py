@@ -128,6 +128,8 @@ def from_url(url: str, **options: object) -> Transport:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if exc.name == module_name:
+            raise ConfigError(f"{scheme}:// is not available in this installation") from exc
         hint = f"pip install 'cachesync[{extra}]'" if extra else "reinstall cachesync"
         raise ConfigError(
             f"{scheme}:// needs a library that is not installed ({exc.name}): {hint}"
