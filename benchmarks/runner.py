@@ -1,0 +1,513 @@
+"""``python -m benchmarks``: micro benchmarks, then the strategy comparison, then the report.
+
+Servers that are down are named with the command that starts them, and the strategies that
+need them are skipped. Ctrl-C stops every process the run started and still writes what was
+measured so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import env, micro, plots
+from .analysis import StrategyResult
+from .comparison import Harness
+from .micro import MicroResult
+from .progress import Progress
+from .report import (
+    diagnostics_table,
+    machine_table,
+    micro_table,
+    not_run,
+    settings_text,
+    strategy_table,
+    strategy_targets,
+    targets_table,
+)
+from .strategies import FULL, SHORT_DEFAULT, Settings, Strategy, select, transport_url
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Run:
+    """Everything one invocation measured, complete or not."""
+
+    command: str
+    full: bool
+    settings: Settings
+    machine: dict[str, str] = field(default_factory=dict)
+    micro: list[MicroResult] = field(default_factory=list)
+    strategies: list[StrategyResult] = field(default_factory=list)
+    planned: int = 0
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line."""
+    short, full = Settings(), FULL
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="cachesync benchmarks: micro benchmarks and the strategy comparison. "
+        "The default is the short run (about 2 minutes); --full is the documented long run.",
+    )
+    p.add_argument("--full", action="store_true", help="the long run (every strategy, 60 s each)")
+    p.add_argument("--only", choices=("all", "micro", "strategies"), default="all")
+    p.add_argument(
+        "--strategies",
+        help="comma-separated name globs (default: a short list; every strategy under --full)",
+    )
+    p.add_argument("--list", action="store_true", help="list the strategies and exit")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help=f"measured s per strategy ({short.duration:g}; --full {full.duration:g})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help=f"warm-up s per strategy ({short.warmup:g}; --full {full.warmup:g})",
+    )
+    p.add_argument("--readers", type=int, help=f"reader processes ({short.readers})")
+    p.add_argument("--rate", type=float, help=f"reads/s per reader ({short.rate:g})")
+    p.add_argument("--max-in-flight", type=int, help=f"per reader ({short.max_in_flight})")
+    p.add_argument("--keys", type=int, help=f"items ({short.n_keys})")
+    p.add_argument("--zipf", type=float, help=f"Zipf exponent of reads ({short.zipf_s:g})")
+    p.add_argument("--update-rate", type=float, help=f"updates/s ({short.update_rate:g})")
+    p.add_argument("--update-dist", choices=("zipf", "uniform"), help="which keys change (zipf)")
+    p.add_argument("--probe-rate", type=float, help=f"probe updates/s ({short.probe_rate:g})")
+    p.add_argument("--probe-interval-ms", type=float, help="probe polling interval (1 ms)")
+    p.add_argument("--seed", type=int, help=f"({short.seed})")
+    p.add_argument("--redis-url", help=f"({short.redis_url})")
+    p.add_argument("--amqp-url", help=f"({short.amqp_url})")
+    p.add_argument("--out", help="results directory (benchmarks/results)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--no-budget",
+        action="store_true",
+        help="short run: run every strategy even past the ~2 minute budget",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """The defaults of the chosen length, with every flag given applied."""
+    base = FULL if args.full else Settings()
+    overrides = {
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "readers": args.readers,
+        "rate": args.rate,
+        "max_in_flight": args.max_in_flight,
+        "n_keys": args.keys,
+        "zipf_s": args.zipf,
+        "update_rate": args.update_rate,
+        "update_dist": args.update_dist,
+        "probe_rate": args.probe_rate,
+        "probe_interval": None if args.probe_interval_ms is None else args.probe_interval_ms / 1e3,
+        "seed": args.seed,
+        "redis_url": args.redis_url,
+        "amqp_url": args.amqp_url,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _skip(strategy: Strategy, reason: str) -> StrategyResult:
+    return StrategyResult(strategy.name, strategy.label, strategy.family, "skipped", reason)
+
+
+def run_micro(run: Run, progress: Progress) -> None:
+    """The micro benchmarks, before any other process starts (they need a quiet machine)."""
+    progress.say("micro benchmarks")
+    sizes = micro.FULL if run.full else micro.SHORT
+    run.micro = asyncio.run(micro.run_all(sizes, progress.say))
+
+
+def plan(run: Run, patterns: list[str], up: dict[str, bool]) -> list[Strategy]:
+    """The strategies to run; those that cannot run here are recorded as skipped."""
+    settings = run.settings
+    runnable = []
+    problems: dict[str, str | None] = {}
+    svcs = env.services(settings.redis_url, settings.amqp_url)
+    for strategy in select(patterns):
+        down = [n for n in strategy.needs if not up.get(n)]
+        if down:
+            svc = svcs[down[0]]
+            reason = f"{svc.name} is down (start it: `{svc.how_to_start}`)"
+            run.strategies.append(_skip(strategy, reason))
+            continue
+        if strategy.is_cachesync:
+            assert strategy.scheme is not None
+            if strategy.scheme not in problems:
+                url = transport_url(strategy.scheme, settings)
+                problems[strategy.scheme] = env.transport_problem(strategy.scheme, url)
+            problem = problems[strategy.scheme]
+            if problem is not None:
+                run.strategies.append(_skip(strategy, problem))
+                continue
+        runnable.append(strategy)
+    run.planned = len(runnable)
+    return runnable
+
+
+SHORT_BUDGET = 112.0
+"""Seconds the short run may take in all: a strategy that would end past it is skipped."""
+
+RUN_OVERHEAD = 3.5
+"""Seconds a strategy run takes besides its warm-up and measurement (start, prefill, stop)."""
+
+
+def run_strategies(
+    run: Run, strategies: list[Strategy], progress: Progress, budget: float | None
+) -> None:
+    """Each strategy in turn, a summary line after each; skip what would overrun ``budget``
+    (seconds since the start of the whole run)."""
+    harness = Harness(run.settings, progress)
+    per_run = run.settings.warmup + run.settings.duration + RUN_OVERHEAD
+    for i, strategy in enumerate(strategies, 1):
+        elapsed = time.monotonic() - run.started
+        if budget is not None and elapsed + per_run > budget:
+            reason = f"not run: the short run's time budget ({budget:.0f} s) was used up"
+            run.strategies.append(_skip(strategy, reason))
+            progress.say(f"[{i}/{len(strategies)}] {strategy.name}: {reason}")
+            continue
+        progress.say(f"[{i}/{len(strategies)}] {strategy.name}: {strategy.label}")
+        try:
+            result = harness.run(strategy)
+        except KeyboardInterrupt:
+            run.strategies.append(_skip(strategy, "interrupted (Ctrl-C) while running"))
+            raise
+        run.strategies.append(result)
+        if result.status != "ok":
+            progress.say(f"    {result.status}: {result.reason}")
+            continue
+        progress.say(
+            f"    hit {result.hit_rate:.2%}, window p99 {result.window.fmt('p99')} ms, "
+            f"stale reads {result.stale_reads}, {result.reads_per_s:,.0f} reads/s/instance"
+        )
+
+
+def _order(results: list[StrategyResult]) -> list[StrategyResult]:
+    rank = {s.name: i for i, s in enumerate(select(["*"]))}
+    return sorted(results, key=lambda r: rank.get(r.name, len(rank)))
+
+
+def render(run: Run) -> str:
+    """RESULTS.md."""
+    elapsed = time.monotonic() - run.started
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# cachesync benchmark results",
+        "",
+        f"Command: `{run.command}` ({'full' if run.full else 'short'} run, {elapsed:.0f} s, "
+        f"{stamp}).",
+    ]
+    if run.interrupted:
+        lines += ["", "**Interrupted (Ctrl-C): partial results.**"]
+    lines += ["", "## Machine", "", machine_table(run.machine), ""]
+    lines += [
+        "The machine is shared: other work ran during the measurement (see the load average),"
+        " so compare ratios and strategies measured side by side in this one run, not absolute"
+        " numbers across runs.",
+        "",
+    ]
+    for warning in run.warnings:
+        lines += [f"- {warning}"]
+    if run.micro:
+        lines += ["", "## Micro benchmarks", "", micro_table(run.micro), ""]
+        lines += [MICRO_NOTES, ""]
+        lines += ["![micro ratios](micro_ratios.png)", ""]
+    if run.strategies:
+        results = _order(run.strategies)
+        lines += ["## Strategy comparison", "", settings_text(run.settings, run.planned), ""]
+        lines += [strategy_table(results), ""]
+        if not_run(results):
+            lines += [not_run(results), ""]
+        lines += [COLUMN_NOTES, ""]
+        lines += ["### Where the window goes (ms)", "", diagnostics_table(results), ""]
+        lines += [DIAGNOSTICS_NOTES, ""]
+        reading = invalidate_vs_refresh(results)
+        if reading:
+            lines += [reading, ""]
+        targets = strategy_targets(results)
+        if targets:
+            lines += ["### Targets", "", targets_table(targets), ""]
+        lines += [
+            "![hit rate vs p99 staleness](hit_rate_vs_staleness.png)",
+            "",
+            "![staleness CDF](staleness_cdf.png)",
+            "",
+        ]
+        lines += ["### How each strategy is configured", "", STRATEGY_NOTES, ""]
+        notes = peer_notes(results, run.machine.get("Redis server", "?"))
+        lines += ["### Peers that do not run as documented here", "", notes, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+MICRO_NOTES = """\
+Hit benchmarks run on a started client (`async with sync:` on memory://, so the cache is
+trusted). Each ratio is ours / baseline from interleaved repeats in this one run, best of each
+side. The invalidation rate publishes N encoded upserts (each names a key the namespace holds,
+with a newer version) on the memory:// bus and waits until the listener has applied them all;
+`handle_message` alone feeds the same kind of payloads to the client directly. Bytes per entry:
+tracemalloc's retained memory after filling each cache through its decorator with the same
+pre-built keys and values, divided by the number of entries."""
+
+COLUMN_NOTES = """\
+Columns. *reads/s/inst*: reads completed per reader process (offered: the rate above; a
+strategy that cannot keep up shows less). *hit rate*: reads served by the local cache.
+*owner req/s*: requests the owner's REST API served. *misses/s*: reads that left the process
+(to the owner or to Redis). *window*: staleness window in ms, from the owner's commit of a
+probe-key update until the start of an instance's first read that returned it (over every
+update × instance; `≥` marks a lower bound, where some instance had not seen an update by the
+end of the run). *in hand p99*: the same until that read returned (adds the fetch a miss
+waits for). *stale reads (nines)*: workload reads that returned a version older than the one
+the owner had committed more than 10 ms before the read started; nines = -log10(rate), ∞ for
+none. *hit p50/p99*: latency of reads served by the local cache, measured around the call.
+*events/s/inst*: change events (cachesync) or invalidation messages (peers) applied per
+instance per second."""
+
+DIAGNOSTICS_NOTES = """\
+*announce*: from the owner's commit until its announcement was sent (`Publisher.changed`
+returned, or the Redis write did). *applied*: from the commit until the instance applied the
+event on the probe key (dropped or replaced its entry; peers: their invalidation handler ran).
+*window*: as above, so *window - applied* is the time until the probe's next read.
+*windows*: how many (update, instance) pairs were measured; with fewer than 100, p99 is the
+largest one. *probe gap*: median time between two probe reads in the slowest instance (the
+window's resolution; a blocking client or a saturated instance widens it). *problems*: read
+errors, a probe that saw a version go back, the oldest stale read, and the cachesync
+listener's gap, source-change, missed-heartbeat, reconnect and bad-event counts."""
+
+STRATEGY_NOTES = """\
+- **no cache**: every read is `GET /items/{key}` on the owner (httpx).
+- **TTL only**: a cachetools `TTLCache(maxsize=20000, ttl=…)` in front of the same request.
+  cachetools' decorators do not support coroutines, so the cache is used directly (check, else
+  fetch and store), the usual way in async code. It starts in its steady state: each entry gets
+  an age drawn uniformly from [0, TTL), so expiries happen at their steady rate from the first
+  second even in a run shorter than the TTL.
+- **cachesync**: `@sync.cached("items", ttl=3600, maxsize=20000, mode=…, version_of=…)` over
+  `HttpFetcher(owner, "/items/{key}")`, warmed with `HttpFetcher.warm` from `GET /items`;
+  the owner publishes with `Publisher.changed(…, version=…)` (and `value=` in refresh mode) on
+  the strategy's transport. The reader waits for the publisher's first heartbeat before it
+  warms: the first event of a publisher a client has not heard flushes every namespace that
+  holds entries, so a warm-up done before it is thrown away (a finding, reported to the lead).
+- **redis-py client-side caching**: the owner also writes each item to Redis (`SET`); readers
+  `GET` through `redis.Redis(protocol=3, cache_config=CacheConfig(max_size=20000))` (sync
+  client: redis-py 8 has no client-side cache on `redis.asyncio`).
+- **cashews client-side**: the owner writes each item through cashews; readers use
+  `cache.setup("redis://…?client_side=true", local_cache=Memory(size=20000))` and
+  `await cache.get(key)`.
+- Every cache holds the whole data set (20,000 entries); before the updates start each reader
+  loads the items it will read (cachesync: all of them, through `warm`), so every strategy is
+  measured warm."""
+
+
+def invalidate_vs_refresh(results: list[StrategyResult]) -> str:
+    """What the two cachesync modes over the same transport show, in numbers."""
+    runs = {r.name: r for r in results if r.status == "ok"}
+    out = []
+    for scheme in ("redis", "redis+stream", "amqp"):
+        inv = runs.get(f"cachesync-invalidate-{scheme}")
+        ref = runs.get(f"cachesync-refresh-{scheme}")
+        if inv is None or ref is None or not inv.delivery.n or not ref.delivery.n:
+            continue
+        out.append(
+            f"- {scheme}://: invalidate makes the instances ask the owner "
+            f"{inv.owner_rps:,.0f} times/s (refresh: {ref.owner_rps:,.0f}); event applied "
+            f"p99 {inv.delivery.fmt('p99')} vs {ref.delivery.fmt('p99')} ms, window p99 "
+            f"{inv.window.fmt('p99')} vs {ref.window.fmt('p99')} ms."
+        )
+    if not out:
+        return ""
+    return (
+        "Invalidate vs refresh over the same transport. In invalidate mode every change makes "
+        "each instance that holds the key fetch it again over HTTP, at the same moment; in "
+        "refresh mode the event carries the value. On a small machine that CPU burst (HTTP "
+        "client in each instance, FastAPI owner) delays the delivery of the events that follow, "
+        "which is what the *applied* columns show:\n\n" + "\n".join(out)
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def peer_notes(results: list[StrategyResult], redis_server: str = "?") -> str:
+    """What the as-documented peers did here, and the smallest fix that made them work."""
+    by_name = {r.name: r for r in results}
+    redis_py, cashews_version = _version("redis"), _version("cashews")
+    out = []
+    documented = by_name.get("redis-py-csc-documented")
+    if documented is not None and documented.status == "ok":
+        out.append(
+            "- **redis-py client-side caching** ran as documented here "
+            f"(redis-py {redis_py}, Redis {redis_server}); the `-fixed` run changes nothing."
+        )
+    elif documented is not None:
+        out.append(
+            f"- **redis-py client-side caching** (redis-py {redis_py}, Redis {redis_server}): "
+            "as documented, `redis.Redis(protocol=3, cache_config=CacheConfig())` does not "
+            f"start: {documented.reason}. redis-py 8 refuses any server older than 7.4 "
+            "(`redis.connection.CacheProxyConnection.MIN_ALLOWED_VERSION`), although the server "
+            "side it uses (RESP3, `CLIENT TRACKING`) exists since Redis 6.0. Smallest fix (the "
+            "`-fixed` run): `CacheProxyConnection.MIN_ALLOWED_VERSION = '6.0.0'` before "
+            "connecting. Also by design: sync client only; an invalidation is read only when "
+            "the connection sends its next command; each hit deep-copies the cached reply and "
+            "the application parses it again."
+        )
+    cashews = by_name.get("cashews-documented")
+    if cashews is not None and cashews.status == "ok" and cashews.events_per_s:
+        out.append(
+            "- **cashews client_side** applied invalidations as documented here "
+            f"(cashews {cashews_version}, redis-py {redis_py}); the `-fixed` run adds "
+            "`protocol=2`, which changes nothing then."
+        )
+    elif cashews is not None:
+        if cashews.status == "ok":
+            seen = (
+                "it runs, but applied no invalidation, and "
+                f"{cashews.stale_reads:,} of {cashews.reads:,} reads were stale"
+            )
+        else:
+            seen = f"{cashews.status}: {cashews.reason}"
+        out.append(
+            f"- **cashews client_side** (cashews {cashews_version}, redis-py {redis_py}): "
+            f"as documented, `cache.setup('redis://…?client_side=true')`: {seen}. redis-py 8 "
+            "speaks RESP3 by default, so Redis sends the BCAST/REDIRECT invalidations to "
+            "cashews' PubSub connection as RESP3 `invalidate` push frames; redis-py hands those "
+            "to an invalidation handler that a PubSub never sets, and drops them. cashews "
+            "listens for `message`s on `__redis__:invalidate`, which only RESP2 delivers, so "
+            "nothing is ever invalidated, and its local entries have no TTL: a changed key "
+            "stays stale until the process restarts. Smallest fix (the `-fixed` run): "
+            "`&protocol=2` in the setup URL."
+        )
+    return "\n".join(out) or "(none ran)"
+
+
+def write_outputs(run: Run, out_dir: Path, with_plots: bool, progress: Progress) -> None:
+    """Print the tables, write RESULTS.md, results.json and the plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = _order(run.strategies)
+    if run.micro:
+        print("\nMicro benchmarks\n")
+        print(micro_table(run.micro))
+    if results:
+        print("\nStrategy comparison\n")
+        print(strategy_table(results))
+        if not_run(results):
+            print("\n" + not_run(results))
+        print("\nWhere the window goes (ms)\n")
+        print(diagnostics_table(results))
+        targets = strategy_targets(results)
+        if targets:
+            print("\nTargets\n")
+            print(targets_table(targets))
+    if with_plots:
+        try:
+            plots.micro_ratios(run.micro, out_dir / "micro_ratios.png")
+            plots.hit_rate_vs_staleness(results, out_dir / "hit_rate_vs_staleness.png")
+            plots.staleness_cdf(results, out_dir / "staleness_cdf.png")
+        except ImportError:
+            run.warnings.append("matplotlib is not installed: no plots (pip install matplotlib)")
+    (out_dir / "RESULTS.md").write_text(render(run))
+    (out_dir / "results.json").write_text(json.dumps(_as_json(run), indent=1, default=str))
+    shown = os.path.relpath(out_dir / "RESULTS.md")
+    print(f"\nWrote {shown} and the plots beside it.")
+    progress.say(f"done in {time.monotonic() - run.started:.0f} s")
+
+
+def _as_json(run: Run) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    cleaned: dict[str, Any] = clean(
+        {
+            "command": run.command,
+            "full": run.full,
+            "interrupted": run.interrupted,
+            "settings": dataclasses.asdict(run.settings),
+            "machine": run.machine,
+            "micro": [dataclasses.asdict(m) | {"ratio": m.ratio} for m in run.micro],
+            "strategies": [dataclasses.asdict(s) for s in _order(run.strategies)],
+        }
+    )
+    return cleaned
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks; 0 when done, 130 when interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.list:
+        for s in select(["*"]):
+            print(f"{s.name:34} {s.label}")
+        return 0
+    settings = build_settings(args)
+    run = Run(" ".join(["python -m benchmarks", *argv]), args.full, settings)
+    progress = Progress(args.quiet)
+    out_dir = Path(args.out) if args.out else RESULTS_DIR
+    patterns = (
+        [p.strip() for p in args.strategies.split(",") if p.strip()]
+        if args.strategies
+        else (["*"] if args.full else list(SHORT_DEFAULT))
+    )
+    try:
+        select(patterns)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    svcs = env.services(settings.redis_url, settings.amqp_url)
+    up = {name: env.reachable(svc) for name, svc in svcs.items()}
+    if args.only != "micro":
+        for name, ok in up.items():
+            if not ok:
+                message = env.down_message(svcs[name], "the strategies that need it")
+                print(message, file=sys.stderr)
+                run.warnings.append(message)
+    run.machine = env.machine(settings.redis_url, settings.amqp_url, up)
+    try:
+        if args.only in ("all", "micro"):
+            run_micro(run, progress)
+        if args.only in ("all", "strategies"):
+            strategies = plan(run, patterns, up)
+            for skipped in run.strategies:
+                progress.say(f"skipping {skipped.name}: {skipped.reason}")
+            budget = None if args.full or args.no_budget else SHORT_BUDGET
+            run_strategies(run, strategies, progress, budget)
+    except KeyboardInterrupt:
+        run.interrupted = True
+        print(
+            "\nInterrupted: every process started was stopped; writing partial results.",
+            file=sys.stderr,
+        )
+    load = os.getloadavg()
+    run.machine["load average at end (1/5/15 min)"] = (
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
+    run.machine["Python speed at end"] = env.speed_index()
+    write_outputs(run, out_dir, not args.no_plots, progress)
+    return 130 if run.interrupted else 0

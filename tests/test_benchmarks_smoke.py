@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmarks: the code runs and its pieces agree. Nothing here is timed.
+
+Speed targets live in ``python -m benchmarks``, never in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import micro
+from benchmarks.analysis import StrategyResult, percentiles, probe_windows, stale_reads
+from benchmarks.inprocess import run_in_process
+from benchmarks.report import micro_table, strategy_table, strategy_targets
+from benchmarks.runner import Run, build_settings, parse_args, render
+from benchmarks.strategies import Settings, select
+from benchmarks.workload import Schedule, ZipfKeys
+
+TINY = Settings(
+    n_keys=200,
+    readers=2,
+    rate=300.0,
+    max_in_flight=8,
+    update_rate=20.0,
+    probe_rate=10.0,
+    warmup=0.2,
+    duration=1.5,
+)
+
+
+@pytest.mark.timeout(60)
+async def test_micro_benchmarks_run() -> None:
+    results = await micro.run_all(micro.TINY)
+    assert [r.unit for r in results] == ["ns/call", "ns/call", "events/s", "events/s", "bytes"]
+    for r in results:
+        assert r.ours > 0 and math.isfinite(r.ours)
+        assert r.verdict in ("PASS", "FAIL", "-")
+    assert "async hit" in micro_table(results)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["cachesync-invalidate-redis", "cachesync-refresh-redis"])
+async def test_cachesync_strategy_in_process(name: str) -> None:
+    (strategy,) = select([name])  # runs over memory:// in process, whatever its scheme
+    result = await run_in_process(strategy, TINY)
+    assert result.status == "ok"
+    assert result.reads > 0 and result.read_errors == 0
+    assert 0.0 <= result.hit_rate <= 1.0
+    assert result.window.n > 0
+    assert result.events_per_s is not None and result.events_per_s > 0
+    assert result.probe_regressions == 0
+    assert result.extra["listener"]["gaps"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_ttl_strategy_in_process() -> None:
+    (strategy,) = select(["ttl-1s"])
+    result = await run_in_process(strategy, TINY)
+    assert result.status == "ok" and result.reads > 0
+    assert result.window.n > 0
+
+
+def test_zipf_prefers_low_indexes() -> None:
+    keys = ZipfKeys(1000, 1.1).sample(np.random.default_rng(1), 20_000)
+    assert keys.min() >= 0 and keys.max() < 1000
+    assert (keys == 0).sum() > (keys == 10).sum() > (keys == 500).sum()
+
+
+def test_stale_reads_against_the_update_log() -> None:
+    ms = 1_000_000
+    # key 3 became version 2 at t=100 ms and version 3 at t=200 ms
+    log_key = np.array([3, 3])
+    log_version = np.array([2, 3])
+    log_ts = np.array([100 * ms, 200 * ms])
+    reads_t0 = np.array([50, 105, 150, 150, 250, 205]) * ms
+    reads_key = np.array([3, 3, 3, 3, 3, 3], dtype=np.int32)
+    reads_version = np.array([1, 1, 1, 2, 2, 2], dtype=np.int32)
+    stale, age = stale_reads(reads_key, reads_version, reads_t0, log_key, log_version, log_ts)
+    # v1 at 50 ms: current. v1 at 105 ms: within the 10 ms tolerance. v1 at 150 ms: stale,
+    # 50 ms old. v2 at 150: current. v2 at 250 ms: stale. v2 at 205 ms: within tolerance.
+    assert stale.tolist() == [False, False, True, False, True, False]
+    assert age[2] == 50 * ms and age[4] == 50 * ms
+
+
+def test_probe_windows_and_censoring() -> None:
+    ms = 1_000_000
+    schedule = Schedule(start=0, measure=0, end=3000 * ms)
+    versions = np.array([2, 3, 4])
+    commits = np.array([100, 500, 1900]) * ms
+    seen_at = np.array([0, 103, 900]) * ms  # saw v1, then v2, then v3; never v4
+    seen_version = np.array([1, 2, 3])
+    windows, censored = probe_windows(versions, commits, seen_at, seen_version, schedule)
+    assert (windows // ms).tolist() == [3, 400, 1100]
+    assert censored.tolist() == [False, False, True]
+    p = percentiles(windows / 1e6, censored)
+    assert p.lower_bound["max"] and not p.lower_bound["p50"]
+
+
+def test_report_renders_without_absolute_paths() -> None:
+    ok = StrategyResult("cachesync-invalidate-redis", "cachesync", "cachesync", reads=10)
+    ok.hit_rate, ok.stale_rate = 0.99, 0.0
+    skipped = StrategyResult("cashews-fixed", "cashews", "cashews", "skipped", "redis is down")
+    settings = build_settings(parse_args(["--duration", "3"]))
+    assert settings.duration == 3 and dataclasses.replace(settings, duration=5) != settings
+    run = Run("python -m benchmarks --duration 3", False, settings, strategies=[ok, skipped])
+    text = render(run)
+    assert "| cachesync-invalidate-redis" in text and "skipped: redis is down" in text
+    assert "/work/" not in text and "/tmp/" not in text
+    assert strategy_table([ok, skipped]).count("\n") == 3
+    assert all(t.verdict in ("PASS", "FAIL", "TIE", "n/a") for t in strategy_targets([ok]))
