@@ -59,6 +59,11 @@ log = logging.getLogger("cachesync.client")
 # interval a publisher announces.
 HEARTBEAT_TIMEOUT_INTERVALS = 3.0
 
+# Plain strings: comparing an event's op to these is cheaper than to enum members.
+_UPSERT = Op.UPSERT.value
+_FLUSH = Op.FLUSH.value
+_HEARTBEAT = Op.HEARTBEAT.value
+
 
 class Decorator:
     """What :meth:`CacheSync.cached` returns: wraps a coroutine function or a plain one."""
@@ -216,6 +221,7 @@ class CacheSync:
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_message = clock()
+        self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = observer
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -388,7 +394,11 @@ class CacheSync:
             counters: dict[str, Any] = ns.cache.stats.snapshot()
             counters["size"] = len(ns.cache)
             namespaces[name] = counters
-        result: dict[str, Any] = {"listener": self._stats.snapshot(), "namespaces": namespaces}
+        listener = self._stats.snapshot()
+        if self._last_event is not None:
+            ts, applied = self._last_event
+            listener["last_event_lag"] = self._wall_clock() - (self._clock() - applied) - ts
+        result: dict[str, Any] = {"listener": listener, "namespaces": namespaces}
         for name, source in self._stats_sources.items():
             result[name] = source()
         return result
@@ -452,7 +462,7 @@ class CacheSync:
         """Decode one message and apply it. Never raises: bad input is counted and logged."""
         stats = self._stats
         stats.messages += 1
-        self._last_message = self._clock()
+        now = self._last_message = self._clock()
         try:
             event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
         except EventDecodeError as exc:
@@ -464,100 +474,100 @@ class CacheSync:
             self._warn.warning("bad_signature", "dropped an event with a missing or bad signature")
             return
         try:
-            self._apply(event)
+            self._track(event, now)
+            if event.op == _HEARTBEAT:
+                stats.heartbeats += 1
+            else:
+                self._apply(event, now)
         except Exception:
             # A bug or an exotic value must not kill the listener; count it and go on.
             stats.bad_events += 1
             self._warn.exception("apply_failed", "could not apply an event")
 
-    def _apply(self, event: ChangeEvent) -> None:
-        self._track(event)
-        op = event.op
-        if op is Op.HEARTBEAT:
-            self._stats.heartbeats += 1
-            return
-        lag = self._wall_clock() - event.ts
-        self._stats.last_event_lag = lag
+    def _apply(self, event: ChangeEvent, now: float) -> None:
+        self._last_event = (event.ts, now)
         ns = self._namespaces.get(event.ns)
         if ns is None:
             self._stats.unknown_namespace += 1
             return
+        op = event.op
         if self._observer is not None:
-            self._observer.event_applied(event.ns, op.value, lag)
+            self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
         cache = ns.cache
         cache.stats.events += 1
-        if op is Op.FLUSH:
+        if op == _FLUSH:
             cache.clear()
             return
         version = event.version
-        if op is Op.UPSERT and ns.mode == "refresh" and event.value is not None:
-            if len(event.keys) == 1:
-                value = event.value
-                if ns.from_event is not None:
-                    try:
-                        value = ns.from_event(value)
-                    except Exception as exc:
-                        cache.stats.errors += 1
-                        self._warn.warning(
-                            "from_event", "from_event() refused an event's value: %s", exc
-                        )
-                        cache.invalidate(event.keys[0], version)
-                        return
-                cache.apply_value(event.keys[0], value, version)
-                return
-        for key in event.keys:
+        keys = event.keys
+        if ns.mode == "refresh" and op == _UPSERT and event.value is not None and len(keys) == 1:
+            value = event.value
+            if ns.from_event is not None:
+                try:
+                    value = ns.from_event(value)
+                except Exception as exc:
+                    cache.stats.errors += 1
+                    self._warn.warning(
+                        "from_event", "from_event() refused an event's value: %s", exc
+                    )
+                    cache.invalidate(keys[0], version)
+                    return
+            cache.apply_value(keys[0], value, version)
+            return
+        for key in keys:
             cache.invalidate(key, version)
 
-    def _track(self, event: ChangeEvent) -> None:
-        now = self._clock()
+    def _track(self, event: ChangeEvent, now: float) -> None:
         source = self._sources.get(event.source)
-        timeout = self._timeout_for(event)
+        heartbeat = event.op == _HEARTBEAT
         if source is None:
-            # A publisher we have not heard: a restarted owner may have lost its last events.
-            # The very first one, before anything was cached, is only a hello.
-            benign = not self._sources and not self._had_entries()
+            timeout = self._timeout_for(event) if heartbeat else self.heartbeat_timeout
+            # A publisher we have not heard from. If we heard another one, this may be a
+            # restarted owner whose last events were lost: flush. If we heard none since the
+            # subscription went live, everything cached was fetched after it did, so nothing
+            # of this publisher's past can be missing.
+            first = not self._sources
             self._sources[event.source] = _Source(event.seq, now, timeout)
-            if not benign:
+            if first:
+                log.debug("first publisher heard", extra={"source": event.source, "seq": event.seq})
+            else:
                 self._stats.source_changes += 1
-            self._lost("source", event, quiet=benign)
+                self._lost("source", event)
             return
         source.last_seen = now
-        if timeout is not None:
-            source.timeout = timeout
-        expected = source.seq if event.op is Op.HEARTBEAT else source.seq + 1
-        if event.seq > expected:
+        if heartbeat:
+            timeout = self._timeout_for(event)
+            if timeout is not None:
+                source.timeout = timeout
+            expected = source.seq
+        else:
+            expected = source.seq + 1
+        seq = event.seq
+        if seq > expected:
             self._stats.gaps += 1
             self._lost("gap", event, expected=expected)
-        if event.seq > source.seq:
-            source.seq = event.seq
+        if seq > source.seq:
+            source.seq = seq
 
-    def _timeout_for(self, event: ChangeEvent) -> float | None:
+    def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
-        if event.op is Op.HEARTBEAT and isinstance(event.value, dict):
-            interval = event.value.get("interval")
+        if isinstance(heartbeat.value, dict):
+            interval = heartbeat.value.get("interval")
             if isinstance(interval, int | float) and interval > 0:
                 return HEARTBEAT_TIMEOUT_INTERVALS * float(interval)
         return None
 
-    def _lost(
-        self, cause: str, event: ChangeEvent | None = None, *, quiet: bool = False, **details: Any
-    ) -> None:
+    def _lost(self, cause: str, event: ChangeEvent | None = None, **details: Any) -> None:
         """Events may have been lost: nothing cached may be trusted as fresh any more."""
         for ns in self._namespaces.values():
             ns.cache.suspect_all()
-        if self._observer is not None and not quiet:
+        if self._observer is not None:
             self._observer.lost_events(cause)
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
-        if quiet:
-            log.debug("first event from a publisher", extra=extra)
-        else:
-            log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
-
-    def _had_entries(self) -> bool:
-        return any(len(ns.cache) for ns in self._namespaces.values())
+        log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
 
     async def _watch(self) -> None:
         """Notice silent publishers and stalled connections (missed heartbeats)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,6 +35,8 @@ FetchObserver = Callable[[str, float, bool], None]
 """Told (namespace, seconds, ok) after each fetch from the owner."""
 
 log = logging.getLogger("cachesync.cache")
+
+_NO_ARG: Any = object()  # "no positional argument" in the wrappers' signatures
 
 
 class _Handle(Protocol):
@@ -123,11 +126,33 @@ def _attach(
 
 
 def _key_maker(
-    key_func: KeyFunc | None,
-) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
-    if key_func is None:
-        return lambda args, kwargs: default_key(*args, **kwargs)
-    return lambda args, kwargs: _checked_key(key_func, args, kwargs)
+    key_func: KeyFunc | None, fn: Callable[..., Any]
+) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], str], bool]:
+    """The key function for ``fn``, and whether a lone ``str`` argument is the key itself (the
+    hot path's shortcut)."""
+    if key_func is not None:
+        return (lambda args, kwargs: _checked_key(key_func, args, kwargs)), False
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return (lambda args, kwargs: default_key(*args, **kwargs)), True
+
+    def bound_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # Bind to the signature, so get("USD") and get(code="USD") share one key.
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return default_key(*bound.args, **bound.kwargs)
+
+    params = list(signature.parameters.values())
+    lone = len(params) == 1 and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    return bound_key, lone
+
+
+def _all_args(first: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return args if first is _NO_ARG else (first, *args)
 
 
 def wrap_async(
@@ -146,8 +171,7 @@ def wrap_async(
     clock = cache.clock
     stats = cache.stats
     flights = cache.flights
-    make_key = _key_maker(key_func)
-    default_keys = key_func is None
+    make_key, lone_str_is_key = _key_maker(key_func, fn)
 
     async def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         waiter: asyncio.Future[Any] = flight.waiter
@@ -205,11 +229,11 @@ def wrap_async(
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if default_keys and not kwargs and len(args) == 1 and type(args[0]) is str:
-            key = args[0]
+    async def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
+        if type(first) is str and lone_str_is_key and not args and not kwargs:
+            key = first
         else:
-            key = make_key(args, kwargs)
+            key = make_key(_all_args(first, args), kwargs)
         entry = get(key)
         if entry is not None and entry.expires > clock() and cache.trusted:
             stats.hits += 1
@@ -218,7 +242,7 @@ def wrap_async(
             except KeyError:  # dropped by another thread meanwhile; the value is still right
                 pass
             return entry.value
-        return await miss(key, args, kwargs)
+        return await miss(key, _all_args(first, args), kwargs)
 
     _attach(wrapper, fn, cache, make_key)
     return wrapper  # type: ignore[return-value]
@@ -244,8 +268,7 @@ def wrap_sync(
     stats = cache.stats
     lock = cache.lock
     flights = cache.thread_flights
-    make_key = _key_maker(key_func)
-    default_keys = key_func is None
+    make_key, lone_str_is_key = _key_maker(key_func, fn)
 
     def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter: concurrent.futures.Future[Any] = flight.waiter
@@ -308,11 +331,11 @@ def wrap_sync(
             return existing.waiter.result()
         return fill(flight, args, kwargs)
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if default_keys and not kwargs and len(args) == 1 and type(args[0]) is str:
-            key = args[0]
+    def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
+        if type(first) is str and lone_str_is_key and not args and not kwargs:
+            key = first
         else:
-            key = make_key(args, kwargs)
+            key = make_key(_all_args(first, args), kwargs)
         entry = get(key)
         if entry is not None and entry.expires > clock() and cache.trusted:
             stats.hits += 1
@@ -321,7 +344,7 @@ def wrap_sync(
             except KeyError:  # dropped by another thread meanwhile; the value is still right
                 pass
             return entry.value
-        return miss(key, args, kwargs)
+        return miss(key, _all_args(first, args), kwargs)
 
     _attach(wrapper, fn, cache, make_key)
     return wrapper  # type: ignore[return-value]

@@ -8,7 +8,7 @@ with a short reason, so a listener can count it, log it and go on.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +32,16 @@ class Op(enum.StrEnum):
     HEARTBEAT = "heartbeat"
 
 
+OpName = Literal["upsert", "delete", "flush", "heartbeat"]
+
+if TYPE_CHECKING:
+    _OpField = Op | OpName
+else:
+    # Validated as a literal string: several times cheaper than an enum on the listener's hot
+    # path. ``Op`` members are strings, so ``event.op == Op.UPSERT`` holds either way.
+    _OpField = OpName
+
+
 class ChangeEvent(BaseModel):
     """One "data changed" message from an owner.
 
@@ -48,7 +58,7 @@ class ChangeEvent(BaseModel):
     source: str = Field(min_length=1, max_length=128)
     seq: int = Field(ge=0)
     ns: str = Field(default="", max_length=256)
-    op: Op
+    op: _OpField
     keys: tuple[str, ...] = ()
     version: int | None = None
     value: Any = None

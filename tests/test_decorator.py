@@ -58,7 +58,15 @@ async def test_default_key_joins_arguments(sync: CacheSync) -> None:
         return f"{base}{quote}{day}"
 
     assert rate.key_for("EUR", "USD", day=3) == "EUR:USD:day=3"
-    assert rate.key_for(42) == "42"
+    assert rate.key_for("EUR", quote="USD") == "EUR:USD:day=0"
+    with pytest.raises(TypeError, match="quote"):
+        rate.key_for("EUR")  # the same TypeError the function itself would raise
+
+    @sync.cached("items", ttl=60)
+    async def item(item_id: int) -> int:
+        return item_id
+
+    assert item.key_for(42) == item.key_for(item_id=42) == "42"
     await rate("EUR", "USD", day=3)
     assert "EUR:USD:day=3" in sync.namespace("rates")
 
