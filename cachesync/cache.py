@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-__all__ = ["Entry", "Flight", "LocalCache", "NamespaceStats", "TOMBSTONE"]
+__all__ = ["BulkFill", "Entry", "Flight", "LocalCache", "NamespaceStats", "TOMBSTONE"]
 
 
 class _Tombstone:
@@ -81,6 +81,28 @@ class Flight:
         self.key = key
         self.void = False
         self.waiter = waiter
+
+
+class BulkFill:
+    """A reservation for many keys at once, taken *before* their values are read (a warm-up
+    from a list endpoint). A key invalidated meanwhile is refused by :meth:`put`, and a flush
+    or a change of trust voids the whole reservation."""
+
+    __slots__ = ("cache", "void", "dropped")
+
+    def __init__(self, cache: LocalCache) -> None:
+        self.cache = cache
+        self.void = False
+        self.dropped: set[str] = set()
+
+    def put(self, key: str, value: Any, version: int | None = None) -> bool:
+        """Store ``value`` for ``key`` unless an event for it (or a flush) came since the
+        reservation was taken. Returns whether it was stored."""
+        return self.cache._bulk_put(self, key, value, version)
+
+    def close(self) -> None:
+        """End the reservation."""
+        self.cache._bulks.discard(self)
 
 
 @dataclass(slots=True)
@@ -153,6 +175,7 @@ class LocalCache:
         self.data: OrderedDict[str, Entry] = OrderedDict()
         self.flights: dict[str, Flight] = {}
         self.thread_flights: dict[str, Flight] = {}
+        self._bulks: set[BulkFill] = set()
         self._random = (rng or random.Random()).random
 
     def __len__(self) -> int:
@@ -224,13 +247,32 @@ class LocalCache:
             self._detach(flight)
 
     def prime(self, key: str, value: Any, version: int | None = None) -> bool:
-        """Store ``value`` as fresh (a warm-up), unless untrusted or older than what is known."""
+        """Store ``value`` as fresh now, unless untrusted or older than what is known.
+
+        ``value`` must be current *now*: for values read earlier, take a :meth:`begin_bulk`
+        reservation before reading them."""
         with self.lock:
             if not self.trusted or _is_older(version, self.data.get(key)):
                 return False
             self._void_key(key)
             self._store(key, value, self.ttl, version)
             return True
+
+    def begin_bulk(self) -> BulkFill:
+        """Reserve a fill of many keys; read their values after this call, then ``put`` them."""
+        bulk = BulkFill(self)
+        with self.lock:
+            bulk.void = not self.trusted
+            self._bulks.add(bulk)
+        return bulk
+
+    def _bulk_put(self, bulk: BulkFill, key: str, value: Any, version: int | None) -> bool:
+        with self.lock:
+            if bulk.void or key in bulk.dropped:
+                return False
+            if key in self.flights or key in self.thread_flights:
+                return False  # a fetch that began later is on its way; let it win
+            return self.prime(key, value, version)
 
     # -- what events do --------------------------------------------------------------------
 
@@ -331,12 +373,16 @@ class LocalCache:
                 del flights[flight.key]
 
     def _void_key(self, key: str) -> None:
+        for bulk in self._bulks:
+            bulk.dropped.add(key)
         for flights in (self.flights, self.thread_flights):
             flight = flights.pop(key, None)
             if flight is not None:
                 flight.void = True
 
     def _void_all(self) -> None:
+        for bulk in self._bulks:
+            bulk.void = True
         for flights in (self.flights, self.thread_flights):
             for flight in flights.values():
                 flight.void = True

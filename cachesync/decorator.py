@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from .cache import Flight, LocalCache
+from .cache import BulkFill, Flight, LocalCache
 
 __all__ = ["CachedAsync", "CachedSync", "KeyFunc", "default_key", "wrap_async", "wrap_sync"]
 
@@ -49,6 +50,7 @@ class _Handle(Protocol):
     def invalidate(self, *args: Any, **kwargs: Any) -> bool: ...
     def cache_clear(self) -> None: ...
     def prime(self, key: str, value: Any, *, version: int | None = None) -> bool: ...
+    def bulk(self) -> contextlib.AbstractContextManager[BulkFill]: ...
 
 
 class CachedAsync(_Handle, Protocol, Generic[P, R_co]):
@@ -116,13 +118,24 @@ def _attach(
         cache.clear()
 
     def prime(key: str, value: Any, *, version: int | None = None) -> bool:
-        """Store ``value`` for ``key`` as if fetched (warm-up); False if refused."""
+        """Store ``value`` (current now) for ``key`` as if fetched; False if refused."""
         return cache.prime(key, value, version)
+
+    @contextlib.contextmanager
+    def bulk() -> Iterator[BulkFill]:
+        """Reserve a warm-up: read values inside the block, ``put`` them; keys changed by an
+        event meanwhile are refused, so a warm-up never stores a value older than an event."""
+        reservation = cache.begin_bulk()
+        try:
+            yield reservation
+        finally:
+            reservation.close()
 
     wrapper.key_for = key_for
     wrapper.invalidate = invalidate
     wrapper.cache_clear = cache_clear
     wrapper.prime = prime
+    wrapper.bulk = bulk
 
 
 def _key_maker(

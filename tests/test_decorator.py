@@ -202,3 +202,24 @@ async def test_reads_before_start_go_to_the_owner(unique: str) -> None:
         await get("USD")
         await get("USD")
     assert owner.calls == 3
+
+
+async def test_bulk_warm_up_refuses_keys_changed_while_the_list_was_read(
+    sync: CacheSync,
+) -> None:
+    from cachesync import ChangeEvent, Op
+
+    owner = Owner(USD=1.0, EUR=2.0)
+    get = sync.cached("fx", ttl=3600)(owner.fetch)
+    hello = ChangeEvent(source="o", seq=0, op=Op.HEARTBEAT, ts=0.0).encode()
+    sync.handle_message(hello)
+    with get.bulk() as warm:
+        listing = dict(owner.values)  # the list endpoint answers with USD 1.0...
+        owner.commit("USD", 1.1)  # ...then USD changes and its event lands
+        event = ChangeEvent(source="o", seq=1, ns="fx", op=Op.UPSERT, keys=("USD",), ts=0.0)
+        sync.handle_message(event.encode())
+        stored = [key for key, value in listing.items() if warm.put(key, value)]
+    assert stored == ["EUR"]
+    assert await get("USD") == 1.1
+    assert await get("EUR") == 2.0
+    assert owner.calls == 1
