@@ -10,9 +10,11 @@ over each one):
   :class:`~cachesync.errors.TransportError`; ``close()`` is idempotent.
 - ``publish(channel, payload)`` sends one message, or raises ``TransportError``.
 - ``subscribe(channel, on_ready)`` is an async iterator of payloads. ``on_ready(resumed)`` is
-  called from within the iteration once the subscription is live, before the first payload
-  delivered after it; ``resumed`` is true only when the transport replayed everything published
-  since the previous subscription of this transport object (a durable log that still held it).
+  called from within the iteration once the subscription is live: for a live-only transport,
+  before the first payload; for a transport that replays a log, after it has yielded the
+  backlog missed since the previous subscription of this transport object. ``resumed`` is true
+  only when that replay was complete (nothing was trimmed meanwhile); the client keeps reads
+  away from its cache until ``on_ready`` and flushes when ``resumed`` is false.
   When the connection breaks the iterator raises :class:`~cachesync.errors.ConnectionLost`;
   it never reconnects on its own. Calling ``subscribe`` again (after ``connect()``) starts over.
 """

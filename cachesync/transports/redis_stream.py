@@ -1,0 +1,400 @@
+"""``redis+stream://`` and ``rediss+stream://``: a Redis stream per channel, with replay.
+
+The publisher appends ``{"d": payload}`` to the stream whose key is the channel name
+(``XADD channel MAXLEN ~ maxlen * d payload``). A subscriber reads it with ``XREAD`` from the id
+of the last entry it yielded, so after a lost connection it can pick up where it left off: the
+stream is a log of the last ``maxlen`` (or a few more) events.
+
+When ``on_ready(resumed)`` is called
+    First ``subscribe()`` of a channel on this transport object: once the current end of the
+    stream is known (any entry added after that is delivered), with ``resumed=False``, before the
+    first payload. The stream's older entries are not replayed.
+
+    A later ``subscribe()`` of the same channel on the same object (after ``ConnectionLost``, or
+    ``close()`` and ``connect()``):
+
+    - nothing missed and nothing new since the last entry yielded: ``on_ready(True)`` at once;
+    - entries were added since, and all of them are still in the stream: they are yielded first
+      (the backlog, up to the end of the stream as it was when the subscription started), and
+      ``on_ready(True)`` is called only after the consumer has taken the last of them, i.e.
+      when it has caught up. Until then the consumer keeps treating its cache as untrusted;
+    - some were lost (trimmed by ``MAXLEN`` or deleted before this subscriber read them, the
+      key deleted or recreated, or a previous subscription already detected a loss): the
+      backlog is skipped and ``on_ready(False)`` is called at once; reading goes on from the
+      current end of the stream. The consumer flushes on ``resumed=False``, which makes every
+      older entry redundant, so replaying what is left of the backlog would only cost time. A
+      loss found in the middle of the backlog is handled the same way, then.
+
+    A subscription that has called ``on_ready`` and then finds that entries it had not read yet
+    were trimmed (it fell more than about ``maxlen`` entries behind) raises ``ConnectionLost``;
+    the next ``subscribe()`` reports ``resumed=False``.
+
+How losses are detected. Trimming does not move ``max-deleted-entry-id`` (only ``XDEL`` does),
+so the subscriber counts: it knows the ``entries-added`` counter (Redis 7+) at its position, adds
+one per entry read, and compares with ``XINFO STREAM`` sent in the same round trip as each
+``XREAD``. Whenever the stream's last entry is the one just read, the counts must match; and when
+trimming has passed the subscriber's position, every entry added after it must still be there.
+Either mismatch means something was missed. On Redis before 7 (no counter) a later subscription
+is never reported as resumed, and trimming past the position read counts as a loss.
+
+Blocking reads last at most ``block_ms`` (so an idle subscriber polls about once a second, and a
+socket that goes silent is noticed after ``block_ms`` plus ``health_check_interval``);
+``close()`` also shuts the reading connection, so it ends a subscription at once.
+
+URL options (query string; keyword arguments of the same name win):
+
+``maxlen=100000``
+    Approximate length the publisher trims the stream to: how long an outage a subscriber can
+    bridge without a flush (at 100 events/s, about 15 minutes).
+``block_ms=1000``, ``batch=500``
+    Longest blocking ``XREAD``, and most entries read per round trip.
+``health_check_interval=15``, and everything redis-py takes
+    As for ``redis://``, see :mod:`cachesync.transports.redis`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+from ..errors import ConfigError, ConnectionLost, TransportError
+from .base import OnReady
+from .redis import (
+    _PUBLISH_FAILURES,
+    _READ_FAILURES,
+    _REFUSALS,
+    RedisTransportBase,
+    _streams,
+    open_connection,
+)
+
+try:
+    import redis.exceptions as redis_errors
+    from redis.asyncio.connection import AbstractConnection
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "redis+stream:// needs redis-py: pip install 'cachesync[redis]'", name=exc.name
+    ) from exc
+
+__all__ = ["RedisStreamTransport", "DEFAULT_MAXLEN", "DEFAULT_BLOCK_MS", "DEFAULT_BATCH"]
+
+log = logging.getLogger("cachesync.transports.redis_stream")
+
+DEFAULT_MAXLEN: Final = 100_000
+DEFAULT_BLOCK_MS: Final = 1000
+DEFAULT_BATCH: Final = 500
+
+FIELD: Final = b"d"
+"""The stream entry field that holds the payload."""
+
+StreamId = tuple[int, int]
+_ZERO: StreamId = (0, 0)
+
+
+def _parse_id(raw: object) -> StreamId:
+    if not isinstance(raw, bytes | str):
+        raise ValueError(f"not a stream id: {raw!r}")
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _format_id(stream_id: StreamId) -> bytes:
+    return b"%d-%d" % stream_id
+
+
+class _Info(NamedTuple):
+    """The parts of ``XINFO STREAM`` that loss detection needs."""
+
+    length: int
+    last_id: StreamId
+    first_id: StreamId  # (0, 0) when empty
+    max_deleted: StreamId
+    entries_added: int | None  # None before Redis 7
+
+
+def _parse_info(raw: object) -> _Info:
+    if not isinstance(raw, list):
+        raise ValueError(f"unexpected XINFO STREAM reply: {raw!r:.80}")
+    fields: dict[str, Any] = {
+        (k.decode() if isinstance(k, bytes) else str(k)): v
+        for k, v in zip(raw[::2], raw[1::2], strict=False)
+    }
+    first = fields.get("recorded-first-entry-id")
+    if first is None:
+        entry = fields.get("first-entry")
+        first = entry[0] if isinstance(entry, list) and entry else b"0-0"
+    added = fields.get("entries-added")
+    return _Info(
+        length=int(fields["length"]),
+        last_id=_parse_id(fields["last-generated-id"]),
+        first_id=_parse_id(first),
+        max_deleted=_parse_id(fields.get("max-deleted-entry-id", b"0-0")),
+        entries_added=None if added is None else int(added),
+    )
+
+
+def _gap(position: StreamId, count: int | None, info: _Info | None) -> bool:
+    """Whether an entry after ``position`` is gone, or one before it was never read.
+
+    ``count`` is the stream's ``entries-added`` value as of the entry at ``position``, if the
+    reader has read every entry up to it. ``info`` is a snapshot taken after that entry was read.
+    """
+    if info is None:  # the key is gone (or never was)
+        return count > 0 if count is not None else position != _ZERO
+    added = info.entries_added
+    if count is None or added is None:
+        # Redis < 7: no counter. Trimming past the position means entries may be gone.
+        return position != _ZERO and info.length > 0 and info.first_id > position
+    if added < count:  # the key was deleted and created again
+        return True
+    if info.max_deleted > position:  # XDEL of an entry not read yet
+        return True
+    if info.length == 0 or info.first_id > position:
+        # Trimming passed the position: all that is left comes after it, and every entry
+        # added after it must still be there.
+        return info.length != added - count
+    if info.last_id == position:
+        return added != count
+    return False  # cannot tell yet; a later snapshot will
+
+
+@dataclass
+class _Cursor:
+    """Where the subscriptions of one channel on one transport object have got to."""
+
+    last_id: StreamId
+    count: int | None  # entries-added as of last_id, when known
+    lost: bool = False
+
+    @classmethod
+    def at_end(cls, info: _Info | None) -> _Cursor:
+        if info is None:
+            return cls(_ZERO, 0)
+        return cls(info.last_id, info.entries_added)
+
+    def jump_to_end(self, info: _Info | None) -> None:
+        end = _Cursor.at_end(info)
+        self.last_id, self.count, self.lost = end.last_id, end.count, False
+
+
+def _entries(reply: object, key: bytes) -> list[tuple[StreamId, bytes | None]]:
+    """``(id, payload)`` pairs from a RESP2 ``XREAD`` reply (payload None if no ``d`` field)."""
+    if reply is None:
+        return []
+    if not isinstance(reply, list):
+        raise ValueError(f"unexpected XREAD reply: {reply!r:.80}")
+    out: list[tuple[StreamId, bytes | None]] = []
+    for stream_key, items in reply:
+        if stream_key != key:
+            continue
+        for entry_id, values in items:
+            payload = None
+            if values:
+                for name, value in zip(values[::2], values[1::2], strict=False):
+                    if name == FIELD:
+                        payload = value
+                        break
+            out.append((_parse_id(entry_id), payload))
+    return out
+
+
+class RedisStreamTransport(RedisTransportBase):
+    """Transport over Redis streams: like pub/sub, but a subscriber that lost its connection
+    can replay what it missed, as long as the stream still holds it.
+
+    See the module docstring for exactly when ``on_ready`` is called, and the URL options.
+    """
+
+    schemes: Mapping[str, str] = {"redis+stream": "redis", "rediss+stream": "rediss"}
+    own_options = RedisTransportBase.own_options | {"maxlen", "block_ms", "batch"}
+
+    def __init__(
+        self,
+        url: str = "redis+stream://localhost:6379/0",
+        *,
+        connect_timeout: float = 10.0,
+        health_check_interval: float | None = None,
+        socket_timeout: float | None = None,
+        maxlen: int | None = None,
+        block_ms: int | None = None,
+        batch: int | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            socket_timeout=socket_timeout,
+        )
+        self.maxlen = maxlen if maxlen is not None else self._int_option("maxlen", DEFAULT_MAXLEN)
+        self.block_ms = (
+            block_ms if block_ms is not None else self._int_option("block_ms", DEFAULT_BLOCK_MS)
+        )
+        self.batch = batch if batch is not None else self._int_option("batch", DEFAULT_BATCH)
+        for name in ("maxlen", "block_ms", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        self._cursors: dict[str, _Cursor] = {}
+
+    def _int_option(self, name: str, default: int) -> int:
+        value = self._options.get(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{self._scheme}:// option {name}={value!r} must be an integer"
+            ) from None
+
+    @property
+    def _read_timeout(self) -> float | None:
+        # A blocking XREAD answers within block_ms; silence well beyond that is a stall.
+        if not self.health_check_interval:
+            return None
+        return self.block_ms / 1000 + self.health_check_interval
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Append one entry to the stream ``channel``, trimming it to about ``maxlen``."""
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        client = self._publishing_client()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                await client.xadd(
+                    channel, {FIELD: bytes(payload)}, maxlen=self.maxlen, approximate=True
+                )
+        except _PUBLISH_FAILURES as exc:
+            raise self._publish_failed(channel, exc) from exc
+
+    async def subscribe(
+        self, channel: str, on_ready: OnReady | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield the payloads appended to the stream ``channel``; replay after a reconnect.
+
+        See the module docstring for when ``on_ready`` is called. Raises ConnectionLost when
+        the connection breaks or stalls, when the transport is closed, or when entries this
+        subscription had not read yet were trimmed; it never reconnects by itself.
+        """
+        key = channel.encode()
+        what = f"stream subscription to {channel!r}"
+        conn = self._new_connection(protocol=2)
+
+        def report(resumed: bool) -> None:
+            if on_ready is not None:
+                on_ready(resumed)
+
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await open_connection(conn)
+                    _streams(conn)[1].writelines(conn.pack_command(b"XINFO", b"STREAM", key))
+                    info = await _read_info(conn)
+            except _REFUSALS as exc:
+                raise TransportError(
+                    f"Redis at {self.safe_url} refused the {what}: {self._describe(exc)}"
+                ) from exc
+            except _READ_FAILURES as exc:
+                raise self._lost(conn, what, exc) from exc
+
+            # The end of the stream to replay up to before on_ready(True); None once on_ready
+            # has been called.
+            catch_up: _Info | None = None
+            cursor = self._cursors.get(channel)
+            if cursor is None:
+                cursor = self._cursors[channel] = _Cursor.at_end(info)
+                report(False)
+            elif cursor.lost or cursor.count is None or _gap(cursor.last_id, cursor.count, info):
+                log.info(
+                    "cannot replay the stream: entries were lost (or, before Redis 7, cannot be "
+                    "counted); going on from its end",
+                    extra={"channel": channel, "url": self.safe_url},
+                )
+                cursor.jump_to_end(info)
+                report(False)
+            elif info is None or cursor.last_id >= info.last_id:
+                report(True)
+            else:
+                catch_up = info
+
+            while True:
+                try:
+                    async with asyncio.timeout(self._read_timeout):
+                        entries, info = await self._read(conn, key, cursor, catch_up is None)
+                except TimeoutError:
+                    raise ConnectionLost(
+                        f"{what} on {self.safe_url}: no reply within {self._read_timeout:g}s; "
+                        "the network or server stalled"
+                    ) from None
+                except _REFUSALS as exc:
+                    raise TransportError(
+                        f"Redis error on the {what}: {self._describe(exc)}"
+                    ) from exc
+                except _READ_FAILURES as exc:
+                    raise self._lost(conn, what, exc) from exc
+                count = cursor.count
+                if entries:
+                    if count is not None:
+                        count += len(entries)
+                    lost = _gap(entries[-1][0], count, info)
+                else:
+                    # Nothing after the position, though the backlog is not done: deleted.
+                    lost = catch_up is not None
+                if lost:
+                    if catch_up is None:
+                        cursor.lost = True
+                        raise ConnectionLost(
+                            f"{what} on {self.safe_url} fell behind: entries it had not read "
+                            f"yet were trimmed (maxlen={self.maxlen})"
+                        )
+                    cursor.jump_to_end(info)
+                    catch_up = None
+                    report(False)
+                    continue
+                for entry_id, payload in entries:
+                    cursor.last_id = entry_id
+                    if cursor.count is not None:
+                        cursor.count += 1
+                    if payload is not None:
+                        yield payload
+                if catch_up is not None and cursor.last_id >= catch_up.last_id:
+                    resumed = cursor.count == catch_up.entries_added
+                    catch_up = None
+                    report(resumed)
+        finally:
+            await self._release_connection(conn)
+
+    async def _read(
+        self, conn: AbstractConnection, key: bytes, cursor: _Cursor, block: bool
+    ) -> tuple[list[tuple[StreamId, bytes | None]], _Info | None]:
+        """One round trip: XREAD from the cursor, and XINFO STREAM right after it."""
+        args: list[bytes] = [b"XREAD", b"COUNT", b"%d" % self.batch]
+        if block:
+            args += [b"BLOCK", b"%d" % self.block_ms]
+        args += [b"STREAMS", key, _format_id(cursor.last_id)]
+        # Straight to the socket: redis-py's send path may go through asyncio.wait_for (see
+        # "Timeouts" in cachesync.transports.redis).
+        _streams(conn)[1].writelines(conn.pack_commands([args, [b"XINFO", b"STREAM", key]]))
+        # Both replies are read before either error is raised, so the connection stays in step.
+        try:
+            reply: object = await conn.read_response()
+        except redis_errors.ResponseError as exc:
+            reply = exc
+        info = await _read_info(conn)
+        if isinstance(reply, Exception):
+            raise reply
+        return _entries(reply, key), info
+
+
+async def _read_info(conn: AbstractConnection) -> _Info | None:
+    """Read an ``XINFO STREAM`` reply: None when the key does not exist."""
+    try:
+        raw = await conn.read_response()
+    except redis_errors.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    return _parse_info(raw)
