@@ -4,6 +4,8 @@ An owner publishes change events; every consumer instance keeps a local TTL cach
 refreshes entries as events arrive, notices lost events, and falls back to the owner on a miss.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .cache import LocalCache
 from .client import CacheSync
 from .errors import (
@@ -16,19 +18,27 @@ from .errors import (
     TransportError,
 )
 from .events import ChangeEvent, Op
-from .publisher import Publisher
+from .fetch import HttpFetcher
+from .publisher import Change, Publisher
 from .transports.base import Transport, from_url
+
+if TYPE_CHECKING:
+    from .outbox import Outbox, OutboxRelay
 
 __all__ = [
     "CacheSync",
     "CacheSyncError",
+    "Change",
     "ChangeEvent",
     "ConfigError",
     "ConnectionLost",
     "EventDecodeError",
     "FetchError",
+    "HttpFetcher",
     "LocalCache",
     "Op",
+    "Outbox",
+    "OutboxRelay",
     "Publisher",
     "StateError",
     "Transport",
@@ -37,3 +47,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The outbox needs SQLAlchemy (the `outbox` extra): import it only when asked for.
+    if name in ("Outbox", "OutboxRelay"):
+        try:
+            from . import outbox
+        except ImportError as exc:
+            raise ImportError(
+                f"cachesync.{name} needs SQLAlchemy: pip install 'cachesync[outbox]'"
+            ) from exc
+        return getattr(outbox, name)
+    raise AttributeError(f"module 'cachesync' has no attribute {name!r}")

@@ -42,7 +42,8 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class Primeable(Protocol):
-    """What :meth:`HttpFetcher.warm` needs of a cached function: its ``prime`` method."""
+    """What :meth:`HttpFetcher.warm` needs of a cached function: ``prime`` (and, preferably,
+    ``bulk()``, which ``@sync.cached`` functions have)."""
 
     def prime(self, key: str, value: Any, *, version: int | None = None) -> bool:
         """Store ``value`` for ``key`` as fresh; False if a newer entry or an event won."""
@@ -247,17 +248,33 @@ class HttpFetcher(Generic[T]):
     ) -> int:
         """Preload a namespace from a list endpoint so a new instance starts hot.
 
-        Calls ``cached_fn.prime(key(item), item, version=version(item))`` for every item;
-        the cache guards a prime like a fetch, so an event applied meanwhile wins. Returns how
-        many items were stored. Raises :class:`FetchError` if the list cannot be read.
+        With a ``@sync.cached`` function, a bulk reservation is taken *before* the list is
+        read (``cached_fn.bulk()``), so a key that an event changed while the list was on its
+        way is left alone: the warm-up never stores a value older than an event. Objects that
+        only have ``prime(key, value, version=...)`` get that instead. ``version(item)`` gives
+        the owner's version of an item. Returns how many items were stored; raises
+        :class:`FetchError` if the list cannot be read (nothing is stored then).
         """
-        items = await self.fetch_all(list_path)
-        stored = 0
-        for item in items:
-            item_version = version(item) if version is not None else None
-            if cached_fn.prime(key(item), item, version=item_version):
-                stored += 1
-        log.info("cache warmed", extra={"url": self.base_url + list_path, "items": len(items)})
+
+        def version_of(item: T) -> int | None:
+            return version(item) if version is not None else None
+
+        bulk = getattr(cached_fn, "bulk", None)
+        if bulk is not None:
+            with bulk() as reservation:
+                items = await self.fetch_all(list_path)
+                stored = sum(
+                    1 for item in items if reservation.put(key(item), item, version_of(item))
+                )
+        else:
+            items = await self.fetch_all(list_path)
+            stored = sum(
+                1 for item in items if cached_fn.prime(key(item), item, version=version_of(item))
+            )
+        log.info(
+            "cache warmed",
+            extra={"url": self.base_url + list_path, "items": len(items), "stored": stored},
+        )
         return stored
 
     def stats(self) -> dict[str, int]:

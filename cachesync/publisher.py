@@ -7,9 +7,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
@@ -17,9 +17,30 @@ from .events import ChangeEvent, Op
 from .signing import Signer
 from .transports.base import Transport, from_url, redact_url
 
-__all__ = ["Publisher", "PublisherState"]
+__all__ = ["Change", "Publisher", "PublisherState"]
 
 log = logging.getLogger("cachesync.publisher")
+
+
+class Change(NamedTuple):
+    """One change to publish with :meth:`Publisher.send_many`."""
+
+    op: Op
+    ns: str
+    keys: tuple[str, ...]
+    version: int | None = None
+    value: Any = None
+    ts: float | None = None
+
+
+def _check(change: Change) -> None:
+    if change.op is not Op.HEARTBEAT and not change.ns:
+        raise ValueError("ns must be a non-empty namespace name")
+    for key in change.keys:
+        if not isinstance(key, str):
+            raise TypeError(f"event keys must be strings, got {type(key).__name__}")
+    if change.op in (Op.UPSERT, Op.DELETE) and not change.keys:
+        raise ValueError(f"a {change.op.value} event needs at least one key")
 
 
 class PublisherState(dict[str, Any]):
@@ -154,30 +175,36 @@ class Publisher:
         ts: float | None = None,
     ) -> ChangeEvent:
         """Publish one event with the next ``seq``; the building block of the methods above."""
+        (event,) = await self.send_many([Change(op, ns, tuple(keys), version, value, ts)])
+        return event
+
+    async def send_many(self, changes: Sequence[Change]) -> list[ChangeEvent]:
+        """Publish several events with consecutive ``seq`` s, in order, batching the broker
+        round trips where the transport can (the outbox relay's path)."""
         if not self._running:
             raise StateError("Publisher is not started: use 'async with Publisher(...)'")
-        if op is not Op.HEARTBEAT and not ns:
-            raise ValueError("ns must be a non-empty namespace name")
-        keys = tuple(keys)
-        for key in keys:
-            if not isinstance(key, str):
-                raise TypeError(f"event keys must be strings, got {type(key).__name__}")
-        if op in (Op.UPSERT, Op.DELETE) and not keys:
-            raise ValueError(f"a {op.value} event needs at least one key")
+        for change in changes:
+            _check(change)
+        if not changes:
+            return []
         async with self._lock:
-            self.seq += 1
-            event = ChangeEvent(
-                source=self.source,
-                seq=self.seq,
-                ns=ns,
-                op=op,
-                keys=keys,
-                version=version,
-                value=value,
-                ts=self._clock() if ts is None else ts,
-            )
-            await self._send(event)
-        return event
+            events = []
+            for change in changes:
+                self.seq += 1
+                events.append(
+                    ChangeEvent(
+                        source=self.source,
+                        seq=self.seq,
+                        ns=change.ns,
+                        op=change.op,
+                        keys=tuple(change.keys),
+                        version=change.version,
+                        value=change.value,
+                        ts=self._clock() if change.ts is None else change.ts,
+                    )
+                )
+            await self._send(events)
+        return events
 
     def state(self) -> PublisherState:
         """Source id, channel, last seq and heartbeat interval (for ``/cachesync/state``)."""
@@ -190,16 +217,18 @@ class Publisher:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _send(self, event: ChangeEvent) -> None:
-        if self._signer is not None:
-            event = self._signer.sign(event)
-        payload = event.encode()
+    async def _send(self, events: Sequence[ChangeEvent]) -> None:
+        signer = self._signer
+        payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
         deadline = time.monotonic() + self.publish_timeout
         backoff = Backoff(initial=0.05, maximum=1.0)
         while True:
             try:
-                await self._transport.publish(self.channel, payload)
-                self.published += 1
+                if len(payloads) == 1:
+                    await self._transport.publish(self.channel, payloads[0])
+                else:
+                    await self._transport.publish_many(self.channel, payloads)
+                self.published += len(payloads)
                 return
             except TransportError as exc:
                 self.publish_errors += 1
@@ -231,7 +260,7 @@ class Publisher:
                         value={"interval": interval},
                         ts=self._clock(),
                     )
-                    await self._send(beat)
+                    await self._send([beat])
             except TransportError as exc:
                 log.warning("heartbeat not sent", extra={"error": str(exc)})
             await asyncio.sleep(interval)

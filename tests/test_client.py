@@ -148,3 +148,33 @@ def test_public_names_are_pinned() -> None:
     }
     for name in cachesync.__all__:
         assert hasattr(cachesync, name)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis+stream"])
+async def test_send_many_publishes_consecutive_seqs_in_order(
+    kind: str, request: pytest.FixtureRequest, unique: str
+) -> None:
+    from cachesync.publisher import Change
+
+    if kind == "memory":
+        url = f"memory://{unique}"
+    else:
+        url = str(request.getfixturevalue("redis_url"))
+        url = url.replace("redis://", "redis+stream://") if kind == "redis+stream" else url
+    received: list[ChangeEvent] = []
+    async with CacheSync(url, channel=unique) as sync:
+        original = sync.handle_message
+
+        def spy(payload: bytes) -> None:
+            received.append(ChangeEvent.decode(payload))
+            original(payload)
+
+        sync.handle_message = spy  # type: ignore[method-assign]
+        async with Publisher(url, channel=unique, heartbeat_interval=None) as pub:
+            changes = [Change(Op.UPSERT, "fx", (f"K{i}",), version=i) for i in range(50)]
+            events = await pub.send_many(changes)
+            assert [e.seq for e in events] == list(range(1, 51))
+            assert await pub.send_many([]) == []
+            await eventually(lambda: len(received) == 50)
+    assert [e.keys[0] for e in received] == [f"K{i}" for i in range(50)]
+    assert sync.stats()["listener"]["gaps"] == 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
@@ -67,6 +67,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def publish(self, channel: str, payload: bytes) -> None:
         """Send one message to every subscriber of ``channel``."""
+
+    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
+        """Send several messages in order; transports override it to batch round trips.
+        On an error some of them may have been sent."""
+        for payload in payloads:
+            await self.publish(channel, payload)
 
     @abc.abstractmethod
     def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:

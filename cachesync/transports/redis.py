@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -471,6 +471,18 @@ class RedisPubSubTransport(RedisTransportBase):
         try:
             async with asyncio.timeout(self.socket_timeout):
                 await client.publish(channel, bytes(payload))
+        except _PUBLISH_FAILURES as exc:
+            raise self._publish_failed(channel, exc) from exc
+
+    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
+        """``PUBLISH`` the messages in order in one pipelined round trip."""
+        client = self._publishing_client()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                async with client.pipeline(transaction=False) as pipe:
+                    for payload in payloads:
+                        pipe.publish(channel, bytes(payload))
+                    await pipe.execute()
         except _PUBLISH_FAILURES as exc:
             raise self._publish_failed(channel, exc) from exc
 

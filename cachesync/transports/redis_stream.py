@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -267,6 +267,20 @@ class RedisStreamTransport(RedisTransportBase):
                 await client.xadd(
                     channel, {FIELD: bytes(payload)}, maxlen=self.maxlen, approximate=True
                 )
+        except _PUBLISH_FAILURES as exc:
+            raise self._publish_failed(channel, exc) from exc
+
+    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
+        """Append the entries in order in one pipelined round trip."""
+        client = self._publishing_client()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                async with client.pipeline(transaction=False) as pipe:
+                    for payload in payloads:
+                        pipe.xadd(
+                            channel, {FIELD: bytes(payload)}, maxlen=self.maxlen, approximate=True
+                        )
+                    await pipe.execute()
         except _PUBLISH_FAILURES as exc:
             raise self._publish_failed(channel, exc) from exc
 
