@@ -19,6 +19,8 @@ from .errors import (
 )
 from .events import ChangeEvent, Op
 from .fetch import HttpFetcher
+from .metrics import PrometheusMetrics
+from .monitor import ConsistencyMonitor
 from .publisher import Change, Publisher
 from .transports.base import Transport, from_url
 
@@ -29,6 +31,7 @@ __all__ = [
     "CacheSync",
     "CacheSyncError",
     "Change",
+    "ConsistencyMonitor",
     "ChangeEvent",
     "ConfigError",
     "ConnectionLost",
@@ -39,6 +42,7 @@ __all__ = [
     "Op",
     "Outbox",
     "OutboxRelay",
+    "PrometheusMetrics",
     "Publisher",
     "StateError",
     "Transport",

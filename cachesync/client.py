@@ -59,6 +59,9 @@ log = logging.getLogger("cachesync.client")
 # interval a publisher announces.
 HEARTBEAT_TIMEOUT_INTERVALS = 3.0
 
+# How many publishers the client tracks at once (each owner instance start is a new one).
+MAX_SOURCES = 1024
+
 # Plain strings: comparing an event's op to these is cheaper than to enum members.
 _UPSERT = Op.UPSERT.value
 _FLUSH = Op.FLUSH.value
@@ -422,7 +425,11 @@ class CacheSync:
                 async for payload in self._transport.subscribe(self.channel, self._on_ready):
                     self.handle_message(payload)
                 raise TransportError("the subscription ended")
-            except TransportError as exc:
+            except Exception as exc:
+                # TransportError is the expected case; anything else is a bug, and the
+                # listener must outlive it all the same (reads go to the owner meanwhile).
+                if not isinstance(exc, TransportError):
+                    log.exception("cachesync listener failed; reconnecting")
                 if self._stats.listener_up:
                     self._stats.reconnects += 1
                     if self._observer is not None:
@@ -469,11 +476,13 @@ class CacheSync:
             stats.bad_events += 1
             self._warn.warning("bad_event", "dropped a malformed event: %s", exc)
             return
-        if self._signer is not None and not self._signer.verify(event):
-            stats.bad_signatures += 1
-            self._warn.warning("bad_signature", "dropped an event with a missing or bad signature")
-            return
         try:
+            if self._signer is not None and not self._signer.verify(event):
+                stats.bad_signatures += 1
+                self._warn.warning(
+                    "bad_signature", "dropped an event with a missing or bad signature"
+                )
+                return
             self._track(event, now)
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
@@ -522,14 +531,20 @@ class CacheSync:
         heartbeat = event.op == _HEARTBEAT
         if source is None:
             timeout = self._timeout_for(event) if heartbeat else self.heartbeat_timeout
-            # A publisher we have not heard from. If we heard another one, this may be a
-            # restarted owner whose last events were lost: flush. If we heard none since the
-            # subscription went live, everything cached was fetched after it did, so nothing
-            # of this publisher's past can be missing.
+            # A publisher we have not heard from. If we heard none since the subscription
+            # went live, everything cached was fetched after it did, so nothing of this
+            # publisher's past can be missing. Otherwise this may be a restarted owner whose
+            # last events were lost: flush (quietly when nothing is cached, which then only
+            # voids the fetches in flight).
             first = not self._sources
+            if len(self._sources) >= MAX_SOURCES:  # bounded: forget the longest silent one
+                oldest = min(self._sources, key=lambda name: self._sources[name].last_seen)
+                del self._sources[oldest]
             self._sources[event.source] = _Source(event.seq, now, timeout)
             if first:
-                log.debug("first publisher heard", extra={"source": event.source, "seq": event.seq})
+                log.debug("first publisher heard", extra={"source": event.source})
+            elif not self._had_entries():
+                self._lost("source", event, quiet=True)
             else:
                 self._stats.source_changes += 1
                 self._lost("source", event)
@@ -555,19 +570,31 @@ class CacheSync:
         if isinstance(heartbeat.value, dict):
             interval = heartbeat.value.get("interval")
             if isinstance(interval, int | float) and interval > 0:
-                return HEARTBEAT_TIMEOUT_INTERVALS * float(interval)
+                # Clamped: a forged interval must not make the watchdog spin or sleep forever.
+                interval = min(max(float(interval), 0.05), 3600.0)
+                return HEARTBEAT_TIMEOUT_INTERVALS * interval
         return None
 
-    def _lost(self, cause: str, event: ChangeEvent | None = None, **details: Any) -> None:
-        """Events may have been lost: nothing cached may be trusted as fresh any more."""
+    def _lost(
+        self, cause: str, event: ChangeEvent | None = None, *, quiet: bool = False, **details: Any
+    ) -> None:
+        """Events may have been lost: nothing cached may be trusted as fresh any more.
+        ``quiet`` when nothing was cached: flights are voided, nothing is reported."""
         for ns in self._namespaces.values():
             ns.cache.suspect_all()
-        if self._observer is not None:
-            self._observer.lost_events(cause)
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
+        if quiet:
+            log.debug("flushed an empty cache (%s)", cause, extra=extra)
+            return
+        if self._observer is not None:
+            self._observer.lost_events(cause)
         log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
+
+    def _had_entries(self) -> bool:
+        """Whether any namespace holds an entry (a flush would change something)."""
+        return any(len(ns.cache) for ns in self._namespaces.values())
 
     async def _watch(self) -> None:
         """Notice silent publishers and stalled connections (missed heartbeats)."""

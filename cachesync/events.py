@@ -54,7 +54,7 @@ class ChangeEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    v: Literal[1] = 1
+    v: int = Field(default=SCHEMA_VERSION, ge=SCHEMA_VERSION, le=SCHEMA_VERSION)
     source: str = Field(min_length=1, max_length=128)
     seq: int = Field(ge=0)
     ns: str = Field(default="", max_length=256)
@@ -62,7 +62,7 @@ class ChangeEvent(BaseModel):
     keys: tuple[str, ...] = ()
     version: int | None = None
     value: Any = None
-    ts: float
+    ts: float = Field(allow_inf_nan=False)
     sig: str | None = None
 
     def encode(self) -> bytes:

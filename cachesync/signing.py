@@ -41,4 +41,6 @@ class Signer:
         """True when ``event`` carries a signature made with one of the keys."""
         if event.sig is None:
             return False
-        return any(hmac.compare_digest(event.sig, self._digest(k, event)) for k in self._keys)
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+        sig = event.sig.encode("utf-8", "replace")
+        return any(hmac.compare_digest(sig, self._digest(k, event).encode()) for k in self._keys)
