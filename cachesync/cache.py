@@ -12,7 +12,9 @@ decorator reads it and fills it through reservations (:class:`Flight`):
 - **Versions** keep an older event or fetch from replacing a newer value (guarantee 4). An
   invalidation that names a version leaves a *tombstone* that remembers it.
 - **Trust**: while the listener is down the client calls :meth:`distrust`; reads then miss,
-  fills are not stored, and single-flight still holds (guarantee 5).
+  fills are not stored, and single-flight still holds (guarantee 5). Distrust hides every
+  entry's expiry (the read path needs no flag of its own); :meth:`trust` restores the expiries
+  of the entries no event touched meanwhile, unless :meth:`suspect_all` ran.
 
 Mutations take a lock, so a plain function may be called from any thread; the read of a fresh
 entry takes none.
@@ -109,7 +111,6 @@ class BulkFill:
 class NamespaceStats:
     """Counters of one namespace. ``snapshot()`` gives them as a plain dict."""
 
-    hits: int = 0
     misses: int = 0
     fetches: int = 0
     fetch_errors: int = 0
@@ -124,7 +125,8 @@ class NamespaceStats:
     errors: int = 0
 
     def snapshot(self) -> dict[str, int]:
-        """The counters as a dict."""
+        """The counters as a dict (hits are counted by the wrappers: see
+        :meth:`LocalCache.snapshot`)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -176,7 +178,21 @@ class LocalCache:
         self.flights: dict[str, Flight] = {}
         self.thread_flights: dict[str, Flight] = {}
         self._bulks: set[BulkFill] = set()
+        # While distrusted: the real expiry of each hidden entry, to restore on trust().
+        self._parked: dict[str, tuple[Entry, float]] | None = {}
+        # Hits are counted in each wrapper's closure (the cheapest counter there is); these
+        # report them.
+        self.hit_counters: list[Callable[[], int]] = []
         self._random = (rng or random.Random()).random
+
+    def hits(self) -> int:
+        """Reads served as fresh from this namespace."""
+        return sum(counter() for counter in self.hit_counters)
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter of this namespace, hits included, and its size."""
+        counters = {"hits": self.hits(), **self.stats.snapshot(), "size": len(self.data)}
+        return counters
 
     def __len__(self) -> int:
         return len(self.data)
@@ -190,7 +206,7 @@ class LocalCache:
     def get_fresh(self, key: str) -> Entry | None:
         """The entry for ``key`` if it may be served as fresh now, else None."""
         entry = self.data.get(key)
-        if entry is not None and entry.expires > self.clock() and self.trusted:
+        if entry is not None and entry.expires > self.clock():
             return entry
         return None
 
@@ -320,6 +336,8 @@ class LocalCache:
         """Drop every entry and void every fill (a flush event, ``cache_clear()``)."""
         with self.lock:
             self.data.clear()
+            if self._parked is not None:
+                self._parked.clear()
             self._void_all()
             self.stats.flushes += 1
 
@@ -332,12 +350,18 @@ class LocalCache:
                 if entry.expires > now:
                     entry.expires = now
                 entry.stale_until = _NEVER
+            if self._parked is not None:
+                self._parked.clear()  # hidden entries stay expired when trust returns
             self._void_all()
             self.stats.flushes += 1
 
     def distrust(self) -> None:
         """The listener is down: stop serving from the cache and storing fills."""
         with self.lock:
+            if self.trusted:
+                self._parked = {}
+                for key, entry in self.data.items():
+                    self._hide(key, entry)
             self.trusted = False
             self._void_all()
 
@@ -345,7 +369,17 @@ class LocalCache:
         """The listener is live again: serve and store as usual."""
         with self.lock:
             self._void_all()
+            parked, self._parked = self._parked, None
+            for key, (entry, expires) in (parked or {}).items():
+                if self.data.get(key) is entry and entry.value is not TOMBSTONE:
+                    entry.expires = expires
             self.trusted = True
+
+    def _hide(self, key: str, entry: Entry) -> None:
+        assert self._parked is not None
+        if entry.expires > _NEVER:
+            self._parked[key] = (entry, entry.expires)
+            entry.expires = _NEVER
 
     # -- internals (lock held) -------------------------------------------------------------
 
@@ -355,13 +389,15 @@ class LocalCache:
             ttl *= 1.0 + self.jitter * (2.0 * self._random() - 1.0)
         expires = now + ttl
         data = self.data
-        data[key] = Entry(
+        entry = data[key] = Entry(
             value,
             expires,
             expires + self.stale_while_revalidate,
             expires + self.stale_if_error,
             version,
         )
+        if not self.trusted:  # a refresh event replayed while the listener catches up
+            self._hide(key, entry)
         data.move_to_end(key)
         while len(data) > self.maxsize:
             data.popitem(last=False)

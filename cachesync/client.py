@@ -394,9 +394,7 @@ class CacheSync:
         messages, bad events, gaps, source changes, reconnects and heartbeat misses."""
         namespaces = {}
         for name, ns in self._namespaces.items():
-            counters: dict[str, Any] = ns.cache.stats.snapshot()
-            counters["size"] = len(ns.cache)
-            namespaces[name] = counters
+            namespaces[name] = ns.cache.snapshot()
         listener = self._stats.snapshot()
         if self._last_event is not None:
             ts, applied = self._last_event

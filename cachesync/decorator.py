@@ -38,6 +38,7 @@ FetchObserver = Callable[[str, float, bool], None]
 log = logging.getLogger("cachesync.cache")
 
 _NO_ARG: Any = object()  # "no positional argument" in the wrappers' signatures
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Handle(Protocol):
@@ -140,32 +141,48 @@ def _attach(
 
 def _key_maker(
     key_func: KeyFunc | None, fn: Callable[..., Any]
-) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], str], bool]:
-    """The key function for ``fn``, and whether a lone ``str`` argument is the key itself (the
-    hot path's shortcut)."""
+) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], str], str | None]:
+    """The key function for ``fn``, and the name of its one parameter when it has only one
+    and a ``str`` argument is the key itself (the hot path's shortcut)."""
     if key_func is not None:
-        return (lambda args, kwargs: _checked_key(key_func, args, kwargs)), False
+        return (lambda args, kwargs: _checked_key(key_func, args, kwargs)), None
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and C callables have none
-        return (lambda args, kwargs: default_key(*args, **kwargs)), True
+        return (lambda args, kwargs: default_key(*args, **kwargs)), None
+
+    params = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    all_positional = all(p.kind in positional for p in params)
 
     def bound_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if all_positional and not kwargs and len(args) == len(params):
+            return default_key(*args)  # already what binding would give, at a fraction
         # Bind to the signature, so get("USD") and get(code="USD") share one key.
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return default_key(*bound.args, **bound.kwargs)
 
-    params = list(signature.parameters.values())
-    lone = len(params) == 1 and params[0].kind in (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    )
-    return bound_key, lone
+    lone = len(params) == 1 and all_positional
+    return bound_key, params[0].name if lone else None
 
 
 def _all_args(first: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args if first is _NO_ARG else (first, *args)
+
+
+def _named_like(wrapper: F, name: str) -> F | None:
+    """``wrapper`` (whose one parameter is ``arg``) with that parameter renamed ``name``, so
+    ``get(code="USD")`` works as well as ``get("USD")``; None if the name is taken.
+
+    The one-parameter wrapper is the hot path's fastest shape: no ``*args``/``**kwargs`` to
+    pack on every call. Renaming a parameter in the code object changes nothing else.
+    """
+    code = wrapper.__code__
+    if name in code.co_varnames or name in code.co_freevars or not name.isidentifier():
+        return None
+    wrapper.__code__ = code.replace(co_varnames=(name, *code.co_varnames[1:]))
+    return wrapper
 
 
 def wrap_async(
@@ -184,7 +201,9 @@ def wrap_async(
     clock = cache.clock
     stats = cache.stats
     flights = cache.flights
-    make_key, lone_str_is_key = _key_maker(key_func, fn)
+    make_key, lone_name = _key_maker(key_func, fn)
+    hits = 0
+    cache.hit_counters.append(lambda: hits)
 
     async def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         waiter: asyncio.Future[Any] = flight.waiter
@@ -242,23 +261,42 @@ def wrap_async(
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
-    async def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
-        if type(first) is str and lone_str_is_key and not args and not kwargs:
-            key = first
-        else:
-            key = make_key(_all_args(first, args), kwargs)
+    # The hit path: a dict lookup and a clock check. An entry hidden by distrust() or
+    # expired has ``expires`` in the past, so this one comparison also covers trust.
+    async def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        nonlocal hits
         entry = get(key)
-        if entry is not None and entry.expires > clock() and cache.trusted:
-            stats.hits += 1
+        if entry is not None and entry.expires > clock():
+            hits += 1
             try:
                 move_to_end(key)
             except KeyError:  # dropped by another thread meanwhile; the value is still right
                 pass
             return entry.value
-        return await miss(key, _all_args(first, args), kwargs)
+        return await miss(key, args, kwargs)
 
-    _attach(wrapper, fn, cache, make_key)
-    return wrapper  # type: ignore[return-value]
+    async def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
+        all_args = _all_args(first, args)
+        return await lookup(make_key(all_args, kwargs), all_args, kwargs)
+
+    async def lone(arg: Any) -> Any:
+        # lookup() inlined for a str argument, the common case
+        nonlocal hits
+        if type(arg) is str:
+            entry = get(arg)
+            if entry is not None and entry.expires > clock():
+                hits += 1
+                try:
+                    move_to_end(arg)
+                except KeyError:
+                    pass
+                return entry.value
+            return await miss(arg, (arg,), {})
+        return await lookup(make_key((arg,), {}), (arg,), {})
+
+    chosen = (_named_like(lone, lone_name) if lone_name else None) or wrapper
+    _attach(chosen, fn, cache, make_key)
+    return chosen  # type: ignore[return-value]
 
 
 def wrap_sync(
@@ -281,7 +319,9 @@ def wrap_sync(
     stats = cache.stats
     lock = cache.lock
     flights = cache.thread_flights
-    make_key, lone_str_is_key = _key_maker(key_func, fn)
+    make_key, lone_name = _key_maker(key_func, fn)
+    hits = 0
+    cache.hit_counters.append(lambda: hits)
 
     def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter: concurrent.futures.Future[Any] = flight.waiter
@@ -344,23 +384,40 @@ def wrap_sync(
             return existing.waiter.result()
         return fill(flight, args, kwargs)
 
-    def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
-        if type(first) is str and lone_str_is_key and not args and not kwargs:
-            key = first
-        else:
-            key = make_key(_all_args(first, args), kwargs)
+    # As in wrap_async: one lookup and one clock check; see there.
+    def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        nonlocal hits
         entry = get(key)
-        if entry is not None and entry.expires > clock() and cache.trusted:
-            stats.hits += 1
+        if entry is not None and entry.expires > clock():
+            hits += 1
             try:
                 move_to_end(key)
             except KeyError:  # dropped by another thread meanwhile; the value is still right
                 pass
             return entry.value
-        return miss(key, _all_args(first, args), kwargs)
+        return miss(key, args, kwargs)
 
-    _attach(wrapper, fn, cache, make_key)
-    return wrapper  # type: ignore[return-value]
+    def wrapper(first: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
+        all_args = _all_args(first, args)
+        return lookup(make_key(all_args, kwargs), all_args, kwargs)
+
+    def lone(arg: Any) -> Any:
+        nonlocal hits
+        if type(arg) is str:
+            entry = get(arg)
+            if entry is not None and entry.expires > clock():
+                hits += 1
+                try:
+                    move_to_end(arg)
+                except KeyError:
+                    pass
+                return entry.value
+            return miss(arg, (arg,), {})
+        return lookup(make_key((arg,), {}), (arg,), {})
+
+    chosen = (_named_like(lone, lone_name) if lone_name else None) or wrapper
+    _attach(chosen, fn, cache, make_key)
+    return chosen  # type: ignore[return-value]
 
 
 def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int | None:

@@ -223,3 +223,34 @@ async def test_bulk_warm_up_refuses_keys_changed_while_the_list_was_read(
     assert await get("USD") == 1.1
     assert await get("EUR") == 2.0
     assert owner.calls == 1
+
+
+async def test_keyword_and_positional_calls_share_an_entry(sync: CacheSync) -> None:
+    owner = Owner(USD=1.0)
+
+    @sync.cached("fx", ttl=60)
+    async def get(code: str) -> float:
+        return await owner.fetch(code)
+
+    assert await get("USD") == await get(code="USD") == 1.0
+    assert owner.calls == 1
+    assert get.__name__ == "get"
+    with pytest.raises(TypeError):
+        await get("USD", "extra")  # type: ignore[call-arg]
+
+
+async def test_distrust_hides_entries_and_resumed_trust_restores_them(sync: CacheSync) -> None:
+    owner = Owner(USD=1.0, EUR=2.0)
+    get = sync.cached("fx", ttl=60)(owner.fetch)
+    await get("USD")
+    await get("EUR")
+    cache = sync.namespace("fx")
+    cache.distrust()
+    await get("USD")  # the listener is down: straight to the owner
+    assert owner.calls == 3
+    cache.invalidate("EUR")  # an event replayed while catching up
+    cache.trust()  # resumed: nothing was lost
+    await get("USD")
+    assert owner.calls == 3  # a hit again
+    await get("EUR")
+    assert owner.calls == 4  # the replayed event dropped it
