@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from .cache import BulkFill, Flight, LocalCache
+from .cache import BulkFill, Entry, Flight, LocalCache
 
 __all__ = ["CachedAsync", "CachedSync", "KeyFunc", "default_key", "wrap_async", "wrap_sync"]
 
@@ -212,19 +212,10 @@ def wrap_async(
         try:
             value = await fn(*args, **kwargs)
         except Exception as exc:
-            stats.fetch_errors += 1
-            if observe is not None:
-                observe(cache.name, time.perf_counter() - started, False)
-            cache.abandon_fill(flight)
-            stale = cache.get_stale(flight.key, for_error=True)
+            stale = _fetch_failed(cache, flight, exc, observe, started)
             if stale is None:
                 waiter.set_exception(exc)
             else:
-                stats.stale_serves += 1
-                log.warning(
-                    "serving a stale value: the fetch failed",
-                    extra={"ns": cache.name, "key": flight.key, "error": repr(exc)},
-                )
                 waiter.set_result(stale.value)
             return
         except BaseException:
@@ -330,19 +321,10 @@ def wrap_sync(
         try:
             value = fn(*args, **kwargs)
         except Exception as exc:
-            stats.fetch_errors += 1
-            if observe is not None:
-                observe(cache.name, time.perf_counter() - started, False)
-            cache.abandon_fill(flight)
-            stale = cache.get_stale(flight.key, for_error=True)
+            stale = _fetch_failed(cache, flight, exc, observe, started)
             if stale is None:
                 waiter.set_exception(exc)
                 raise
-            stats.stale_serves += 1
-            log.warning(
-                "serving a stale value: the fetch failed",
-                extra={"ns": cache.name, "key": flight.key, "error": repr(exc)},
-            )
             waiter.set_result(stale.value)
             return stale.value
         except BaseException as exc:
@@ -418,6 +400,29 @@ def wrap_sync(
     chosen = (_named_like(lone, lone_name) if lone_name else None) or wrapper
     _attach(chosen, fn, cache, make_key)
     return chosen  # type: ignore[return-value]
+
+
+def _fetch_failed(
+    cache: LocalCache,
+    flight: Flight,
+    exc: Exception,
+    observe: FetchObserver | None,
+    started: float,
+) -> Entry | None:
+    """Count a failed fetch and forget its flight; the entry to serve instead, if
+    ``stale_if_error`` allows one (guarantee 7)."""
+    cache.stats.fetch_errors += 1
+    if observe is not None:
+        observe(cache.name, time.perf_counter() - started, False)
+    cache.abandon_fill(flight)
+    stale = cache.get_stale(flight.key, for_error=True)
+    if stale is not None:
+        cache.stats.stale_serves += 1
+        log.warning(
+            "serving a stale value: the fetch failed",
+            extra={"ns": cache.name, "key": flight.key, "error": repr(exc)},
+        )
+    return stale
 
 
 def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int | None:
