@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .analysis import StrategyResult
+from .latency import TransportResult
 from .micro import MicroResult
 from .strategies import Settings
 
@@ -50,6 +51,59 @@ def micro_table(results: Sequence[MicroResult]) -> str:
             ]
         )
     return table(["benchmark", "ours", "baseline", "ratio", "target", "result", "detail"], rows)
+
+
+def latency_table(results: Sequence[TransportResult]) -> str:
+    """The transport targets (latency vs the raw client, apply rate) with their verdicts."""
+    rows = []
+    for r in results:
+        for c in r.checks():
+            target = c.target if r.status == "ok" else f"{r.status}: {r.reason}"
+            rows.append([c.transport, target, c.raw, c.ours, c.limit, c.verdict])
+    return table(["transport", "target", "raw", "ours", "limit", "result"], rows)
+
+
+def latency_detail_table(results: Sequence[TransportResult]) -> str:
+    """Every latency distribution measured, raw and ours side by side at each rate."""
+    rows = []
+    for r in results:
+        for rate in sorted(r.latency.get("raw", {})):
+            for side in ("raw", "ours"):
+                lat = r.at(side, rate)
+                rows.append(
+                    [
+                        f"{r.scheme}://",
+                        f"{rate:,.0f}/s",
+                        side,
+                        f"{len(lat.samples_ms):,}",
+                        str(lat.lost),
+                        _num(lat.achieved),
+                        *(_num(lat.pct(q), "{:.3f}") for q in (50, 90, 99)),
+                        _num(max(lat.samples_ms, default=math.nan), "{:.3f}"),
+                    ]
+                )
+    headers = ["transport", "rate", "side", "events", "lost", "sent/s", "p50", "p90", "p99"]
+    return table([*headers, "max (ms)"], rows)
+
+
+def apply_rate_table(results: Sequence[TransportResult]) -> str:
+    """The drain rate of each round, raw and ours, and what ours did meanwhile."""
+    rows = []
+    for r in results:
+        for side in ("raw", "ours"):
+            rates = r.drain.get(side)
+            if not rates:
+                continue
+            rows.append(
+                [
+                    f"{r.scheme}://",
+                    side,
+                    ", ".join(f"{x:,.0f}" for x in rates),
+                    f"{max(rates):,.0f}",
+                    r.notes.get(side, "-"),
+                ]
+            )
+    return table(["transport", "side", "events/s per round", "best", "ours applied"], rows)
 
 
 def nines(result: StrategyResult) -> str:

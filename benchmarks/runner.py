@@ -1,4 +1,5 @@
-"""``python -m benchmarks``: micro benchmarks, then the strategy comparison, then the report.
+"""``python -m benchmarks``: micro benchmarks, the strategy comparison, the transport latency
+benchmark, then the report.
 
 Servers that are down are named with the command that starts them, and the strategies that
 need them are skipped. Ctrl-C stops every process the run started and still writes what was
@@ -21,13 +22,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import env, micro, plots
+from . import env, latency, micro, plots
 from .analysis import StrategyResult
 from .comparison import Harness
+from .latency import TransportResult
 from .micro import MicroResult
 from .progress import Progress
 from .report import (
+    apply_rate_table,
     diagnostics_table,
+    latency_detail_table,
+    latency_table,
     machine_table,
     micro_table,
     not_run,
@@ -51,6 +56,7 @@ class Run:
     machine: dict[str, str] = field(default_factory=dict)
     micro: list[MicroResult] = field(default_factory=list)
     strategies: list[StrategyResult] = field(default_factory=list)
+    latency: list[TransportResult] = field(default_factory=list)
     planned: int = 0
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -66,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "The default is the short run (about 2 minutes); --full is the documented long run.",
     )
     p.add_argument("--full", action="store_true", help="the long run (every strategy, 60 s each)")
-    p.add_argument("--only", choices=("all", "micro", "strategies"), default="all")
+    p.add_argument("--only", choices=("all", "micro", "strategies", "latency"), default="all")
     p.add_argument(
         "--strategies",
         help="comma-separated name globs (default: a short list; every strategy under --full)",
@@ -136,6 +142,15 @@ def run_micro(run: Run, progress: Progress) -> None:
     progress.say("micro benchmarks")
     sizes = micro.FULL if run.full else micro.SHORT
     run.micro = asyncio.run(micro.run_all(sizes, progress.say))
+
+
+def run_latency(run: Run, progress: Progress, up: dict[str, bool]) -> None:
+    """Publish-to-applied latency and apply rate per transport, ours against the raw client
+    (``benchmarks/latency.py``); after the strategies, so nothing else of this run competes."""
+    sizes = latency.FULL if run.full else latency.SHORT
+    progress.say(f"transport latency and apply rate (about {sizes.estimate():.0f} s)")
+    s = run.settings
+    latency.run_all(sizes, s.redis_url, s.amqp_url, up, say=progress.say, results=run.latency)
 
 
 def plan(run: Run, patterns: list[str], up: dict[str, bool]) -> list[Strategy]:
@@ -256,6 +271,12 @@ def render(run: Run) -> str:
         lines += ["### How each strategy is configured", "", STRATEGY_NOTES, ""]
         notes = peer_notes(results, run.machine.get("Redis server", "?"))
         lines += ["### Peers that do not run as documented here", "", notes, ""]
+    if run.latency:
+        lines += ["## Transport latency and apply rate, ours vs the raw client", ""]
+        lines += [latency_table(run.latency), "", LATENCY_NOTES, ""]
+        lines += ["### Latency distributions (ms)", "", latency_detail_table(run.latency), ""]
+        lines += ["### Apply rate", "", apply_rate_table(run.latency), ""]
+        lines += ["![transport latency](transport_latency.png)", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -315,6 +336,23 @@ STRATEGY_NOTES = """\
 - Every cache holds the whole data set (20,000 entries); before the updates start each reader
   loads the items it will read (cachesync: all of them, through `warm`), so every strategy is
   measured warm."""
+
+
+LATENCY_NOTES = """\
+Each transport is measured with two consumers, each in a process of its own, in turns (raw,
+ours, raw, ours, ...): **raw** is the broker's client alone, noting each message and nothing
+more (redis-py `PubSub.listen()`; an `XREAD COUNT 500 BLOCK 1000` loop on redis-py, RESP2;
+aio-pika `Queue.consume(no_ack=True)` on an exclusive queue bound to the fanout exchange);
+**ours** is `CacheSync` on a namespace of 10,000 entries, a message counting once
+`handle_message` has returned (every event invalidates an entry with a newer version: real
+work). *Latency*: a third process runs cachesync's `Publisher` (one per consumer's channel, so
+both consumers get the same payloads, heartbeats included) and sends upserts at 200 and 1,000
+events/s carrying their send time (`time.monotonic_ns()`, CLOCK_MONOTONIC: one clock for every
+process) as `version`; one-way latency is the consumer's time minus that. p99 over a few hundred
+events (the short run) is close to the largest one: `--full` measures 10x more. *Apply rate*:
+the consumer's event loop is held while another process floods its channel (pipelined
+PUBLISH/XADD, aio-pika without confirms; AMQP floods are smaller, its clients drain slower),
+then released; the rate is messages over the time to drain them; best round of each side."""
 
 
 def invalidate_vs_refresh(results: list[StrategyResult]) -> str:
@@ -420,11 +458,19 @@ def write_outputs(run: Run, out_dir: Path, with_plots: bool, progress: Progress)
         if targets:
             print("\nTargets\n")
             print(targets_table(targets))
+    if run.latency:
+        print("\nTransport latency and apply rate, ours vs the raw client\n")
+        print(latency_table(run.latency))
+        print("\nLatency distributions (ms)\n")
+        print(latency_detail_table(run.latency))
+        print("\nApply rate\n")
+        print(apply_rate_table(run.latency))
     if with_plots:
         try:
             plots.micro_ratios(run.micro, out_dir / "micro_ratios.png")
             plots.hit_rate_vs_staleness(results, out_dir / "hit_rate_vs_staleness.png")
             plots.staleness_cdf(results, out_dir / "staleness_cdf.png")
+            latency.plot(run.latency, out_dir / "transport_latency.png")
         except ImportError:
             run.warnings.append("matplotlib is not installed: no plots (pip install matplotlib)")
     (out_dir / "RESULTS.md").write_text(render(run))
@@ -453,6 +499,10 @@ def _as_json(run: Run) -> dict[str, Any]:
             "machine": run.machine,
             "micro": [dataclasses.asdict(m) | {"ratio": m.ratio} for m in run.micro],
             "strategies": [dataclasses.asdict(s) for s in _order(run.strategies)],
+            "latency": [
+                dataclasses.asdict(t) | {"checks": [dataclasses.asdict(c) for c in t.checks()]}
+                for t in run.latency
+            ],
         }
     )
     return cleaned
@@ -497,7 +547,11 @@ def main(argv: list[str] | None = None) -> int:
             for skipped in run.strategies:
                 progress.say(f"skipping {skipped.name}: {skipped.reason}")
             budget = None if args.full or args.no_budget else SHORT_BUDGET
+            if budget is not None and args.only == "all":
+                budget -= latency.SHORT.estimate()  # the latency benchmark comes after
             run_strategies(run, strategies, progress, budget)
+        if args.only in ("all", "latency"):
+            run_latency(run, progress, up)
     except KeyboardInterrupt:
         run.interrupted = True
         print(

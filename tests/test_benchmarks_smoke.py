@@ -111,3 +111,65 @@ def test_report_renders_without_absolute_paths() -> None:
     assert "/work/" not in text and "/tmp/" not in text
     assert strategy_table([ok, skipped]).count("\n") == 3
     assert all(t.verdict in ("PASS", "FAIL", "TIE", "n/a") for t in strategy_targets([ok]))
+
+
+# -- the transport latency benchmark (benchmarks/latency.py) ------------------------------------
+
+
+def test_latency_checks_and_tables() -> None:
+    from benchmarks import latency
+    from benchmarks.report import apply_rate_table, latency_detail_table, latency_table
+
+    ok = latency.TransportResult("redis")
+    for side, shift in (("raw", 0.0), ("ours", 0.1)):
+        lat = ok.at(side, 200.0)
+        lat.samples_ms += [0.5 + shift + i / 100 for i in range(100)]
+        lat.sent, lat.seconds = 101, 0.5
+    ok.drain = {"raw": [40_000.0, 50_000.0], "ours": [39_000.0]}
+    skipped = latency.TransportResult("amqp", "skipped", "rabbitmq is down")
+    checks = ok.checks()
+    assert [c.verdict for c in checks] == ["PASS", "PASS", "FAIL"]  # p50, p99, 0.78x
+    assert ok.at("ours", 200.0).lost == 1 and latency.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert skipped.checks()[0].verdict == "n/a"
+    text = latency_table([ok, skipped])
+    assert "rabbitmq is down" in text and "0.78x" in text
+    assert latency_detail_table([ok]).count("\n") == 3
+    assert "39,000" in apply_rate_table([ok])
+    run = Run("python -m benchmarks --only latency", False, Settings(), latency=[ok, skipped])
+    assert "## Transport latency" in render(run)
+
+
+def test_latency_recorder_reads_the_send_time() -> None:
+    from benchmarks.latency import Recorder
+    from cachesync import ChangeEvent, Op
+
+    recorder = Recorder()
+    sent = 1_000
+    upsert = ChangeEvent(
+        source="s", seq=1, ns="items", op=Op.UPSERT, keys=("k",), version=sent, ts=1.0
+    )
+    recorder.hit(upsert.encode())
+    recorder.hit(ChangeEvent(source="s", seq=1, op=Op.HEARTBEAT, ts=1.0).encode())
+    received = recorder.times[0]
+    assert recorder.count_versioned() == 1
+    # The heartbeat carries no send time, so only the upsert gives a latency.
+    assert recorder.take_latencies() == [received - sent]
+    assert recorder.take_latencies() == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream", "amqp"])
+def test_latency_benchmark_runs(scheme: str) -> None:
+    from benchmarks import latency
+
+    from .conftest import AMQP_URL, REDIS_URL, require_server
+
+    require_server("rabbitmq" if scheme == "amqp" else "redis")
+    up = {"redis": True, "rabbitmq": True}
+    (result,) = latency.run_all(latency.TINY, REDIS_URL, AMQP_URL, up, (scheme,))
+    assert result.status == "ok", result.reason
+    for side in latency.SIDES:
+        assert len(result.at(side, 1000.0).samples_ms) == 20
+        assert result.drain[side][0] > 0
+    assert "300 invalidations" in result.notes["ours"]
+    assert all(c.verdict in ("PASS", "FAIL") for c in result.checks())
