@@ -65,8 +65,12 @@ from .base import OnReady
 from .redis import (
     _PUBLISH_FAILURES,
     _READ_FAILURES,
+    _READ_SIZE,
     _REFUSALS,
     RedisTransportBase,
+    _Incomplete,
+    _parse_frame,
+    _RespError,
     _streams,
     open_connection,
 )
@@ -306,7 +310,8 @@ class RedisStreamTransport(RedisTransportBase):
                 async with asyncio.timeout(self.connect_timeout):
                     await open_connection(conn)
                     _streams(conn)[1].writelines(conn.pack_command(b"XINFO", b"STREAM", key))
-                    info = await _read_info(conn)
+                    (raw_info,) = await _read_replies(conn, 1)
+                    info = _info_from(raw_info)
             except _REFUSALS as exc:
                 raise TransportError(
                     f"Redis at {self.safe_url} refused the {what}: {self._describe(exc)}"
@@ -393,22 +398,46 @@ class RedisStreamTransport(RedisTransportBase):
         # "Timeouts" in cachesync.transports.redis).
         _streams(conn)[1].writelines(conn.pack_commands([args, [b"XINFO", b"STREAM", key]]))
         # Both replies are read before either error is raised, so the connection stays in step.
-        try:
-            reply: object = await conn.read_response()
-        except redis_errors.ResponseError as exc:
-            reply = exc
-        info = await _read_info(conn)
-        if isinstance(reply, Exception):
-            raise reply
+        reply, raw_info = await _read_replies(conn, 2)
+        info = _info_from(raw_info)
+        if isinstance(reply, _RespError):
+            raise redis_errors.ResponseError(str(reply))
         return _entries(reply, key), info
 
 
-async def _read_info(conn: AbstractConnection) -> _Info | None:
-    """Read an ``XINFO STREAM`` reply: None when the key does not exist."""
-    try:
-        raw = await conn.read_response()
-    except redis_errors.ResponseError as exc:
-        if "no such key" in str(exc).lower():
+async def _read_replies(conn: AbstractConnection, count: int) -> list[object]:
+    """The next ``count`` RESP2 replies, read straight off the socket.
+
+    redis-py's parser costs several awaits and line reads per entry of an ``XREAD`` reply; this
+    one parses whole buffers (as the pub/sub transport does), about three times faster. Only
+    replies to commands this module pipelined are pending on the connection, so the bytes read
+    are exactly theirs.
+    """
+    reader = _streams(conn)[0]
+    buffer = b""
+    replies: list[object] = []
+    while True:
+        chunk = await reader.read(_READ_SIZE)
+        if not chunk:
+            raise ConnectionError("Redis closed the connection")
+        buffer += chunk
+        pos = 0
+        replies.clear()
+        try:
+            while len(replies) < count:
+                reply, pos = _parse_frame(buffer, pos)
+                replies.append(reply)
+        except _Incomplete:
+            continue
+        if pos != len(buffer):
+            raise ValueError("unexpected bytes after the replies on a stream connection")
+        return replies
+
+
+def _info_from(raw: object) -> _Info | None:
+    """An ``XINFO STREAM`` reply: None when the key does not exist."""
+    if isinstance(raw, _RespError):
+        if "no such key" in raw.lower():
             return None
-        raise
+        raise redis_errors.ResponseError(str(raw))
     return _parse_info(raw)
