@@ -409,10 +409,16 @@ class LocalCache:
                 del flights[flight.key]
 
     def _void_key(self, key: str) -> None:
-        for bulk in self._bulks:
-            bulk.dropped.add(key)
-        for flights in (self.flights, self.thread_flights):
-            flight = flights.pop(key, None)
+        # Checks first: on the listener's path there is rarely a fill or warm-up under way.
+        if self._bulks:
+            for bulk in self._bulks:
+                bulk.dropped.add(key)
+        if self.flights:
+            flight = self.flights.pop(key, None)
+            if flight is not None:
+                flight.void = True
+        if self.thread_flights:
+            flight = self.thread_flights.pop(key, None)
             if flight is not None:
                 flight.void = True
 

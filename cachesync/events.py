@@ -79,7 +79,9 @@ class ChangeEvent(BaseModel):
         if len(data) > max_bytes:
             raise EventDecodeError(f"event of {len(data)} bytes exceeds the limit of {max_bytes}")
         try:
-            return cls.model_validate_json(data)
+            # The validator itself: model_validate_json adds a wrapper call per message.
+            event: ChangeEvent = cls.__pydantic_validator__.validate_json(data)
+            return event
         except ValidationError as exc:
             raise EventDecodeError(_short_reason(exc)) from None
 
