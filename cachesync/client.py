@@ -420,9 +420,8 @@ class CacheSync:
                 if not first:
                     await self._transport.connect()
                 first = False
-                handle = self.handle_message
                 async for payload in self._transport.subscribe(self.channel, self._on_ready):
-                    handle(payload)
+                    self.handle_message(payload)
                 raise TransportError("the subscription ended")
             except Exception as exc:
                 # TransportError is the expected case; anything else is a bug, and the
