@@ -34,15 +34,12 @@ import aio_pika
 
 from cachesync.transports.amqp import AmqpTransport
 
+from .transport_common import percentile
+from .transport_common import plot as plot_figures
+
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAYLOAD = b'{"v":1,"source":"bench","seq":1,"ns":"currencies","op":"upsert","keys":["USD"]}'
 WARMUP = 100
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 # -- latency ---------------------------------------------------------------------------------
@@ -262,7 +259,7 @@ async def main(url: str, latency_n: int, rate_n: int, plot: str | None) -> None:
     for label, samples in latency.items():
         ms = [s * 1000 for s in samples]
         print(
-            f"{label:<28} {statistics.median(ms):8.3f} {_percentile(ms, 99):8.3f} "
+            f"{label:<28} {statistics.median(ms):8.3f} {percentile(ms, 99):8.3f} "
             f"{statistics.fmean(ms):8.3f}"
         )
 
@@ -290,29 +287,7 @@ async def main(url: str, latency_n: int, rate_n: int, plot: str | None) -> None:
         print(f"{label:<28} {rate:10.0f}")
 
     if plot:
-        _plot(plot, latency, consume)
-
-
-def _plot(path: str, latency: dict[str, list[float]], consume: dict[str, float]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install 'cachesync[bench]' for the plot")
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = list(latency)
-    left.boxplot([[s * 1000 for s in latency[k]] for k in labels], showfliers=False)
-    left.set_xticks(range(1, len(labels) + 1), labels, rotation=20, ha="right", fontsize=8)
-    left.set_ylabel("publish -> received (ms)")
-    right.bar(list(consume), list(consume.values()))
-    right.tick_params(axis="x", labelrotation=20, labelsize=8)
-    right.set_ylabel("messages/s")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"\nplot written to {path}")
+        plot_figures(plot, latency, consume)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,12 @@ from cachesync.transports.base import Transport
 from cachesync.transports.redis import RedisPubSubTransport
 from cachesync.transports.redis_stream import RedisStreamTransport
 
+from .transport_common import percentile
+from .transport_common import plot as plot_figures
+
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 PAYLOAD = b'{"v":1,"source":"bench","seq":1,"ns":"currencies","op":"upsert","keys":["USD"]}'
 WARMUP = 100
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _name() -> str:
@@ -246,7 +243,7 @@ async def main(url: str, latency_n: int, rate_n: int, rounds: int, plot: str | N
     for label, samples in latency.items():
         ms = [s * 1000 for s in samples]
         print(
-            f"{label:<28} {statistics.median(ms):8.3f} {_percentile(ms, 99):8.3f} "
+            f"{label:<28} {statistics.median(ms):8.3f} {percentile(ms, 99):8.3f} "
             f"{statistics.fmean(ms):8.3f}"
         )
 
@@ -266,29 +263,7 @@ async def main(url: str, latency_n: int, rate_n: int, rounds: int, plot: str | N
         print(f"{label:<28} {max(rates):10.0f} {statistics.median(rates):10.0f}")
 
     if plot:
-        _plot(plot, latency, {k: max(v) for k, v in consume.items()})
-
-
-def _plot(path: str, latency: dict[str, list[float]], consume: dict[str, float]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install 'cachesync[bench]' for the plot")
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = list(latency)
-    left.boxplot([[s * 1000 for s in latency[k]] for k in labels], showfliers=False)
-    left.set_xticks(range(1, len(labels) + 1), labels, rotation=20, ha="right", fontsize=8)
-    left.set_ylabel("publish -> received (ms)")
-    right.bar(list(consume), list(consume.values()))
-    right.tick_params(axis="x", labelrotation=20, labelsize=8)
-    right.set_ylabel("messages/s")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"\nplot written to {path}")
+        plot_figures(plot, latency, {k: max(v) for k, v in consume.items()})
 
 
 if __name__ == "__main__":

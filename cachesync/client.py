@@ -139,7 +139,6 @@ class ClientStats:
     reconnects: int = 0
     heartbeat_misses: int = 0
     replays: int = 0
-    last_event_lag: float | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a dict."""
@@ -223,7 +222,6 @@ class CacheSync:
         self._listener: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._last_message = clock()
         self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = observer
@@ -396,7 +394,8 @@ class CacheSync:
         for name, ns in self._namespaces.items():
             namespaces[name] = ns.cache.snapshot()
         listener = self._stats.snapshot()
-        if self._last_event is not None:
+        listener["last_event_lag"] = None
+        if self._last_event is not None:  # the owner's commit to our apply, of the last event
             ts, applied = self._last_event
             listener["last_event_lag"] = self._wall_clock() - (self._clock() - applied) - ts
         result: dict[str, Any] = {"listener": listener, "namespaces": namespaces}
@@ -450,7 +449,6 @@ class CacheSync:
         self._stats.listener_up = True
         if self._observer is not None:
             self._observer.listener_state(True)
-        self._last_message = self._clock()
         self._backoff.reset()
         self._ready.set()
         log.info("cachesync listener up", extra={"resumed": resumed, "channel": self.channel})
@@ -467,7 +465,7 @@ class CacheSync:
         """Decode one message and apply it. Never raises: bad input is counted and logged."""
         stats = self._stats
         stats.messages += 1
-        now = self._last_message = self._clock()
+        now = self._clock()
         try:
             event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
         except EventDecodeError as exc:

@@ -182,8 +182,6 @@ class AmqpTransport(Transport):
         max_backlog: int | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        if connect_timeout <= 0:
-            raise ValueError("connect_timeout must be positive")
         try:
             parts = urlsplit(url)
         except ValueError as exc:

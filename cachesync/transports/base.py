@@ -53,6 +53,8 @@ class Transport(abc.ABC):
     url: str
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be positive")
         self.url = url
         self.connect_timeout = connect_timeout
 

@@ -145,8 +145,6 @@ class RedisTransportBase(Transport):
         socket_timeout: float | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        if connect_timeout <= 0:
-            raise ValueError("connect_timeout must be positive")
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -324,6 +322,34 @@ class RedisTransportBase(Transport):
             with contextlib.suppress(*_FAILURES):
                 await client.aclose()
 
+    def _stage(self, target: Any, channel: str, payload: bytes) -> Any:
+        """Issue the command that publishes ``payload`` on ``target`` (the client, or a
+        pipeline); each transport says which command that is."""
+        raise NotImplementedError
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Publish one message; raises TransportError when Redis cannot be reached."""
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        client = self._publishing_client()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                await self._stage(client, channel, bytes(payload))
+        except _PUBLISH_FAILURES as exc:
+            raise self._publish_failed(channel, exc) from exc
+
+    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
+        """Publish the messages in order, in one pipelined round trip."""
+        client = self._publishing_client()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                async with client.pipeline(transaction=False) as pipe:
+                    for payload in payloads:
+                        self._stage(pipe, channel, bytes(payload))
+                    await pipe.execute()
+        except _PUBLISH_FAILURES as exc:
+            raise self._publish_failed(channel, exc) from exc
+
     def _publishing_client(self) -> aioredis.Redis:
         if self._state != "open" or self._client is None:
             raise StateError(f"{self!r} is not connected: call connect() first")
@@ -463,28 +489,8 @@ class RedisPubSubTransport(RedisTransportBase):
     See the module docstring for URL options.
     """
 
-    async def publish(self, channel: str, payload: bytes) -> None:
-        """``PUBLISH`` one message; raises TransportError when Redis cannot be reached."""
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        client = self._publishing_client()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                await client.publish(channel, bytes(payload))
-        except _PUBLISH_FAILURES as exc:
-            raise self._publish_failed(channel, exc) from exc
-
-    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
-        """``PUBLISH`` the messages in order in one pipelined round trip."""
-        client = self._publishing_client()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                async with client.pipeline(transaction=False) as pipe:
-                    for payload in payloads:
-                        pipe.publish(channel, bytes(payload))
-                    await pipe.execute()
-        except _PUBLISH_FAILURES as exc:
-            raise self._publish_failed(channel, exc) from exc
+    def _stage(self, target: Any, channel: str, payload: bytes) -> Any:
+        return target.publish(channel, payload)  # PUBLISH
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None

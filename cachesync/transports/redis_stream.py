@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from ..errors import ConfigError, ConnectionLost, TransportError
 from .base import OnReady
 from .redis import (
-    _PUBLISH_FAILURES,
     _READ_FAILURES,
     _READ_SIZE,
     _REFUSALS,
@@ -261,32 +260,9 @@ class RedisStreamTransport(RedisTransportBase):
             return None
         return self.block_ms / 1000 + self.health_check_interval
 
-    async def publish(self, channel: str, payload: bytes) -> None:
-        """Append one entry to the stream ``channel``, trimming it to about ``maxlen``."""
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        client = self._publishing_client()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                await client.xadd(
-                    channel, {FIELD: bytes(payload)}, maxlen=self.maxlen, approximate=True
-                )
-        except _PUBLISH_FAILURES as exc:
-            raise self._publish_failed(channel, exc) from exc
-
-    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
-        """Append the entries in order in one pipelined round trip."""
-        client = self._publishing_client()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                async with client.pipeline(transaction=False) as pipe:
-                    for payload in payloads:
-                        pipe.xadd(
-                            channel, {FIELD: bytes(payload)}, maxlen=self.maxlen, approximate=True
-                        )
-                    await pipe.execute()
-        except _PUBLISH_FAILURES as exc:
-            raise self._publish_failed(channel, exc) from exc
+    def _stage(self, target: Any, channel: str, payload: bytes) -> Any:
+        # Append one entry, trimming the stream to about maxlen.
+        return target.xadd(channel, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None
