@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
+from .clock import ExactClock, HitClock
+
 __all__ = ["BulkFill", "Entry", "Flight", "LocalCache", "NamespaceStats", "TOMBSTONE"]
 
 
@@ -137,7 +139,9 @@ class LocalCache:
     ``[1 - jitter, 1 + jitter]`` so entries filled together do not expire together.
     ``negative_ttl`` (None: do not cache) applies to results of ``None`` ("absent").
     ``maxsize`` bounds the number of entries (tombstones included), evicting the least
-    recently used. ``clock`` is the monotonic clock, injectable for tests.
+    recently used. ``clock`` is the monotonic clock, injectable for tests; ``hit_clock`` is what
+    the async hit path compares expiries with (see :mod:`cachesync.clock`; by default it reads
+    ``clock`` at every hit).
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class LocalCache:
         stale_while_revalidate: float = 0.0,
         stale_if_error: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        hit_clock: HitClock | None = None,
         rng: random.Random | None = None,
     ) -> None:
         _check_positive("ttl", ttl)
@@ -170,6 +175,7 @@ class LocalCache:
         self.stale_while_revalidate = float(stale_while_revalidate)
         self.stale_if_error = float(stale_if_error)
         self.clock = clock
+        self.hit_clock: HitClock = hit_clock if hit_clock is not None else ExactClock(clock)
         self.stats = NamespaceStats()
         self.trusted = False
         self.lock = threading.RLock()
@@ -345,11 +351,9 @@ class LocalCache:
         """Events may have been lost: nothing may be served as fresh any more, but values
         stay available to ``stale_if_error`` and versions stay known. Voids every fill."""
         with self.lock:
-            now = self.clock()
+            # _NEVER rather than now: the hit path's clock may lag the real one a little.
             for entry in self.data.values():
-                if entry.expires > now:
-                    entry.expires = now
-                entry.stale_until = _NEVER
+                entry.expires = entry.stale_until = _NEVER
             if self._parked is not None:
                 self._parked.clear()  # hidden entries stay expired when trust returns
             self._void_all()

@@ -31,6 +31,7 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar, overload
 
 from .backoff import Backoff
 from .cache import LocalCache
+from .clock import ExactClock, HitClock, LoopClock
 from .decorator import (
     CachedAsync,
     CachedSync,
@@ -211,6 +212,11 @@ class CacheSync:
         self._signer = Signer(signing_keys) if signing_keys else None
         self._max_event_bytes = max_event_bytes
         self._clock = clock
+        # The async hit path's time (see cachesync.clock): refreshed by the loop for the real
+        # clock; an injected clock is read at every hit, so tests see its moves at once.
+        self._hit_clock: HitClock = (
+            LoopClock(clock) if clock is time.monotonic else ExactClock(clock)
+        )
         self._wall_clock = wall_clock
         self._rng = rng
         self._namespaces: dict[str, _Namespace] = {}
@@ -274,6 +280,7 @@ class CacheSync:
                 stale_while_revalidate=stale_while_revalidate,
                 stale_if_error=stale_if_error,
                 clock=self._clock,
+                hit_clock=self._hit_clock,
                 rng=self._rng,
             )
             cache.trusted = self._stats.listener_up
@@ -334,6 +341,7 @@ class CacheSync:
             return
         self._state = ClientState.CLOSED
         self._set_down()
+        self._hit_clock.close()
         tasks = [t for t in (self._listener, self._watchdog) if t is not None] + list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -413,6 +421,15 @@ class CacheSync:
     # -- the listener ----------------------------------------------------------------------
 
     async def _listen(self) -> None:
+        try:
+            await self._listen_until_cancelled()
+        finally:
+            # Cancelled by stop(), or by the loop's shutdown when nobody called stop(): either
+            # way no more events are applied, so nothing may be served from the caches.
+            self._set_down()
+            self._hit_clock.close()
+
+    async def _listen_until_cancelled(self) -> None:
         first = True
         while True:
             try:

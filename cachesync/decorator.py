@@ -1,4 +1,4 @@
-"""The ``@cached`` wrappers: a hot path that is a dict lookup and a clock check, and a miss
+"""The ``@cached`` wrappers: a hot path that is a dict lookup and an expiry check, and a miss
 path with single-flight, stale-while-revalidate and stale-if-error.
 
 The wrappers read and fill a :class:`~cachesync.cache.LocalCache`; they know nothing of events
@@ -198,7 +198,7 @@ def wrap_async(
     data = cache.data
     get = data.get
     move_to_end = data.move_to_end
-    clock = cache.clock
+    hit_clock = cache.hit_clock
     stats = cache.stats
     flights = cache.flights
     make_key, lone_name = _key_maker(key_func, fn)
@@ -237,6 +237,16 @@ def wrap_async(
         return flight
 
     async def miss(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        nonlocal hits
+        fresh = cache.get_fresh(key)
+        if fresh is not None:  # the hit clock was paused (idle): the real clock says fresh
+            hit_clock.wake()
+            hits += 1
+            try:
+                move_to_end(key)
+            except KeyError:
+                pass
+            return fresh.value  # type: ignore[no-any-return]
         stale = cache.get_stale(key, for_error=False)
         if stale is not None:
             stats.stale_serves += 1
@@ -252,12 +262,13 @@ def wrap_async(
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
-    # The hit path: a dict lookup and a clock check. An entry hidden by distrust() or
-    # expired has ``expires`` in the past, so this one comparison also covers trust.
+    # The hit path: a dict lookup and a comparison with the hit clock's reading (an attribute,
+    # not a clock call: see cachesync.clock). An entry hidden by distrust() or expired has
+    # ``expires`` in the past, so this one comparison also covers trust.
     async def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal hits
         entry = get(key)
-        if entry is not None and entry.expires > clock():
+        if entry is not None and entry.expires > hit_clock.now:
             hits += 1
             try:
                 move_to_end(key)
@@ -275,7 +286,7 @@ def wrap_async(
         nonlocal hits
         if type(arg) is str:
             entry = get(arg)
-            if entry is not None and entry.expires > clock():
+            if entry is not None and entry.expires > hit_clock.now:
                 hits += 1
                 try:
                     move_to_end(arg)
@@ -366,7 +377,7 @@ def wrap_sync(
             return existing.waiter.result()
         return fill(flight, args, kwargs)
 
-    # As in wrap_async: one lookup and one clock check; see there.
+    # As in wrap_async, but with a clock call: a thread may run while no event loop ticks.
     def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal hits
         entry = get(key)

@@ -19,6 +19,7 @@ import pytest
 
 from cachesync import CacheSync, Publisher
 
+from .helpers import eventually
 from .tcpproxy import TcpProxy, proxied_url
 from .test_transport_contract import kill_redis_clients
 
@@ -69,13 +70,13 @@ async def run_scenario(
     publisher_url: str,
     channel: str,
     fault: Callable[[], Awaitable[None]],
-    recover: Callable[[], Awaitable[None]] | None = None,
+    recover: Callable[[CacheSync], Awaitable[None]] | None = None,
     *,
     bound: float,
     heartbeat_timeout: float | None = None,
 ) -> tuple[CacheSync, VersionedOwner, Reads]:
     """Readers and an owner that commits and publishes every 20 ms; ``fault`` strikes in the
-    middle, ``recover`` after it. Returns once the client is live and caching again."""
+    middle, ``recover(sync)`` after it. Returns once the client is live and caching again."""
     owner = VersionedOwner()
     reads = Reads()
     sync = CacheSync(
@@ -108,7 +109,7 @@ async def run_scenario(
             await fault()
             await writer(pub, 15)
             if recover is not None:
-                await recover()
+                await recover(sync)
             await sync.wait_ready(10)
             await writer(pub, 5)
             stop.set()
@@ -187,7 +188,7 @@ async def test_cut_by_proxy_while_the_broker_is_down_reads_go_to_the_owner(
             proxy.refuse(True)
             await proxy.cut()
 
-        async def up() -> None:
+        async def up(_: CacheSync) -> None:
             proxy.refuse(False)
 
         sync, owner, reads = await run_scenario(
@@ -207,7 +208,9 @@ async def test_stalled_connection_is_found_by_missed_heartbeats(
         async def stall() -> None:
             proxy.stall()
 
-        async def resume() -> None:
+        async def resume(sync: CacheSync) -> None:
+            # Only the missing heartbeats can reveal the stall: resume once they have.
+            await eventually(lambda: sync.stats()["listener"]["heartbeat_misses"] >= 1)
             proxy.resume()
 
         sync, owner, reads = await run_scenario(
