@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, make_url, select
+from sqlalchemy import JSON, create_engine, insert, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -404,16 +405,110 @@ async def test_a_killed_database_session_is_replaced_and_listening_resumes(
         OutboxRelay(pg_engine, url, poll_interval=0.1, backoff_max=0.05) as relay,
     ):
         await eventually(lambda: relay.stats()["listening"])
-        pid = relay._listen_driver.get_server_pid()
+        pid = relay._asyncpg.get_server_pid()
         async with pg_engine.connect() as conn:
             await conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
         await _commit(pg_engine, ("currencies", "USD", 1))
         await collector.wait_changes(1)
+        # asyncpg's error on the dead connection counts as the database's, not a surprise.
+        assert relay.stats()["db_errors"] >= 1
+        assert relay.stats()["last_error"].startswith("database")
         await eventually(lambda: relay.stats()["listening"])
-        assert relay._listen_driver.get_server_pid() != pid
+        assert relay._asyncpg.get_server_pid() != pid
         await _commit(pg_engine, ("currencies", "USD", 2))
         events = await collector.wait_changes(2)
     assert [e.version for e in events] == [1, 2]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(20)
+async def test_the_asyncpg_path_reads_and_marks_rows_as_sqlalchemy_does(
+    pg_engine: AsyncEngine, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With asyncpg the relay selects and marks rows on the driver's connection: odd rows
+    included, it must publish what the SQLAlchemy path publishes, in id order, and leave the
+    rows in the same state."""
+
+    def row(**values: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {"ns": "currencies", "op": "upsert", "keys": ["USD"]}
+        base.update(attempts=0, version=None, value=None, created_at=created)
+        return {**base, **values}
+
+    created = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
+
+    odd = [
+        row(version=1, value={"ok": 1, "nested": [1.5, {"é": None}]}),
+        row(ns=""),  # nothing usable: marked failed and left unsent
+        row(op="rename"),  # unknown op: flush
+        row(version=4, value={"blob": "x" * 5000}),  # too big: an invalidation
+        row(keys=[1, 2]),  # bad keys: flush
+        row(keys="USD"),  # a JSON string, not a list: flush
+        row(version=7, value="a JSON string"),
+        row(version=8, value=JSON.NULL),  # JSON null, not SQL NULL: no value either way
+        row(op="delete", version=9),
+        row(version=10, value=[False, 0, ""]),
+    ]
+
+    async def sqlalchemy_only(self: OutboxRelay, conn: Any) -> None:
+        return None
+
+    published: dict[str, list[tuple[Any, ...]]] = {}
+    states: dict[str, list[tuple[Any, ...]]] = {}
+    for path in ("asyncpg", "sqlalchemy"):
+        if path == "sqlalchemy":
+            monkeypatch.setattr(OutboxRelay, "_use_asyncpg", sqlalchemy_only)
+        channel = f"{path}-{unique}"
+        async with pg_engine.begin() as conn:  # 20 rows: 7 rounds of 3
+            await conn.execute(insert(TABLE), [{**r, "channel": channel} for r in odd + odd])
+        url = f"memory://{channel}"
+        options: dict[str, Any] = {"batch_size": 3, "max_value_bytes": 1000, "retention": None}
+        async with (
+            Collector(url, channel) as collector,
+            OutboxRelay(pg_engine, url, channel, poll_interval=0.05, **options) as relay,
+        ):
+            await relay.wait_idle(5)
+            assert (relay._asyncpg is not None) is (path == "asyncpg")
+            assert relay.stats()["published"] == 18 and relay.stats()["failed"] == 2
+        published[path] = [(e.op, e.keys, e.version, e.value, e.ts) for e in collector.changes]
+        states[path] = [
+            (r["sent_at"] is not None, r["attempts"], r["failed_reason"])
+            for r in await _rows(pg_engine)
+            if r["channel"] == channel
+        ]
+    assert published["asyncpg"] == published["sqlalchemy"]
+    assert {ts for *_, ts in published["asyncpg"]} == {created.timestamp()}
+    assert states["asyncpg"] == states["sqlalchemy"]
+    assert [(op, keys, version, value) for op, keys, version, value, _ in published["asyncpg"]] == [
+        (Op.UPSERT, ("USD",), 1, {"ok": 1, "nested": [1.5, {"é": None}]}),
+        (Op.FLUSH, (), None, None),
+        (Op.UPSERT, ("USD",), 4, None),
+        (Op.FLUSH, (), None, None),
+        (Op.FLUSH, (), None, None),
+        (Op.UPSERT, ("USD",), 7, "a JSON string"),
+        (Op.UPSERT, ("USD",), 8, None),
+        (Op.DELETE, ("USD",), 9, None),
+        (Op.UPSERT, ("USD",), 10, [False, 0, ""]),
+    ] * 2
+    assert states["asyncpg"][1] == (
+        False,
+        1,
+        "ns '' is not a usable namespace; nothing could be published",
+    )
+    assert all(sent and attempts == 1 for sent, attempts, _ in states["asyncpg"][2:10])
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(10)
+async def test_postgres_sent_rows_are_pruned_after_the_retention(
+    pg_engine: AsyncEngine, unique: str
+) -> None:
+    await _commit(pg_engine, ("currencies", "USD", 1), ("currencies", "EUR", 1))
+    url = f"memory://{unique}"
+    async with OutboxRelay(pg_engine, url, retention=0) as relay:
+        await relay.wait_idle(5)
+        await relay.wait_idle(5)  # the round after an empty one prunes
+    assert await _rows(pg_engine) == []
+    assert relay.stats()["pruned"] == 2
 
 
 @pytest.mark.postgres
