@@ -345,6 +345,58 @@ async def test_publish_fails_with_a_transport_error_when_the_broker_goes_away(
             await transport.publish(rd.channel, b"fine again")  # the pool reconnects
 
 
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_publish_replaces_a_connection_the_server_closed_while_idle(
+    rd: Redis, scheme: str
+) -> None:
+    async with (
+        from_url(rd.url(scheme, rd.sub_name)) as transport,
+        from_url(rd.url(scheme, rd.pub_name), connect_timeout=2.0) as pub,
+        subscribed(transport, rd.channel) as sub,
+    ):
+        await pub.publish(rd.channel, b"one")
+        assert await kill_redis_clients(rd.base, rd.pub_name) == 1  # a restart, CLIENT KILL
+        await pub.publish(rd.channel, b"two")  # no error: one transparent reconnect
+        assert await sub.wait_for(2) == [b"one", b"two"]
+
+
+async def test_an_error_reply_is_a_refusal_and_the_next_publish_gets_its_own_reply(
+    rd: Redis, admin: aioredis.Redis
+) -> None:
+    async with (
+        rd.stream(rd.sub_name) as transport,
+        rd.stream(rd.pub_name) as pub,
+    ):
+        await admin.set(rd.channel, b"not a stream")
+        with pytest.raises(TransportError, match="refused.*WRONGTYPE"):
+            await pub.publish_many(rd.channel, [b"a", b"b"])
+        await admin.delete(rd.channel)
+        async with subscribed(transport, rd.channel) as sub:
+            await pub.publish(rd.channel, b"fine")
+            assert await sub.wait_for(1) == [b"fine"]
+
+
+async def test_a_publish_that_timed_out_leaves_no_reply_behind(rd: Redis) -> None:
+    async with TcpProxy("127.0.0.1", 6379) as proxy:
+        url = proxied_url(rd.url("redis+stream", rd.pub_name), proxy)
+        async with (
+            rd.stream(rd.sub_name) as transport,
+            from_url(url, connect_timeout=2.0, socket_timeout=0.2) as pub,
+            subscribed(transport, rd.channel) as sub,
+        ):
+            await pub.publish(rd.channel, b"first")
+            proxy.stall()
+            with pytest.raises(TransportError, match="publishing"):
+                await pub.publish(rd.channel, b"stalled")
+            assert pub._command_conn is None  # type: ignore[attr-defined]
+            proxy.resume()
+            # The stalled connection was dropped: this publish reads its own reply on a new
+            # one (reading the stalled command's reply instead would desynchronise them all).
+            await pub.publish(rd.channel, b"after")
+            await eventually(lambda: b"after" in sub.received)
+            assert sub.received[0] == b"first"
+
+
 async def test_close_stops_a_connect_that_is_retrying() -> None:
     transport = RedisPubSubTransport("redis://127.0.0.1:1/0", connect_timeout=10.0)
     attempt = asyncio.create_task(transport.connect())

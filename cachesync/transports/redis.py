@@ -1,19 +1,24 @@
-"""``redis://`` and ``rediss://``: Redis pub/sub through redis-py's asyncio client.
+"""``redis://`` and ``rediss://``: Redis pub/sub, on connections that redis-py opens.
 
-Publishing is ``PUBLISH`` on a small pooled redis-py client. Each subscription opens a connection
-of its own, sends ``SUBSCRIBE``, and calls ``on_ready(False)`` as soon as Redis has confirmed it:
-from that moment every message published on the channel reaches the subscription. Pub/sub keeps
-no log, so ``resumed`` is always false: whatever was published while a subscription was down is
-gone, and the consumer flushes.
+Publishing is ``PUBLISH`` on one connection the transport keeps for its commands. Each
+subscription opens a connection of its own, sends ``SUBSCRIBE``, and calls ``on_ready(False)``
+as soon as Redis has confirmed it: from that moment every message published on the channel
+reaches the subscription. Pub/sub keeps no log, so ``resumed`` is always false: whatever was
+published while a subscription was down is gone, and the consumer flushes.
+
+redis-py opens and authenticates every connection (TLS, AUTH, SELECT and CLIENT SETNAME as the
+URL says, speaking RESP2); this module then writes commands and reads replies on the socket
+itself, parsing whole buffers. redis-py's per-command path (pool checkout, retry wrapper, a
+read per RESP line) costs more than a round trip to a local Redis. A publishing connection the
+server closed while it sat idle is replaced once, transparently.
 
 The receive loop. redis-py's ``PubSub`` spends several awaits per message (one per RESP line),
 goes through a retry wrapper and builds a dict per message; worse for us, it reconnects and
-resubscribes on its own after an error, which would hide the events lost meanwhile. So redis-py
-opens and authenticates the subscription connection (TLS, AUTH, SELECT and CLIENT SETNAME as the
-URL says, speaking RESP2), and this module then reads that socket itself: it takes whatever bytes
-have arrived and cuts every complete ``message`` frame out of them in a tight loop (for one
-channel the frame prefix is a constant), so a burst of messages costs one await, not five per
-message. ``benchmarks/transport_throughput.py`` compares it with plain redis-py pub/sub.
+resubscribes on its own after an error, which would hide the events lost meanwhile. So this
+module reads the subscription's socket itself: it takes whatever bytes have arrived and cuts
+every complete ``message`` frame out of them in a tight loop (for one channel the frame prefix
+is a constant), so a burst of messages costs one await, not five per message.
+``benchmarks/transport_throughput.py`` compares it with plain redis-py pub/sub.
 
 Timeouts. Every round trip is bounded here with ``asyncio.timeout`` (``socket_timeout``,
 default ``connect_timeout``), never by redis-py's own ``socket_timeout``: with it set, redis-py
@@ -30,7 +35,7 @@ URL options (query string; keyword arguments of the same name win):
 
 ``health_check_interval=15``
     Seconds of silence before the subscription sends a PING; twice this without any reply ends
-    it. Also the idle time after which a pooled publishing connection is checked before use.
+    it.
 ``socket_timeout=<connect_timeout>``
     Longest wait for one publish (or one PING in ``connect()``, which retries within
     ``connect_timeout``).
@@ -53,7 +58,6 @@ from ..errors import ConfigError, ConnectionLost, StateError, TransportError
 from .base import OnReady, Transport
 
 try:
-    import redis.asyncio as aioredis
     import redis.exceptions as redis_errors
     from redis.asyncio.connection import AbstractConnection, Connection, parse_url
     from redis.asyncio.retry import Retry
@@ -96,13 +100,21 @@ _REFUSALS: tuple[type[BaseException], ...] = (
     redis_errors.ResponseError,
 )
 
-_PUBLISH_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, *_REFUSALS)
+# A connection the server closed or reset: worth one retry on a new one.
+_BROKEN: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    EOFError,
+    asyncio.IncompleteReadError,
+    redis_errors.ConnectionError,
+)
+
+_PUBLISH_FAILURES: tuple[type[BaseException], ...] = (*_READ_FAILURES, *_REFUSALS)
 
 # Keys of redis-py's parse_url() that configure a pool, not a connection.
 _POOL_ONLY_OPTIONS = frozenset({"connection_class", "max_connections", "timeout"})
 
 # TCP keepalive for every connection: a backstop for a peer that vanished without a FIN, mostly
-# for idle pooled publishing connections (subscriptions also PING on their own).
+# for an idle publishing connection (subscriptions also PING on their own).
 _KEEPALIVE: dict[int, int] = {
     getattr(socket, name): value
     for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
@@ -124,7 +136,7 @@ def _parse_positive_float(scheme: str, name: str, value: str) -> float:
 
 
 class RedisTransportBase(Transport):
-    """What the pub/sub and the stream transports share: URL handling, the publishing client,
+    """What the pub/sub and the stream transports share: URL handling, the publishing connection,
     ``connect()`` with retries, ``close()``, and error translation.
 
     Not a transport by itself; see :class:`RedisPubSubTransport` and
@@ -181,7 +193,10 @@ class RedisTransportBase(Transport):
         # and not on the first connection.
         self._connection_class, self._connection_kwargs = self._connection_options()
 
-        self._client: aioredis.Redis | None = None
+        # The connection that publishes (and PINGs in connect()); opened on first use, and
+        # again after a failure. One command at a time, under the lock.
+        self._command_conn: AbstractConnection | None = None
+        self._command_lock = asyncio.Lock()
         # "new" and "closed" make publish a lifecycle error (StateError); "open" after connect().
         self._state = "new"
         self._epoch = 0  # bumped by close(), so a connect() in flight knows it lost the race
@@ -225,24 +240,6 @@ class RedisTransportBase(Transport):
             raise ConfigError(f"unknown option in Redis URL {self.safe_url!r}: {exc}") from None
         return cls, options
 
-    def _make_client(self, **overrides: Any) -> aioredis.Redis:
-        options: dict[str, Any] = {
-            "socket_connect_timeout": min(self.connect_timeout, 5.0),
-            # Bounded by the callers (see "Timeouts" in the module docstring).
-            "socket_timeout": None,
-            "socket_keepalive": True,
-            "socket_keepalive_options": _KEEPALIVE,
-            "health_check_interval": self.health_check_interval,
-            # One immediate retry on a broken connection: a pooled connection the server
-            # closed while it sat idle (a restart, CLIENT KILL) is replaced transparently.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
-        }
-        options.update(overrides)
-        try:
-            return aioredis.Redis.from_url(self._redis_url, **options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad Redis URL {self.safe_url!r}: {exc}") from None
-
     def _scrub(self, text: str) -> str:
         """``text`` with the URL's password blanked out, in case an error message quoted it."""
         if self._password:
@@ -257,7 +254,7 @@ class RedisTransportBase(Transport):
     @property
     def connected(self) -> bool:
         """Whether ``connect()`` succeeded and ``close()`` has not been called since."""
-        return self._state == "open" and self._client is not None
+        return self._state == "open"
 
     async def connect(self) -> None:
         """Make sure the server answers: create the client if needed and PING it.
@@ -270,16 +267,13 @@ class RedisTransportBase(Transport):
         """
         async with self._connect_lock:
             epoch = self._epoch
-            if self._client is None:
-                self._client = self._make_client()
-            client = self._client
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.connect_timeout
             backoff = Backoff(initial=0.05, maximum=1.0)
             while True:
                 try:
                     async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
-                        await client.ping()
+                        await self._call(_PING, 1)
                 except _REFUSALS as exc:
                     raise TransportError(
                         f"Redis at {self.safe_url} refused the connection "
@@ -298,10 +292,9 @@ class RedisTransportBase(Transport):
                         raise TransportError(f"{self!r} was closed while connecting") from exc
                     continue
                 if self._epoch != epoch:
-                    # close() ran meanwhile and closed this client, but the PING may have
-                    # opened a pooled connection again: close that one too.
-                    with contextlib.suppress(*_FAILURES):
-                        await client.aclose()
+                    # close() ran meanwhile, but the PING may have opened a connection again:
+                    # close that one too.
+                    await self._drop_command_connection()
                     raise TransportError(f"{self!r} was closed while connecting")
                 self._state = "open"
                 return
@@ -317,43 +310,73 @@ class RedisTransportBase(Transport):
         for conn in list(self._subscriber_connections):
             self._closing_connections.add(conn)
             await _disconnect(conn)
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*_FAILURES):
-                await client.aclose()
+        await self._drop_command_connection()
 
-    def _stage(self, target: Any, channel: str, payload: bytes) -> Any:
-        """Issue the command that publishes ``payload`` on ``target`` (the client, or a
-        pipeline); each transport says which command that is."""
+    def _command(self, channel: str, payload: bytes) -> tuple[bytes, ...]:
+        """The command (its arguments) that publishes ``payload`` on ``channel``; each transport
+        says which."""
         raise NotImplementedError
 
     async def publish(self, channel: str, payload: bytes) -> None:
         """Publish one message; raises TransportError when Redis cannot be reached."""
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        client = self._publishing_client()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                await self._stage(client, channel, bytes(payload))
-        except _PUBLISH_FAILURES as exc:
-            raise self._publish_failed(channel, exc) from exc
+        await self._publish(channel, _pack(*self._command(channel, bytes(payload))), 1)
 
     async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
         """Publish the messages in order, in one pipelined round trip."""
-        client = self._publishing_client()
+        if payloads:
+            frames = b"".join(_pack(*self._command(channel, bytes(p))) for p in payloads)
+            await self._publish(channel, frames, len(payloads))
+
+    async def _publish(self, channel: str, frames: bytes, count: int) -> None:
+        if self._state != "open":
+            raise StateError(f"{self!r} is not connected: call connect() first")
         try:
             async with asyncio.timeout(self.socket_timeout):
-                async with client.pipeline(transaction=False) as pipe:
-                    for payload in payloads:
-                        self._stage(pipe, channel, bytes(payload))
-                    await pipe.execute()
+                await self._call(frames, count)
         except _PUBLISH_FAILURES as exc:
             raise self._publish_failed(channel, exc) from exc
 
-    def _publishing_client(self) -> aioredis.Redis:
-        if self._state != "open" or self._client is None:
-            raise StateError(f"{self!r} is not connected: call connect() first")
-        return self._client
+    async def _call(self, frames: bytes, count: int) -> list[object]:
+        """Send ``frames`` (``count`` commands) on the command connection; their replies.
+
+        The bytes go straight to the socket and the replies are parsed from whole buffers:
+        redis-py's pool checkout, retry wrapper and per-line reads cost more than the round
+        trip on a local network. An error reply raises ``ResponseError`` once all replies are
+        read. A connection the server closed while it sat idle (a restart, ``CLIENT KILL``)
+        is replaced once, transparently; any failure, a timeout or a cancellation drops it,
+        so a late reply can never be taken for the next command's.
+        """
+        async with self._command_lock:
+            for attempt in (1, 2):
+                conn = self._command_conn
+                reused = conn is not None
+                if conn is None:
+                    conn = self._connection_class(**{**self._connection_kwargs, "protocol": 2})
+                    self._command_conn = conn
+                try:
+                    if not reused:
+                        await open_connection(conn)
+                    reader, writer = _streams(conn)
+                    writer.write(frames)
+                    replies = await _read_replies(reader, count)
+                except BaseException as exc:
+                    await self._drop_command_connection()
+                    if reused and attempt == 1 and isinstance(exc, _BROKEN):
+                        log.debug("Redis closed the idle connection; reconnecting")
+                        continue
+                    raise
+                break
+        for reply in replies:
+            if isinstance(reply, _RespError):
+                raise redis_errors.ResponseError(str(reply))
+        return replies
+
+    async def _drop_command_connection(self) -> None:
+        conn, self._command_conn = self._command_conn, None
+        if conn is not None:
+            await _disconnect(conn)
 
     def _publish_failed(self, channel: str, exc: BaseException) -> TransportError:
         if isinstance(exc, _REFUSALS):
@@ -368,7 +391,7 @@ class RedisTransportBase(Transport):
     # -- subscriber connections ----------------------------------------------------------------
 
     def _new_connection(self, **overrides: Any) -> AbstractConnection:
-        """A connection outside the pool, for one subscription; registered so close() ends it."""
+        """A connection of its own for one subscription; registered so close() ends it."""
         if self._state != "open":
             raise ConnectionLost(f"{self!r} is not connected: call connect() first")
         conn = self._connection_class(**{**self._connection_kwargs, **overrides})
@@ -471,6 +494,34 @@ def _parse_frame(buf: bytes, pos: int) -> tuple[object, int]:
     raise ValueError(f"not a RESP2 frame: {buf[pos - len(head) - 3 : pos][:40]!r}")
 
 
+async def _read_replies(reader: asyncio.StreamReader, count: int) -> list[object]:
+    """The next ``count`` RESP2 replies, read straight off the socket.
+
+    redis-py's parser costs several awaits and line reads per reply (per entry of an ``XREAD``
+    reply); this one parses whole buffers, as the subscription loop does. Only replies to
+    commands this module sent are pending on the connection, so the bytes read are exactly
+    theirs.
+    """
+    buffer = b""
+    replies: list[object] = []
+    while True:
+        chunk = await reader.read(_READ_SIZE)
+        if not chunk:
+            raise ConnectionError("Redis closed the connection")
+        buffer += chunk
+        pos = 0
+        replies.clear()
+        try:
+            while len(replies) < count:
+                reply, pos = _parse_frame(buffer, pos)
+                replies.append(reply)
+        except _Incomplete:
+            continue
+        if pos != len(buffer):
+            raise ValueError("unexpected bytes after the replies on a Redis connection")
+        return replies
+
+
 def _pack(*args: bytes) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -489,8 +540,8 @@ class RedisPubSubTransport(RedisTransportBase):
     See the module docstring for URL options.
     """
 
-    def _stage(self, target: Any, channel: str, payload: bytes) -> Any:
-        return target.publish(channel, payload)  # PUBLISH
+    def _command(self, channel: str, payload: bytes) -> tuple[bytes, ...]:
+        return (b"PUBLISH", channel.encode(), payload)
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None
