@@ -235,6 +235,12 @@ def notify_channel(schema: str) -> str:
     return f"cachesync_outbox_{digest}"
 
 
+def _lock_key(schema: str, channel: str) -> int:
+    """The advisory lock key (a signed 64-bit int) that elects one relay per table and channel."""
+    digest = hashlib.sha1(f"cachesync-outbox:{schema}.{TABLE_NAME}:{channel}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -281,6 +287,13 @@ class OutboxRelay:
     namespace) with the reason in ``failed_reason``; a row with no usable namespace is marked
     failed and left unsent. Sent rows older than ``retention`` seconds are deleted (``None``
     keeps them).
+
+    One relay per owner instance is the usual deployment. On PostgreSQL (asyncpg) they elect
+    one: the relay that holds a session advisory lock for the table and channel publishes, the
+    others stand by (``stats()["leading"]`` is False) and try to take over at every wake-up, so
+    when the leader stops or its connection dies the next commit (or poll) hands the channel
+    to another. Rows are never published twice by two live relays. Other databases have no
+    election: run one relay per channel there.
     """
 
     def __init__(
@@ -358,6 +371,11 @@ class OutboxRelay:
         self._pg_select = self._pg_mark_sent = ""
         self._listen_channel = ""
         self._listen_failed = False
+        # Leader election (PostgreSQL + asyncpg): the advisory lock's key, and whether this
+        # relay holds it on its connection. Elsewhere every relay leads.
+        self._lock_key = 0
+        self._leading = False
+        self._standby_logged = False
         self._next_prune = 0.0
         self._progress = asyncio.Condition()
         self._rounds_started = 0
@@ -374,6 +392,7 @@ class OutboxRelay:
             "broker_up": False,
             "db_up": False,
             "listening": False,
+            "leading": None,
             "last_error": None,
             "last_published_id": None,
             "lag_seconds": None,
@@ -511,6 +530,8 @@ class OutboxRelay:
         self._rounds_started += 1
         round_no = self._rounds_started
         self._stats["rounds"] += 1
+        if not await self._lead():
+            return False  # standing by; not an empty round, so wait_idle() keeps waiting
         rows = await self._pending()
         self._db_up()
         if not rows:
@@ -545,6 +566,26 @@ class OutboxRelay:
             self._stats["lag_seconds"] = max(0.0, time.time() - (last.ts or time.time()))
         await self._mark(sent, notes, failed, failed_attempt=None)
         return len(rows) == self.batch_size
+
+    async def _lead(self) -> bool:
+        """Whether this relay publishes now; on PostgreSQL, take the lead if it is free."""
+        await self._connection()
+        if not self._leading and self._asyncpg is not None:
+            took = await self._asyncpg.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key)
+            if took:
+                self._leading = True
+                self._standby_logged = False
+                log.info("outbox relay leads its channel", extra={"channel": self.channel})
+            elif not self._standby_logged:
+                self._standby_logged = True
+                log.info(
+                    "outbox relay stands by: another relay publishes this channel",
+                    extra={"channel": self.channel},
+                )
+        elif self._asyncpg is None:
+            self._leading = True
+        self._stats["leading"] = self._leading
+        return self._leading
 
     async def _pending(self) -> Sequence[Mapping[Any, Any]]:
         """The lowest unsent rows of the channel (id, ns, op, keys, version, value, created_at)."""
@@ -676,7 +717,7 @@ class OutboxRelay:
         return _TABLE.c.id.in_(ids)
 
     async def _maybe_prune(self) -> None:
-        if self.retention is None:
+        if self.retention is None or not self._leading:
             return
         now = time.monotonic()
         if now < self._next_prune:
@@ -746,10 +787,12 @@ class OutboxRelay:
         )
         driver: Any = (await conn.get_raw_connection()).driver_connection
         self._asyncpg = driver
+        schema = await _effective_schema(conn)
+        await conn.rollback()
+        self._lock_key = _lock_key(schema, self.channel)
         if not self._listen:
             return
-        channel = notify_channel(await _effective_schema(conn))
-        await conn.rollback()
+        channel = notify_channel(schema)
         await driver.add_listener(channel, self._on_notify)
         driver.add_termination_listener(self._on_listen_lost)
         self._listen_channel = channel
@@ -769,6 +812,8 @@ class OutboxRelay:
         conn, driver = self._conn, self._asyncpg
         self._conn = self._asyncpg = None
         self._stats["listening"] = False
+        # Closing the connection releases the advisory lock: another relay may take over.
+        self._leading = False
         if conn is None:
             return
         if driver is not None and self._listen_channel:

@@ -513,6 +513,45 @@ async def test_postgres_sent_rows_are_pruned_after_the_retention(
 
 @pytest.mark.postgres
 @pytest.mark.timeout(20)
+async def test_relays_of_several_owner_instances_elect_one_and_fail_over(
+    pg_engine: AsyncEngine, unique: str
+) -> None:
+    url = f"memory://{unique}"
+    async with Collector(url) as collector:
+        first = OutboxRelay(pg_engine, url, poll_interval=0.05)
+        second = OutboxRelay(pg_engine, url, poll_interval=0.05)
+        try:
+            await first.start()
+            await eventually(lambda: first.stats()["leading"] is True)
+            await second.start()
+            await eventually(lambda: second.stats()["leading"] is False)
+            for version in range(1, 21):
+                await _commit(pg_engine, ("currencies", f"K{version}", version))
+            await first.wait_idle(5)
+            changes = await collector.wait_changes(20)
+            # Published once each, all by the leader; the other relay stood by.
+            assert [e.version for e in changes] == list(range(1, 21))
+            assert {e.source for e in changes} == {first.publisher.source}
+            assert second.stats()["published"] == 0
+            await first.stop()  # its connection closes: the lock is free
+            await _commit(pg_engine, ("currencies", "AFTER", 21))
+            await collector.wait_changes(21)
+            assert second.stats()["leading"] is True
+            assert len(collector.changes) == 21
+            assert collector.changes[-1].source == second.publisher.source
+        finally:
+            await first.stop()
+            await second.stop()
+
+
+async def test_without_postgres_every_relay_leads(sqlite_engine: AsyncEngine, unique: str) -> None:
+    async with OutboxRelay(sqlite_engine, f"memory://{unique}", poll_interval=0.05) as relay:
+        await relay.wait_idle(5)
+        assert relay.stats()["leading"] is True
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(20)
 async def test_database_down_relay_retries_says_so_and_skips_nothing(
     postgres_dsn: str, pg_schema: str, pg_engine: AsyncEngine, unique: str
 ) -> None:
