@@ -284,8 +284,9 @@ MICRO_NOTES = """\
 Hit benchmarks run on a started client (`async with sync:` on memory://, so the cache is
 trusted). Each ratio is ours / baseline from interleaved repeats in this one run, best of each
 side. The invalidation rate publishes N encoded upserts (each names a key the namespace holds,
-with a newer version) on the memory:// bus and waits until the listener has applied them all;
-`handle_message` alone feeds the same kind of payloads to the client directly. Bytes per entry:
+with a newer version) on the memory:// bus and waits until the listener has applied them all,
+best of three rounds (the time includes publishing them); `handle_message` alone feeds the
+same kind of payloads to the client directly. Bytes per entry:
 tracemalloc's retained memory after filling each cache through its decorator with the same
 pre-built keys and values, divided by the number of entries."""
 
