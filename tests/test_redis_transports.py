@@ -397,6 +397,28 @@ async def test_a_publish_that_timed_out_leaves_no_reply_behind(rd: Redis) -> Non
             assert sub.received[0] == b"first"
 
 
+async def test_close_during_a_publish_ends_it_without_opening_a_new_connection(
+    rd: Redis,
+) -> None:
+    async with TcpProxy("127.0.0.1", 6379) as proxy:
+        url = proxied_url(rd.url("redis", rd.pub_name), proxy)
+        pub = from_url(url, connect_timeout=2.0, socket_timeout=5.0)
+        await pub.connect()
+        try:
+            await pub.publish(rd.channel, b"first")
+            proxy.stall()
+            publishing = asyncio.create_task(pub.publish(rd.channel, b"in flight"))
+            await eventually(lambda: pub._command_lock.locked())  # type: ignore[attr-defined]
+            await pub.close()
+            proxy.resume()  # a reconnect now would succeed, and publish on a closed transport
+            with pytest.raises(TransportError):
+                await publishing
+            assert pub._command_conn is None  # type: ignore[attr-defined]
+        finally:
+            proxy.resume()
+            await pub.close()
+
+
 async def test_close_stops_a_connect_that_is_retrying() -> None:
     transport = RedisPubSubTransport("redis://127.0.0.1:1/0", connect_timeout=10.0)
     attempt = asyncio.create_task(transport.connect())

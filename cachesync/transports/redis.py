@@ -349,6 +349,7 @@ class RedisTransportBase(Transport):
         so a late reply can never be taken for the next command's.
         """
         async with self._command_lock:
+            epoch = self._epoch
             for attempt in (1, 2):
                 conn = self._command_conn
                 reused = conn is not None
@@ -363,7 +364,8 @@ class RedisTransportBase(Transport):
                     replies = await _read_replies(reader, count)
                 except BaseException as exc:
                     await self._drop_command_connection()
-                    if reused and attempt == 1 and isinstance(exc, _BROKEN):
+                    closed = self._epoch != epoch  # close() ended it: no new connection
+                    if reused and attempt == 1 and isinstance(exc, _BROKEN) and not closed:
                         log.debug("Redis closed the idle connection; reconnecting")
                         continue
                     raise
