@@ -26,8 +26,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, fields
-from types import TracebackType
-from typing import Any, Literal, ParamSpec, Self, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from .backoff import Backoff
 from .cache import LocalCache
@@ -43,6 +42,7 @@ from .decorator import (
 )
 from .errors import EventDecodeError, StateError, TransportError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
 from .signing import Signer
@@ -160,7 +160,7 @@ class _Namespace:
     from_event: Callable[[Any], Any] | None
 
 
-class CacheSync:
+class CacheSync(Service):
     """Keeps the local caches of this instance coherent with the owner's change events.
 
     ``url`` picks the transport (``memory://``, ``redis://``, ``redis+stream://``,
@@ -341,7 +341,6 @@ class CacheSync:
             return
         self._state = ClientState.CLOSED
         self._set_down()
-        self._hit_clock.close()
         tasks = [t for t in (self._listener, self._watchdog) if t is not None] + list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -379,18 +378,6 @@ class CacheSync:
             f"cachesync could not subscribe to {redact_url(self.url)} within {timeout}s; "
             "is the broker running?"
         )
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -31,11 +31,11 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from .cache import TOMBSTONE, LocalCache
 from .errors import StateError
+from .lifecycle import Service
 from .logutil import RateLimitedLogger
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class _Suspect:
     due: float
 
 
-class ConsistencyMonitor:
+class ConsistencyMonitor(Service):
     """Samples cached entries of namespace ``ns`` of ``sync`` and reports how many were stale
     for longer than ``bound`` seconds. See the module docstring for what is counted.
 
@@ -210,18 +210,6 @@ class ConsistencyMonitor:
             await task
         self._pending.clear()
         self.stats.pending = 0
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- one step at a time ----------------------------------------------------------------
 

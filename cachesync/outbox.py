@@ -39,8 +39,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 from sqlalchemy import (
@@ -69,6 +68,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .backoff import Backoff
 from .errors import StateError, TransportError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .lifecycle import Service
 from .publisher import Change, Publisher
 from .transports.base import from_url, redact_url
 
@@ -271,7 +271,7 @@ class _BadRow(Exception):
     """A row that cannot be published as written; ``reason`` says why."""
 
 
-class OutboxRelay:
+class OutboxRelay(Service):
     """Publishes committed outbox rows of one channel, in id order, at least once.
 
     ``url_or_publisher`` is a broker URL (the relay then owns a :class:`Publisher`, with
@@ -375,7 +375,6 @@ class OutboxRelay:
         # relay holds it on its connection. Elsewhere every relay leads.
         self._lock_key = 0
         self._leading = False
-        self._standby_logged = False
         self._next_prune = 0.0
         self._progress = asyncio.Condition()
         self._rounds_started = 0
@@ -430,18 +429,6 @@ class OutboxRelay:
         await self._drop_connection()
         if self._owns_publisher:
             await self.publisher.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -570,20 +557,20 @@ class OutboxRelay:
     async def _lead(self) -> bool:
         """Whether this relay publishes now; on PostgreSQL, take the lead if it is free."""
         await self._connection()
-        if not self._leading and self._asyncpg is not None:
-            took = await self._asyncpg.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key)
-            if took:
-                self._leading = True
-                self._standby_logged = False
+        if self._asyncpg is None:
+            self._leading = True
+        elif not self._leading:
+            was_standing_by = self._stats["leading"] is False
+            self._leading = bool(
+                await self._asyncpg.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key)
+            )
+            if self._leading:
                 log.info("outbox relay leads its channel", extra={"channel": self.channel})
-            elif not self._standby_logged:
-                self._standby_logged = True
+            elif not was_standing_by:
                 log.info(
                     "outbox relay stands by: another relay publishes this channel",
                     extra={"channel": self.channel},
                 )
-        elif self._asyncpg is None:
-            self._leading = True
         self._stats["leading"] = self._leading
         return self._leading
 

@@ -8,12 +8,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
 from .events import ChangeEvent, Op
+from .lifecycle import Service
 from .signing import Signer
 from .transports.base import Transport, from_url, redact_url
 
@@ -47,7 +47,7 @@ class PublisherState(dict[str, Any]):
     """What ``GET /cachesync/state`` reports: source, channel, last seq, heartbeat interval."""
 
 
-class Publisher:
+class Publisher(Service):
     """Publishes :class:`ChangeEvent` s for one channel from inside the owner service.
 
     Every start draws a new ``source`` id and restarts ``seq`` at 0; each event takes the next
@@ -120,18 +120,6 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._transport.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- the API ---------------------------------------------------------------------------
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -63,6 +62,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
 from .base import OnReady, Transport
+from .inbox import Inbox
 
 try:
     import aio_pika
@@ -125,17 +125,13 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"amqp:// option {name}={value!r} must be 0 or 1")
 
 
-class _Subscription:
-    """The receiving end of one subscribe() call: a buffer the consumer callback fills."""
+class _Subscription(Inbox):
+    """The receiving end of one subscribe() call: an inbox the consumer callback fills."""
 
-    __slots__ = ("buffer", "wakeup", "lost", "reason", "max_backlog", "connection")
+    __slots__ = ("connection",)
 
     def __init__(self, max_backlog: int, connection: AbstractConnection) -> None:
-        self.buffer: deque[bytes] = deque()
-        self.wakeup = asyncio.Event()
-        self.lost = False
-        self.reason = ""
-        self.max_backlog = max_backlog
+        super().__init__(max_backlog)
         self.connection = connection
 
     async def on_delivery(self, message: DeliveredMessage) -> None:
@@ -143,23 +139,7 @@ class _Subscription:
         # so payloads enter the buffer in the order the broker sent them. Consuming through
         # aiormq's basic_consume rather than aio-pika's Queue.consume skips an IncomingMessage
         # and a second task per message: about 1.5x the consumer rate (benchmarks/).
-        if self.lost:
-            return
-        if len(self.buffer) >= self.max_backlog:
-            self.cut(f"subscriber fell more than {self.max_backlog} messages behind")
-            return
-        self.buffer.append(message.body)
-        self.wakeup.set()
-
-    def cut(self, reason: str) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        self.reason = reason
-        # Events still buffered were received, but the caller is about to flush anyway; dropping
-        # them keeps "everything after the cut is unknown" simple and frees the memory now.
-        self.buffer.clear()
-        self.wakeup.set()
+        self.deliver(message.body)
 
 
 class AmqpTransport(Transport):
@@ -481,18 +461,16 @@ class AmqpTransport(Transport):
                     sub.cut("the broker cancelled the consumer (queue deleted?)")
 
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            what = f"subscription to {channel!r} on {self!r}"
             if sub.lost:
-                raise ConnectionLost(f"subscription to {channel!r} on {self!r}: {sub.reason}")
+                raise ConnectionLost(f"{what}: {sub.reason}")
             if on_ready is not None:
                 on_ready(False)
             buffer = sub.buffer
             while True:
                 while buffer:
                     yield buffer.popleft()
-                if sub.lost:
-                    raise ConnectionLost(f"subscription to {channel!r} on {self!r}: {sub.reason}")
-                sub.wakeup.clear()
-                await sub.wakeup.wait()
+                await sub.refill(what)
         finally:
             self._subscriptions.discard(sub)
             sub.cut("the subscription ended")

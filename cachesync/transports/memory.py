@@ -9,43 +9,25 @@ messages behind is disconnected (``ConnectionLost``), as Redis does with a slow 
 
 from __future__ import annotations
 
-import asyncio
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConnectionLost, StateError
 from .base import OnReady, Transport
+from .inbox import Inbox
 
 __all__ = ["MemoryBus", "MemoryTransport"]
 
 DEFAULT_MAX_BACKLOG = 1_000_000
 
 
-class _Subscription:
-    __slots__ = ("channel", "buffer", "wakeup", "lost", "max_backlog")
+class _Subscription(Inbox):
+    __slots__ = ("channel",)
 
     def __init__(self, channel: str, max_backlog: int) -> None:
+        super().__init__(max_backlog)
         self.channel = channel
-        self.buffer: deque[bytes] = deque()
-        self.wakeup = asyncio.Event()
-        self.lost = False
-        self.max_backlog = max_backlog
-
-    def deliver(self, payload: bytes) -> None:
-        if self.lost:
-            return
-        if len(self.buffer) >= self.max_backlog:
-            self.cut()
-            return
-        self.buffer.append(payload)
-        self.wakeup.set()
-
-    def cut(self) -> None:
-        self.lost = True
-        self.buffer.clear()
-        self.wakeup.set()
 
 
 class MemoryBus:
@@ -74,7 +56,7 @@ class MemoryBus:
         """Cut every subscription, as a broker restart would: events in flight are lost."""
         for subs in self._subscriptions.values():
             for sub in subs:
-                sub.cut()
+                sub.cut("the bus was cut")
 
     def _add(self, sub: _Subscription) -> None:
         self._subscriptions.setdefault(sub.channel, set()).add(sub)
@@ -132,7 +114,7 @@ class MemoryTransport(Transport):
     async def close(self) -> None:
         self._connected = False
         for sub in list(self._subscriptions):
-            sub.cut()
+            sub.cut("the transport was closed")
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if not self._connected:
@@ -151,13 +133,11 @@ class MemoryTransport(Transport):
             if on_ready is not None:
                 on_ready(False)
             buffer = sub.buffer
+            what = f"subscription to {channel!r} on {self!r}"
             while True:
                 while buffer:
                     yield buffer.popleft()
-                if sub.lost:
-                    raise ConnectionLost(f"subscription to {channel!r} on {self!r} was cut")
-                sub.wakeup.clear()
-                await sub.wakeup.wait()
+                await sub.refill(what)
         finally:
             self.bus._remove(sub)
             self._subscriptions.discard(sub)
