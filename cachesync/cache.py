@@ -1,23 +1,29 @@
-"""LocalCache: one namespace's entries, with TTLs, versions, fill reservations and trust.
+"""LocalCache: one cached function's entries, with TTLs, versions, fill reservations and trust.
 
 The cache knows nothing of transports or events. The client tells it what happened
 (``invalidate``, ``apply_value``, ``clear``, ``suspect_all``, ``distrust``/``trust``) and the
-decorator reads it and fills it through reservations (:class:`Flight`):
+wrappers read it and fill it through reservations (:class:`Flight`):
 
+- **Entries are immutable.** An event replaces an entry, never changes it, so a reader that
+  holds an entry sees one consistent value (never the internal ``TOMBSTONE``).
+- **Generations make flushes O(1).** Every entry belongs to the generation that was current
+  when it was stored; readers serve an entry only if its generation is the one ``serving``.
+  A flush or a possible loss (:meth:`suspect_all`, :meth:`clear`) starts a new generation,
+  and :meth:`distrust` sets ``serving`` to none at all: one assignment, atomic for readers in
+  any thread, whatever the number of entries. Nothing walks the entries.
 - **Reservations** guard against a fetch that raced an invalidation (guarantee 2). A fill
   starts with :meth:`begin_fill`; every invalidation of that key, every flush and every change of
   trust *voids* the flights in progress, and :meth:`finish_fill` stores nothing for a void
   flight. A void flight is also detached from the key, so a read that starts after the
   invalidation makes a new fetch instead of joining the old one (guarantee 1).
 - **Versions** keep an older event or fetch from replacing a newer value (guarantee 4). An
-  invalidation that names a version leaves a *tombstone* that remembers it.
+  invalidation replaces a versioned entry with a *tombstone* that remembers the version.
 - **Trust**: while the listener is down the client calls :meth:`distrust`; reads then miss,
-  fills are not stored, and single-flight still holds (guarantee 5). Distrust hides every
-  entry's expiry (the read path needs no flag of its own); :meth:`trust` restores the expiries
-  of the entries no event touched meanwhile, unless :meth:`suspect_all` ran.
+  fills are not stored, and single-flight still holds (guarantee 5). :meth:`trust` serves the
+  current generation again: the entries no possible loss has touched meanwhile.
 
 Mutations take a lock, so a plain function may be called from any thread; the read of a fresh
-entry takes none.
+entry takes none (a dict lookup and two comparisons).
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ from typing import Any, Final
 
 from .clock import ExactClock, HitClock
 
-__all__ = ["BulkFill", "Entry", "Flight", "LocalCache", "NamespaceStats", "TOMBSTONE"]
+__all__ = [
+    "BulkFill",
+    "Entry",
+    "Flight",
+    "Generation",
+    "LocalCache",
+    "NamespaceStats",
+    "TOMBSTONE",
+    "check_settings",
+]
 
 
 class _Tombstone:
@@ -48,11 +63,22 @@ TOMBSTONE: Final = _Tombstone()
 _NEVER = float("-inf")
 
 
-class Entry:
-    """One cached value: fresh until ``expires``; servable while revalidating until
-    ``stale_until``; servable when the owner fails until ``error_until`` (monotonic seconds)."""
+class Generation:
+    """The identity of one generation of entries (see the module docstring)."""
 
-    __slots__ = ("value", "expires", "stale_until", "error_until", "version")
+    __slots__ = ()
+
+
+NOBODY: Final = Generation()
+"""What ``serving`` is while the cache is distrusted: no entry belongs to it."""
+
+
+class Entry:
+    """One cached value, immutable once stored: fresh until ``expires``; servable while
+    revalidating until ``stale_until``; servable when the owner fails until ``error_until``
+    (monotonic seconds); served at all only while its ``gen`` is the cache's ``serving``."""
+
+    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen")
 
     def __init__(
         self,
@@ -61,12 +87,14 @@ class Entry:
         stale_until: float,
         error_until: float,
         version: int | None,
+        gen: Generation,
     ) -> None:
         self.value = value
         self.expires = expires
         self.stale_until = stale_until
         self.error_until = error_until
         self.version = version
+        self.gen = gen
 
     def __repr__(self) -> str:
         return f"Entry({self.value!r}, expires={self.expires}, version={self.version})"
@@ -106,7 +134,7 @@ class BulkFill:
 
     def close(self) -> None:
         """End the reservation."""
-        self.cache._bulks.discard(self)
+        self.cache._end_bulk(self)
 
 
 @dataclass(slots=True)
@@ -133,15 +161,15 @@ class NamespaceStats:
 
 
 class LocalCache:
-    """The entries of one namespace. See the module docstring for the rules it keeps.
+    """The entries of one cached function. See the module docstring for the rules it keeps.
 
     ``ttl`` is the safety net; each stored entry gets ``ttl`` times a random factor in
     ``[1 - jitter, 1 + jitter]`` so entries filled together do not expire together.
     ``negative_ttl`` (None: do not cache) applies to results of ``None`` ("absent").
-    ``maxsize`` bounds the number of entries (tombstones included), evicting the least
-    recently used. ``clock`` is the monotonic clock, injectable for tests; ``hit_clock`` is what
-    the async hit path compares expiries with (see :mod:`cachesync.clock`; by default it reads
-    ``clock`` at every hit).
+    ``maxsize`` bounds the number of entries (tombstones and entries of old generations
+    included), evicting the least recently used. ``clock`` is the monotonic clock, injectable
+    for tests; ``hit_clock`` is what the async hit path compares expiries with (see
+    :mod:`cachesync.clock`; by default it reads ``clock`` at every hit).
     """
 
     def __init__(
@@ -158,15 +186,14 @@ class LocalCache:
         hit_clock: HitClock | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        _check_positive("ttl", ttl)
-        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
-            raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
-        if negative_ttl is not None:
-            _check_positive("negative_ttl", negative_ttl)
-        if not isinstance(jitter, int | float) or not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
-        _check_non_negative("stale_while_revalidate", stale_while_revalidate)
-        _check_non_negative("stale_if_error", stale_if_error)
+        check_settings(
+            ttl=ttl,
+            maxsize=maxsize,
+            negative_ttl=negative_ttl,
+            jitter=jitter,
+            stale_while_revalidate=stale_while_revalidate,
+            stale_if_error=stale_if_error,
+        )
         self.name = name
         self.ttl = float(ttl)
         self.maxsize = maxsize
@@ -177,55 +204,73 @@ class LocalCache:
         self.clock = clock
         self.hit_clock: HitClock = hit_clock if hit_clock is not None else ExactClock(clock)
         self.stats = NamespaceStats()
-        self.trusted = False
         self.lock = threading.RLock()
-        # The decorator's hot path reads these two directly; they are never rebound.
+        # The wrappers' hot path reads these directly; they are never rebound.
         self.data: OrderedDict[str, Entry] = OrderedDict()
         self.flights: dict[str, Flight] = {}
         self.thread_flights: dict[str, Flight] = {}
         self._bulks: set[BulkFill] = set()
-        # While distrusted: the real expiry of each hidden entry, to restore on trust().
-        self._parked: dict[str, tuple[Entry, float]] | None = {}
+        self.gen = Generation()
+        self.serving: Generation = NOBODY
+        self._serving_watchers: list[Callable[[Generation], None]] = []
         # Hits are counted in each wrapper's closure (the cheapest counter there is); these
         # report them.
         self.hit_counters: list[Callable[[], int]] = []
         self._random = (rng or random.Random()).random
 
+    @property
+    def trusted(self) -> bool:
+        """Whether entries are served and fills stored (the listener is live)."""
+        return self.serving is self.gen
+
+    def watch_serving(self, watcher: Callable[[Generation], None]) -> None:
+        """Call ``watcher(generation)`` now and whenever the generation served changes (the
+        wrappers keep it in a local variable: the hit path reads no attribute for it)."""
+        with self.lock:
+            self._serving_watchers.append(watcher)
+            watcher(self.serving)
+
     def hits(self) -> int:
-        """Reads served as fresh from this namespace."""
+        """Reads served as fresh from this cache."""
         return sum(counter() for counter in self.hit_counters)
 
     def snapshot(self) -> dict[str, int]:
-        """Every counter of this namespace, hits included, and its size."""
+        """Every counter of this cache, hits included, and its size."""
         counters = {"hits": self.hits(), **self.stats.snapshot(), "size": len(self.data)}
         return counters
+
+    def keys(self) -> list[str]:
+        """The keys held now (a copy taken in one step, safe while other threads read)."""
+        return list(self.data)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __contains__(self, key: object) -> bool:
+        """Whether ``key`` holds a value that may be served (fresh or not)."""
         entry = self.data.get(key)  # type: ignore[call-overload]
-        return entry is not None and entry.value is not TOMBSTONE
+        return entry is not None and entry.value is not TOMBSTONE and entry.gen is self.gen
 
     # -- reads -----------------------------------------------------------------------------
 
     def get_fresh(self, key: str) -> Entry | None:
         """The entry for ``key`` if it may be served as fresh now, else None."""
         entry = self.data.get(key)
-        if entry is not None and entry.expires > self.clock():
+        if entry is not None and entry.gen is self.serving and entry.expires > self.clock():
             return entry
         return None
 
     def get_stale(self, key: str, *, for_error: bool) -> Entry | None:
         """An expired entry still servable: within ``stale_while_revalidate`` of its expiry
-        (``for_error=False``, only while trusted) or ``stale_if_error`` (``for_error=True``)."""
+        (``for_error=False``, only while trusted and of the generation served) or
+        ``stale_if_error`` (``for_error=True``)."""
         entry = self.data.get(key)
         if entry is None or entry.value is TOMBSTONE:
             return None
         now = self.clock()
         if for_error:
             return entry if now < entry.error_until else None
-        return entry if self.trusted and now < entry.stale_until else None
+        return entry if entry.gen is self.serving and now < entry.stale_until else None
 
     def version_of(self, key: str) -> int | None:
         """The last version known for ``key`` (from a value or a tombstone)."""
@@ -296,11 +341,16 @@ class LocalCache:
                 return False  # a fetch that began later is on its way; let it win
             return self.prime(key, value, version)
 
+    def _end_bulk(self, bulk: BulkFill) -> None:
+        with self.lock:
+            self._bulks.discard(bulk)
+
     # -- what events do --------------------------------------------------------------------
 
     def invalidate(self, key: str, version: int | None = None) -> bool:
         """Drop ``key`` and void its fills. With ``version``, remember it in a tombstone, and
-        do nothing to an entry that already holds that version or a newer one.
+        do nothing to an entry that already holds that version or a newer one; without, a
+        version the entry knew is remembered all the same.
         Returns whether an entry was dropped."""
         with self.lock:
             self._void_key(key)
@@ -310,12 +360,11 @@ class LocalCache:
             if version is not None and entry.version is not None and entry.version >= version:
                 self.stats.ignored_older += 1
                 return False
-            if version is None:
+            known = version if version is not None else entry.version
+            if known is None:
                 del self.data[key]
-            else:
-                entry.value = TOMBSTONE
-                entry.expires = entry.stale_until = entry.error_until = _NEVER
-                entry.version = version
+            elif entry.value is not TOMBSTONE or entry.version != known:
+                self.data[key] = Entry(TOMBSTONE, _NEVER, _NEVER, _NEVER, known, entry.gen)
             self.stats.invalidations += 1
             return True
 
@@ -334,58 +383,48 @@ class LocalCache:
                 self.stats.ignored_older += 1
                 return False
             self._void_key(key)
+            if version is None:
+                version = entry.version  # an unversioned event does not forget the version
             self._store(key, value, self.ttl, version)
             self.stats.refreshes += 1
             return True
 
     def clear(self) -> None:
-        """Drop every entry and void every fill (a flush event, ``cache_clear()``)."""
-        with self.lock:
-            self.data.clear()
-            if self._parked is not None:
-                self._parked.clear()
-            self._void_all()
-            self.stats.flushes += 1
+        """Nothing stored so far is served any more, and every fill is voided (a flush event,
+        ``cache_clear()``). O(1): entries of the old generation stay until evicted, keeping
+        their versions (an older fetch still cannot replace them) and their values for
+        ``stale_if_error`` only."""
+        self.suspect_all()
 
     def suspect_all(self) -> None:
         """Events may have been lost: nothing may be served as fresh any more, but values
-        stay available to ``stale_if_error`` and versions stay known. Voids every fill."""
+        stay available to ``stale_if_error`` and versions stay known. Voids every fill. O(1)."""
         with self.lock:
-            # _NEVER rather than now: the hit path's clock may lag the real one a little.
-            for entry in self.data.values():
-                entry.expires = entry.stale_until = _NEVER
-            if self._parked is not None:
-                self._parked.clear()  # hidden entries stay expired when trust returns
+            trusted = self.trusted
+            self.gen = Generation()
+            if trusted:
+                self._serve(self.gen)
             self._void_all()
             self.stats.flushes += 1
 
     def distrust(self) -> None:
-        """The listener is down: stop serving from the cache and storing fills."""
+        """The listener is down: stop serving from the cache and storing fills. O(1)."""
         with self.lock:
-            if self.trusted:
-                self._parked = {}
-                for key, entry in self.data.items():
-                    self._hide(key, entry)
-            self.trusted = False
+            self._serve(NOBODY)
             self._void_all()
 
     def trust(self) -> None:
-        """The listener is live again: serve and store as usual."""
+        """The listener is live again: serve the current generation and store fills."""
         with self.lock:
             self._void_all()
-            parked, self._parked = self._parked, None
-            for key, (entry, expires) in (parked or {}).items():
-                if self.data.get(key) is entry and entry.value is not TOMBSTONE:
-                    entry.expires = expires
-            self.trusted = True
-
-    def _hide(self, key: str, entry: Entry) -> None:
-        assert self._parked is not None
-        if entry.expires > _NEVER:
-            self._parked[key] = (entry, entry.expires)
-            entry.expires = _NEVER
+            self._serve(self.gen)
 
     # -- internals (lock held) -------------------------------------------------------------
+
+    def _serve(self, gen: Generation) -> None:
+        self.serving = gen
+        for watcher in self._serving_watchers:
+            watcher(gen)
 
     def _store(self, key: str, value: Any, ttl: float, version: int | None) -> None:
         now = self.clock()
@@ -393,15 +432,14 @@ class LocalCache:
             ttl *= 1.0 + self.jitter * (2.0 * self._random() - 1.0)
         expires = now + ttl
         data = self.data
-        entry = data[key] = Entry(
+        data[key] = Entry(
             value,
             expires,
             expires + self.stale_while_revalidate,
             expires + self.stale_if_error,
             version,
+            self.gen,
         )
-        if not self.trusted:  # a refresh event replayed while the listener catches up
-            self._hide(key, entry)
         data.move_to_end(key)
         while len(data) > self.maxsize:
             data.popitem(last=False)
@@ -430,7 +468,7 @@ class LocalCache:
         for bulk in self._bulks:
             bulk.void = True
         for flights in (self.flights, self.thread_flights):
-            for flight in flights.values():
+            for flight in list(flights.values()):
                 flight.void = True
             flights.clear()
 
@@ -442,6 +480,27 @@ def _is_older(version: int | None, known: Entry | None) -> bool:
         and known.version is not None
         and version < known.version
     )
+
+
+def check_settings(
+    *,
+    ttl: object,
+    maxsize: object,
+    negative_ttl: object,
+    jitter: object,
+    stale_while_revalidate: object,
+    stale_if_error: object,
+) -> None:
+    """Raise ValueError naming the first setting of a cache that is out of range."""
+    _check_positive("ttl", ttl)
+    if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
+        raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
+    if negative_ttl is not None:
+        _check_positive("negative_ttl", negative_ttl)
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+    _check_non_negative("stale_while_revalidate", stale_while_revalidate)
+    _check_non_negative("stale_if_error", stale_if_error)
 
 
 def _check_positive(name: str, value: object) -> None:

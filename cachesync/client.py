@@ -20,26 +20,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
-import inspect
 import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any
 
 from .backoff import Backoff
 from .cache import LocalCache
+from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
-from .decorator import (
-    CachedAsync,
-    CachedSync,
-    FetchObserver,
-    KeyFunc,
-    VersionOf,
-    wrap_async,
-    wrap_sync,
-)
 from .errors import EventDecodeError, StateError, TransportError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
 from .lifecycle import Service
@@ -50,71 +41,21 @@ from .transports.base import Transport, from_url, redact_url
 
 __all__ = ["CacheSync", "ClientState", "ClientStats", "Decorator"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
-Mode = Literal["invalidate", "refresh"]
-
 log = logging.getLogger("cachesync.client")
 
 # The heartbeat timeout, in heartbeat intervals, when the client derives it from the
 # interval a publisher announces.
 HEARTBEAT_TIMEOUT_INTERVALS = 3.0
 
-# How many publishers the client tracks at once (each owner instance start is a new one).
+# How many publishers the client tracks at once (each owner instance start is a new one),
+# and how many silent ones it remembers, so that their events replayed later are known.
 MAX_SOURCES = 1024
+MAX_RETIRED_SOURCES = 4096
 
 # Plain strings: comparing an event's op to these is cheaper than to enum members.
 _UPSERT = Op.UPSERT.value
 _FLUSH = Op.FLUSH.value
 _HEARTBEAT = Op.HEARTBEAT.value
-
-
-class Decorator:
-    """What :meth:`CacheSync.cached` returns: wraps a coroutine function or a plain one."""
-
-    def __init__(
-        self,
-        cache: LocalCache,
-        key: KeyFunc | None,
-        version_of: VersionOf | None,
-        *,
-        spawn: Callable[[Coroutine[Any, Any, None]], object],
-        submit: Callable[[Callable[[], None]], None],
-        observe: FetchObserver | None = None,
-    ) -> None:
-        self.cache = cache
-        self._observe = observe
-        self._key = key
-        self._version_of = version_of
-        self._spawn = spawn
-        self._submit = submit
-
-    @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> CachedAsync[P, R]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, R]) -> CachedSync[P, R]: ...
-
-    def __call__(self, fn: Callable[..., Any]) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            return wrap_async(
-                fn,
-                self.cache,
-                key_func=self._key,
-                version_of=self._version_of,
-                spawn=self._spawn,
-                observe=self._observe,
-            )
-        if not callable(fn):
-            raise TypeError(f"cached() decorates functions, got {type(fn).__name__}")
-        return wrap_sync(
-            fn,
-            self.cache,
-            key_func=self._key,
-            version_of=self._version_of,
-            submit=self._submit,
-            observe=self._observe,
-        )
 
 
 class ClientState(enum.Enum):
@@ -140,6 +81,9 @@ class ClientStats:
     reconnects: int = 0
     heartbeat_misses: int = 0
     replays: int = 0
+    duplicates: int = 0
+    apply_failures: int = 0
+    silent_namespaces: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a dict."""
@@ -154,10 +98,26 @@ class _Source:
 
 
 @dataclass(slots=True)
-class _Namespace:
+class _Member:
+    """One cached function of a namespace: its cache and how events reach it."""
+
     cache: LocalCache
     mode: Mode
     from_event: Callable[[Any], Any] | None
+
+
+@dataclass(slots=True)
+class _Namespace:
+    """The owner's entity type: every function cached under it, and the sources whose events
+    named it (a namespace whose sources all fell silent is not served: guarantee 5)."""
+
+    members: list[_Member]
+    heard: set[str]
+    silent: bool = False
+
+
+class _ApplyFailed(Exception):
+    """Applying an event failed: the caches are distrusted and the listener restarts."""
 
 
 class CacheSync(Service):
@@ -221,6 +181,9 @@ class CacheSync(Service):
         self._rng = rng
         self._namespaces: dict[str, _Namespace] = {}
         self._sources: dict[str, _Source] = {}
+        self._retired: dict[str, int] = {}  # silent sources -> their last seq
+        self._retired_now = False
+        self._suspect_on_ready = False  # an apply failed: flush when the listener is back
         self._stats = ClientStats()
         self._state = ClientState.UNOPENED
         self._ready = asyncio.Event()
@@ -252,52 +215,79 @@ class CacheSync(Service):
     ) -> Decorator:
         """Cache the results of a fetch function in namespace ``ns`` of this instance.
 
-        The key is built from the arguments (``key=`` to build it yourself) and must be the key
-        the owner's events name. ``ttl`` is only the safety net: events keep entries coherent.
+        ``ns`` is the owner's entity type, as its events name it. Several functions may cache
+        under one namespace: each keeps its own entries and options, and an event for
+        ``(ns, key)`` reaches all of them. The key is built from the arguments (see
+        :mod:`cachesync.keys`; ``key=`` to build it yourself) and must be the key the owner's
+        events name. ``ttl`` is only the safety net: events keep entries coherent.
         ``mode="refresh"`` stores the value an event carries (through ``from_event``) instead
         of dropping the entry. A result of ``None`` means "absent" and is cached for
         ``negative_ttl`` seconds if set. ``stale_while_revalidate`` serves an expired value
         while one fetch refreshes it; ``stale_if_error`` serves the last value when the fetch
         fails. ``version_of(value)`` gives the owner's version of a fetched value, so an older
-        fetch or event never replaces a newer one. Works on coroutine functions and on plain
-        functions (callable from any thread). Several functions may share one namespace if
-        they use the same options.
+        fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
+        Works on coroutine functions and on plain functions (callable from any thread).
         """
-        if mode not in ("invalidate", "refresh"):
-            raise ValueError(f"mode must be 'invalidate' or 'refresh', got {mode!r}")
-        if key is not None and not callable(key):
-            raise TypeError("key= must be a function that returns the cache key as a str")
         if not isinstance(ns, str) or not ns:
             raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
-        namespace = self._namespaces.get(ns)
-        if namespace is None:
-            cache = LocalCache(
-                ns,
-                ttl=ttl,
-                maxsize=maxsize,
-                negative_ttl=negative_ttl,
-                jitter=jitter,
-                stale_while_revalidate=stale_while_revalidate,
-                stale_if_error=stale_if_error,
-                clock=self._clock,
-                hit_clock=self._hit_clock,
-                rng=self._rng,
-            )
-            cache.trusted = self._stats.listener_up
-            namespace = _Namespace(cache, mode, from_event)
-            self._namespaces[ns] = namespace
+        if len(ns) > 256:
+            raise ValueError("ns must be at most 256 characters (what an event can name)")
+        options = CacheOptions(
+            ttl=ttl,
+            maxsize=maxsize,
+            key=key,
+            mode=mode,
+            stale_while_revalidate=stale_while_revalidate,
+            stale_if_error=stale_if_error,
+            negative_ttl=negative_ttl,
+            jitter=jitter,
+            from_event=from_event,
+            version_of=version_of,
+        )
         return Decorator(
-            namespace.cache,
-            key,
-            version_of,
+            ns,
+            options,
+            make_cache=self._make_cache,
             spawn=self._spawn,
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
         )
 
+    def _make_cache(self, ns: str, options: CacheOptions) -> LocalCache:
+        cache = LocalCache(
+            ns,
+            ttl=options.ttl,
+            maxsize=options.maxsize,
+            negative_ttl=options.negative_ttl,
+            jitter=options.jitter,
+            stale_while_revalidate=options.stale_while_revalidate,
+            stale_if_error=options.stale_if_error,
+            clock=self._clock,
+            hit_clock=self._hit_clock,
+            rng=self._rng,
+        )
+        namespace = self._namespaces.get(ns)
+        if namespace is None:
+            namespace = self._namespaces[ns] = _Namespace([], set())
+        if self._stats.listener_up and not namespace.silent:
+            cache.trust()
+        namespace.members.append(_Member(cache, options.mode, options.from_event))
+        return cache
+
+    def caches(self, ns: str) -> list[LocalCache]:
+        """The caches of every function cached under ``ns`` (KeyError if there is none)."""
+        return [member.cache for member in self._namespaces[ns].members]
+
     def namespace(self, ns: str) -> LocalCache:
-        """The cache of namespace ``ns`` (KeyError if nothing was decorated for it)."""
-        return self._namespaces[ns].cache
+        """The cache of the one function cached under ``ns`` (KeyError if there is none;
+        ValueError if there are several: use :meth:`caches`, or ``fn.cache``)."""
+        caches = self.caches(ns)
+        if len(caches) > 1:
+            raise ValueError(
+                f"{len(caches)} functions cache under {ns!r}: use sync.caches({ns!r}) or the "
+                "cached function's .cache"
+            )
+        return caches[0]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -387,7 +377,13 @@ class CacheSync(Service):
         messages, bad events, gaps, source changes, reconnects and heartbeat misses."""
         namespaces = {}
         for name, ns in self._namespaces.items():
-            namespaces[name] = ns.cache.snapshot()
+            totals: dict[str, int] = {}
+            for member in ns.members:
+                for counter, value in member.cache.snapshot().items():
+                    totals[counter] = totals.get(counter, 0) + value
+            totals["functions"] = len(ns.members)
+            totals["silent"] = int(ns.silent)
+            namespaces[name] = totals
         listener = self._stats.snapshot()
         listener["last_event_lag"] = None
         if self._last_event is not None:  # the owner's commit to our apply, of the last event
@@ -423,13 +419,22 @@ class CacheSync(Service):
                 if not first:
                     await self._transport.connect()
                 first = False
-                async for payload in self._transport.subscribe(self.channel, self._on_ready):
-                    self.handle_message(payload)
+                messages = self._transport.subscribe(self.channel, self._on_ready)
+                try:
+                    async for payload in messages:
+                        self.handle_message(payload)
+                finally:
+                    aclose = getattr(messages, "aclose", None)
+                    if aclose is not None:
+                        with contextlib.suppress(Exception):
+                            await aclose()
                 raise TransportError("the subscription ended")
             except Exception as exc:
                 # TransportError is the expected case; anything else is a bug, and the
                 # listener must outlive it all the same (reads go to the owner meanwhile).
-                if not isinstance(exc, TransportError):
+                if isinstance(exc, _ApplyFailed):
+                    self._stats.reconnects += 1
+                elif not isinstance(exc, TransportError):
                     log.exception("cachesync listener failed; reconnecting")
                 if self._stats.listener_up:
                     self._stats.reconnects += 1
@@ -444,10 +449,14 @@ class CacheSync(Service):
                 await asyncio.sleep(delay)
 
     def _on_ready(self, resumed: bool) -> None:
+        if self._suspect_on_ready:
+            resumed, self._suspect_on_ready = False, False
         for ns in self._namespaces.values():
-            if not resumed:
-                ns.cache.suspect_all()
-            ns.cache.trust()
+            for member in ns.members:
+                if not resumed:
+                    member.cache.suspect_all()
+                if not ns.silent:
+                    member.cache.trust()
         if resumed:
             self._stats.replays += 1
         self._stats.listener_up = True
@@ -463,10 +472,16 @@ class CacheSync(Service):
         self._stats.listener_up = False
         self._ready.clear()
         for ns in self._namespaces.values():
-            ns.cache.distrust()
+            for member in ns.members:
+                member.cache.distrust()
 
     def handle_message(self, payload: bytes) -> None:
-        """Decode one message and apply it. Never raises: bad input is counted and logged."""
+        """Decode one message and apply it.
+
+        Bad input (a malformed, oversized, unsigned or duplicate event) is counted and logged,
+        never raised. If applying a valid event fails, the caches are distrusted at once and
+        an exception tells the listener to restart (which flushes them when it is back).
+        """
         stats = self._stats
         stats.messages += 1
         now = self._clock()
@@ -483,15 +498,25 @@ class CacheSync(Service):
                     "bad_signature", "dropped an event with a missing or bad signature"
                 )
                 return
-            self._track(event, now)
+        except Exception:
+            stats.bad_signatures += 1
+            self._warn.exception("bad_signature", "could not verify an event's signature")
+            return
+        try:
+            if not self._track(event, now):
+                stats.duplicates += 1
+                return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
             else:
                 self._apply(event, now)
-        except Exception:
-            # A bug or an exotic value must not kill the listener; count it and go on.
-            stats.bad_events += 1
-            self._warn.exception("apply_failed", "could not apply an event")
+        except Exception as exc:
+            # Some cache may hold a half-applied event: trust none until the listener is back.
+            stats.apply_failures += 1
+            self._suspect_on_ready = True
+            self._set_down()
+            self._warn.exception("apply_failed", "could not apply an event; restarting")
+            raise _ApplyFailed(f"could not apply an event: {exc!r}") from exc
 
     def _apply(self, event: ChangeEvent, now: float) -> None:
         self._last_event = (event.ts, now)
@@ -499,21 +524,33 @@ class CacheSync(Service):
         if ns is None:
             self._stats.unknown_namespace += 1
             return
+        if event.source not in ns.heard:
+            ns.heard.add(event.source)
         op = event.op
         if self._observer is not None:
             self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
-        cache = ns.cache
+        for member in ns.members:
+            self._apply_to(member, event)
+
+    def _apply_to(self, member: _Member, event: ChangeEvent) -> None:
+        cache = member.cache
         cache.stats.events += 1
+        op = event.op
         if op == _FLUSH:
             cache.clear()
             return
         version = event.version
         keys = event.keys
-        if ns.mode == "refresh" and op == _UPSERT and event.value is not None and len(keys) == 1:
+        if (
+            member.mode == "refresh"
+            and op == _UPSERT
+            and event.value is not None
+            and len(keys) == 1
+        ):
             value = event.value
-            if ns.from_event is not None:
+            if member.from_event is not None:
                 try:
-                    value = ns.from_event(value)
+                    value = member.from_event(value)
                 except Exception as exc:
                     cache.stats.errors += 1
                     self._warn.warning(
@@ -526,29 +563,43 @@ class CacheSync(Service):
         for key in keys:
             cache.invalidate(key, version)
 
-    def _track(self, event: ChangeEvent, now: float) -> None:
-        source = self._sources.get(event.source)
+    def _track(self, event: ChangeEvent, now: float) -> bool:
+        """Follow ``event.source``'s sequence; False for a duplicate (seq already applied).
+
+        Anything that may hide a lost event flushes every namespace: a gap in the seqs; the
+        first message of a source whose seq is past its start (an event of it may have been
+        lost before we heard it); a new source while others are known (a restarted owner
+        whose last events may be lost).
+        """
         heartbeat = event.op == _HEARTBEAT
+        seq = event.seq
+        source = self._sources.get(event.source)
         if source is None:
+            retired = self._retired.pop(event.source, None)
             timeout = self._timeout_for(event) if heartbeat else self.heartbeat_timeout
-            # A publisher we have not heard from. If we heard none since the subscription
-            # went live, everything cached was fetched after it did, so nothing of this
-            # publisher's past can be missing. Otherwise this may be a restarted owner whose
-            # last events were lost: flush (quietly when nothing is cached, which then only
-            # voids the fetches in flight).
-            first = not self._sources
-            if len(self._sources) >= MAX_SOURCES:  # bounded: forget the longest silent one
+            last = retired if retired is not None else 0  # a new source starts at seq 0
+            if retired is not None and (seq < retired or (seq == retired and not heartbeat)):
+                # A silent source's old event, replayed: applied already (or flushed since).
+                self._retired[event.source] = retired
+                return False
+            if len(self._sources) >= MAX_SOURCES:  # bounded: retire the longest silent one
                 oldest = min(self._sources, key=lambda name: self._sources[name].last_seen)
-                del self._sources[oldest]
-            self._sources[event.source] = _Source(event.seq, now, timeout)
-            if first:
-                log.debug("first publisher heard", extra={"source": event.source})
-            elif not self._had_entries():
-                self._lost("source", event, quiet=True)
-            else:
-                self._stats.source_changes += 1
-                self._lost("source", event)
-            return
+                self._retire(oldest)
+            at_start = seq == (last if heartbeat else last + 1)
+            others = bool(self._sources)
+            self._sources[event.source] = _Source(seq, now, timeout)
+            self._heard_again(event.source, new=retired is None)
+            if retired is not None:
+                if not at_start:
+                    self._stats.gaps += 1
+                    self._lost("gap", event, expected=last + (0 if heartbeat else 1))
+            elif others or not at_start:
+                # Quietly when nothing is cached: then it only voids the fetches in flight.
+                quiet = not self._had_entries()
+                if others and not quiet:
+                    self._stats.source_changes += 1
+                self._lost("source" if others else "first message", event, quiet=quiet)
+            return True
         source.last_seen = now
         if heartbeat:
             timeout = self._timeout_for(event)
@@ -556,13 +607,33 @@ class CacheSync(Service):
                 source.timeout = timeout
             expected = source.seq
         else:
+            if seq <= source.seq:
+                return False
             expected = source.seq + 1
-        seq = event.seq
         if seq > expected:
             self._stats.gaps += 1
             self._lost("gap", event, expected=expected)
         if seq > source.seq:
             source.seq = seq
+        return True
+
+    def _retire(self, name: str) -> None:
+        """Forget a live source, remembering its last seq (so its replays are known)."""
+        source = self._sources.pop(name)
+        self._retired[name] = source.seq
+        while len(self._retired) > MAX_RETIRED_SOURCES:
+            del self._retired[next(iter(self._retired))]
+
+    def _heard_again(self, name: str, *, new: bool) -> None:
+        """A new or retired source speaks: namespaces silent for want of it serve again (they
+        were flushed when it fell silent)."""
+        for ns in self._namespaces.values():
+            if ns.silent and (new or name in ns.heard or not ns.heard):
+                ns.silent = False
+                self._stats.silent_namespaces -= 1
+                if self._stats.listener_up:
+                    for member in ns.members:
+                        member.cache.trust()
 
     def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
         if self.heartbeat_timeout is not None:
@@ -581,7 +652,8 @@ class CacheSync(Service):
         """Events may have been lost: nothing cached may be trusted as fresh any more.
         ``quiet`` when nothing was cached: flights are voided, nothing is reported."""
         for ns in self._namespaces.values():
-            ns.cache.suspect_all()
+            for member in ns.members:
+                member.cache.suspect_all()
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
@@ -593,8 +665,8 @@ class CacheSync(Service):
         log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
 
     def _had_entries(self) -> bool:
-        """Whether any namespace holds an entry (a flush would change something)."""
-        return any(len(ns.cache) for ns in self._namespaces.values())
+        """Whether any cache holds an entry (a flush would change something)."""
+        return any(len(m.cache) for ns in self._namespaces.values() for m in ns.members)
 
     async def _watch(self) -> None:
         """Notice silent publishers and stalled connections (missed heartbeats)."""
@@ -602,23 +674,60 @@ class CacheSync(Service):
             await asyncio.sleep(self._watch_interval())
             if not self._stats.listener_up:
                 continue
-            now = self._clock()
-            silent = [
-                name
-                for name, src in self._sources.items()
-                if src.timeout is not None and now - src.last_seen > src.timeout
-            ]
-            for name in silent:
-                del self._sources[name]
-                self._stats.heartbeat_misses += 1
-                self._lost("heartbeat", source=name)
-            if silent and not self._sources_heard_since(now):
-                # Nothing at all arrives: the connection may be stalled without breaking.
-                # Closing it makes the listener reconnect.
-                log.warning("no event or heartbeat arrives; restarting the connection")
+            try:
+                await self._watch_once()
+            except Exception:
+                # The watchdog must outlive a bug as the listener does: distrust, go on.
+                log.exception("cachesync watchdog failed; the caches are distrusted")
+                self._suspect_on_ready = True
                 self._set_down()
-                with contextlib.suppress(TransportError):
+                with contextlib.suppress(Exception):
                     await self._transport.close()
+
+    async def _watch_once(self) -> None:
+        self.check_sources()
+        if self._retired_now and not self._sources_heard_since(self._clock()):
+            # Nothing at all arrives: the connection may be stalled without breaking.
+            # Closing it makes the listener reconnect.
+            log.warning("no event or heartbeat arrives; restarting the connection")
+            self._set_down()
+            with contextlib.suppress(TransportError):
+                await self._transport.close()
+
+    def check_sources(self) -> None:
+        """Retire the sources silent past their heartbeat timeout (flushing every namespace),
+        and stop serving the namespaces none of whose sources is live (silence is not
+        safety). The watchdog calls it a few times per timeout."""
+        now = self._clock()
+        silent = [
+            name
+            for name, src in self._sources.items()
+            if src.timeout is not None and now - src.last_seen > src.timeout
+        ]
+        self._retired_now = bool(silent)
+        for name in silent:
+            self._retire(name)
+            self._stats.heartbeat_misses += 1
+            self._lost("heartbeat", source=name)
+        if silent:
+            self._silence_orphans()
+
+    def _silence_orphans(self) -> None:
+        live = self._sources
+        for ns in self._namespaces.values():
+            if ns.silent:
+                continue
+            orphaned = not any(name in live for name in ns.heard) if ns.heard else not live
+            if orphaned:
+                ns.silent = True
+                self._stats.silent_namespaces += 1
+                log.warning(
+                    "every source of namespace %r is silent; reads go to the owner until "
+                    "one is heard again",
+                    extra={"ns": next(iter([m.cache.name for m in ns.members]), "")},
+                )
+                for member in ns.members:
+                    member.cache.distrust()
 
     def _sources_heard_since(self, now: float) -> bool:
         return any(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -41,9 +42,15 @@ class HitClock(Protocol):
 
 
 class LoopClock:
-    """The monotonic time as of the event loop's last tick; see the module docstring."""
+    """The monotonic time as of the event loop's last tick; see the module docstring.
 
-    __slots__ = ("now", "resolution", "lease", "_clock", "_handle", "_until")
+    The ticker is a task on the loop of the read that woke it. When that loop ends (its
+    tasks cancelled by ``asyncio.run``, or the loop closed and its tasks collected), the
+    ticker pauses the clock on its way out, so a reading can never stay frozen in the past:
+    reads from a later loop find it paused and wake a ticker there.
+    """
+
+    __slots__ = ("now", "resolution", "lease", "_clock", "_tickers", "_until")
 
     def __init__(
         self,
@@ -60,13 +67,17 @@ class LoopClock:
         self.resolution = resolution
         self.lease = lease
         self._clock = clock
-        self._handle: asyncio.TimerHandle | None = None
+        # Loop -> its ticker, weakly: a dead loop or a finished ticker drops out by itself,
+        # and nothing here keeps a ticker (and its coroutine) alive.
+        self._tickers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, weakref.ref[asyncio.Task[None]]
+        ] = weakref.WeakKeyDictionary()
         self._until = _PAUSED
 
     @property
     def ticking(self) -> bool:
-        """Whether a tick is scheduled."""
-        return self._handle is not None
+        """Whether a ticker runs (on some loop)."""
+        return any(_alive(ref) for ref in list(self._tickers.values()))
 
     def wake(self) -> None:
         """Keep ``now`` current for the next ``lease`` seconds, ticking on the running loop.
@@ -77,25 +88,41 @@ class LoopClock:
             return
         now = self._clock()
         self._until = now + self.lease
-        if self._handle is None or self._handle.cancelled():
+        ref = self._tickers.get(loop)
+        if ref is None or not _alive(ref):
             self.now = now
-            self._handle = loop.call_later(self.resolution, self._tick, loop)
+            task = loop.create_task(self._tick(), name="cachesync-hit-clock")
+            self._tickers[loop] = weakref.ref(task)
 
     def close(self) -> None:
         """Stop ticking; ``now`` pauses so that reads fall back to the real clock."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        for ref in list(self._tickers.values()):
+            task = ref()
+            if task is not None and not task.done():
+                try:
+                    task.cancel()
+                except RuntimeError:  # its loop is closed: it will never tick again
+                    pass
+        self._tickers.clear()
         self.now = _PAUSED
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = self._clock()
-        if now >= self._until:
-            self._handle = None
+    async def _tick(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.resolution)
+                now = self._clock()
+                if now >= self._until:
+                    return
+                self.now = now
+        finally:
+            # Lease over, cancelled, or collected with a closed loop: never leave a reading
+            # that no longer moves.
             self.now = _PAUSED
-            return
-        self.now = now
-        self._handle = loop.call_later(self.resolution, self._tick, loop)
+
+
+def _alive(ref: weakref.ref[asyncio.Task[None]]) -> bool:
+    task = ref()
+    return task is not None and not task.done()
 
 
 class ExactClock:

@@ -303,7 +303,8 @@ class _StatsCollector:
 
         size = core.GaugeMetricFamily(
             f"{p}_cache_entries",
-            "Entries held per namespace (tombstones included).",
+            "Entries held per namespace (tombstones, and entries a flush retired until "
+            "evicted, included).",
             labels=["namespace"],
         )
         for ns, counters in namespaces.items():

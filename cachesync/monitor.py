@@ -117,6 +117,7 @@ def _section_for(sync: CacheSync) -> _Section:
 
 @dataclass(slots=True)
 class _Suspect:
+    cache: LocalCache
     key: str
     cached_version: int
     owner_version: int | None
@@ -221,7 +222,7 @@ class ConsistencyMonitor(Service):
         if picked is None:
             stats.idle += 1
             return None
-        key, cached_version = picked
+        cache, key, cached_version = picked
         try:
             async with asyncio.timeout(self.timeout):
                 owner_version = await self._current_version(key)
@@ -241,7 +242,7 @@ class ConsistencyMonitor(Service):
         # The owner committed its version before it answered, so from now on the entry is
         # behind for at least as long as it stays behind: look again after the bound.
         self._pending.append(
-            _Suspect(key, cached_version, owner_version, self._clock() + self.bound)
+            _Suspect(cache, key, cached_version, owner_version, self._clock() + self.bound)
         )
         stats.pending = len(self._pending)
         return "behind"
@@ -256,9 +257,8 @@ class ConsistencyMonitor(Service):
             return 0
         self._pending = [s for s in self._pending if s.due > now]
         stale = 0
-        cache = self._cache()
         for suspect in due:
-            if cache is not None and self._still_behind(cache, suspect):
+            if self._still_behind(suspect.cache, suspect):
                 stale += 1
                 self.stats.stale += 1
                 self._count("stale")
@@ -279,22 +279,21 @@ class ConsistencyMonitor(Service):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _cache(self) -> LocalCache | None:
+    def _caches(self) -> list[LocalCache]:
         try:
-            return self.sync.namespace(self.ns)
+            return self.sync.caches(self.ns)
         except KeyError:  # nothing decorated for ns yet
-            return None
+            return []
 
-    def _pick(self) -> tuple[str, int] | None:
-        """A random key served as fresh now, with its version."""
+    def _pick(self) -> tuple[LocalCache, str, int] | None:
+        """A random key served as fresh now, with its cache and version."""
         if len(self._pending) >= MAX_PENDING:
             return None
-        cache = self._cache()
-        if cache is None or not cache.trusted or not cache.data:
+        caches = [cache for cache in self._caches() if cache.trusted and len(cache)]
+        if not caches:
             return None
-        # The lock: a plain function may be filling the cache from another thread.
-        with cache.lock:
-            keys = list(cache.data)
+        cache = self._random.choice(caches)
+        keys = cache.keys()  # a copy taken in one step: reader threads may reorder entries
         # Rejection sampling keeps the pick uniform over the entries that qualify.
         if len(keys) <= _PICKS:
             candidates = self._random.sample(keys, len(keys))
@@ -303,7 +302,7 @@ class ConsistencyMonitor(Service):
         for key in candidates:
             entry = cache.get_fresh(key)
             if entry is not None and entry.value is not TOMBSTONE and entry.version is not None:
-                return key, entry.version
+                return cache, key, entry.version
         return None
 
     @staticmethod

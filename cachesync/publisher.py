@@ -43,6 +43,11 @@ def _check(change: Change) -> None:
         raise ValueError(f"a {change.op.value} event needs at least one key")
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[:3]) if lines else type(exc).__name__
+
+
 class PublisherState(dict[str, Any]):
     """What ``GET /cachesync/state`` reports: source, channel, last seq, heartbeat interval."""
 
@@ -176,13 +181,15 @@ class Publisher(Service):
         if not changes:
             return []
         async with self._lock:
+            # Every event is built and encoded before any seq is taken: a change that cannot
+            # go out must not leave a gap that makes every consumer flush.
+            first = self.seq + 1
             events = []
-            for change in changes:
-                self.seq += 1
-                events.append(
-                    ChangeEvent(
+            for offset, change in enumerate(changes):
+                try:
+                    event = ChangeEvent(
                         source=self.source,
-                        seq=self.seq,
+                        seq=first + offset,
                         ns=change.ns,
                         op=change.op,
                         keys=tuple(change.keys),
@@ -190,7 +197,14 @@ class Publisher(Service):
                         value=change.value,
                         ts=self._clock() if change.ts is None else change.ts,
                     )
-                )
+                    event.encode()
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(
+                        f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
+                        f"a valid event: {_first_line(exc)}; nothing was published"
+                    ) from None
+                events.append(event)
+            self.seq = first + len(events) - 1
             await self._send(events)
         return events
 

@@ -1,8 +1,10 @@
-"""The ``@cached`` wrappers: a hot path that is a dict lookup and an expiry check, and a miss
-path with single-flight, stale-while-revalidate and stale-if-error.
+"""The ``@cached`` wrappers and their options: a hot path that is a dict lookup and two
+comparisons, and a miss path with single-flight, stale-while-revalidate and stale-if-error.
 
-The wrappers read and fill a :class:`~cachesync.cache.LocalCache`; they know nothing of events
-or transports. :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` builds them.
+Each decorated function gets a :class:`~cachesync.cache.LocalCache` of its own, built from its
+:class:`CacheOptions`; the wrappers read and fill it and know nothing of events or transports.
+:meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` returns a :class:`Decorator`,
+which builds them and registers each cache with the client under its namespace.
 """
 
 from __future__ import annotations
@@ -15,20 +17,28 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from .cache import BulkFill, Entry, Flight, LocalCache
+from .cache import BulkFill, Entry, Flight, Generation, LocalCache, check_settings
+from .keys import KeyBuilder, KeyFunc
 
-__all__ = ["CachedAsync", "CachedSync", "KeyFunc", "default_key", "wrap_async", "wrap_sync"]
+__all__ = [
+    "CacheOptions",
+    "CachedCoroutine",
+    "CachedFunction",
+    "Decorator",
+    "KeyFunc",
+    "Mode",
+    "wrap_async",
+    "wrap_sync",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
-KeyFunc = Callable[..., str]
-"""Builds the cache key (the owner's key for the entity, as its events name it) from the
-arguments of the cached function."""
-
+Mode = Literal["invalidate", "refresh"]
 VersionOf = Callable[[Any], int | None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 Submit = Callable[[Callable[[], None]], object]
@@ -54,55 +64,27 @@ class _Handle(Protocol):
     def bulk(self) -> contextlib.AbstractContextManager[BulkFill]: ...
 
 
-class CachedAsync(_Handle, Protocol, Generic[P, R_co]):
+class CachedCoroutine(_Handle, Protocol, Generic[P, R_co]):
     """A coroutine function wrapped by ``@sync.cached``."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
 
 
-class CachedSync(_Handle, Protocol, Generic[P, R_co]):
+class CachedFunction(_Handle, Protocol, Generic[P, R_co]):
     """A plain function wrapped by ``@sync.cached``; callable from any thread."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-
-
-def default_key(*args: Any, **kwargs: Any) -> str:
-    """``"USD"`` for ``f("USD")``; ``str`` of each argument joined by ``:`` otherwise, with
-    keyword arguments as ``name=value`` in name order. Unhashable arguments are refused."""
-    if not kwargs and len(args) == 1:
-        return _key_part(args[0])
-    parts = [_key_part(a) for a in args]
-    parts += [f"{name}={_key_part(kwargs[name])}" for name in sorted(kwargs)]
-    return ":".join(parts)
-
-
-def _key_part(arg: object) -> str:
-    if type(arg) is str:
-        return arg
-    try:
-        hash(arg)
-    except TypeError:
-        raise TypeError(
-            f"cannot build a cache key from an unhashable argument of type "
-            f"{type(arg).__name__}; pass key= to cached() to build the key yourself"
-        ) from None
-    return str(arg)
-
-
-def _checked_key(key_func: KeyFunc, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    key = key_func(*args, **kwargs)
-    if type(key) is not str:
-        raise TypeError(f"the key= function must return a str, got {type(key).__name__}")
-    return key
 
 
 def _attach(
     wrapper: Any,
     fn: Callable[..., Any],
     cache: LocalCache,
-    make_key: Callable[[tuple[Any, ...], dict[str, Any]], str],
+    make_key: KeyBuilder,
 ) -> None:
-    functools.update_wrapper(wrapper, fn)
+    # An object with __call__ (an HttpFetcher) lends its name and doc, not its attributes.
+    updated = ("__dict__",) if inspect.isfunction(fn) else ()
+    functools.update_wrapper(wrapper, fn, updated=updated)
     wrapper.cache = cache
     wrapper.namespace = cache.name
 
@@ -139,34 +121,6 @@ def _attach(
     wrapper.bulk = bulk
 
 
-def _key_maker(
-    key_func: KeyFunc | None, fn: Callable[..., Any]
-) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], str], str | None]:
-    """The key function for ``fn``, and the name of its one parameter when it has only one
-    and a ``str`` argument is the key itself (the hot path's shortcut)."""
-    if key_func is not None:
-        return (lambda args, kwargs: _checked_key(key_func, args, kwargs)), None
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins and C callables have none
-        return (lambda args, kwargs: default_key(*args, **kwargs)), None
-
-    params = list(signature.parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    all_positional = all(p.kind in positional for p in params)
-
-    def bound_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        if all_positional and not kwargs and len(args) == len(params):
-            return default_key(*args)  # already what binding would give, at a fraction
-        # Bind to the signature, so get("USD") and get(code="USD") share one key.
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return default_key(*bound.args, **bound.kwargs)
-
-    lone = len(params) == 1 and all_positional
-    return bound_key, params[0].name if lone else None
-
-
 def _all_args(first: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args if first is _NO_ARG else (first, *args)
 
@@ -185,6 +139,15 @@ def _named_like(wrapper: F, name: str) -> F | None:
     return wrapper
 
 
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine: an ``async def`` function, a partial of one,
+    or an object whose ``__call__`` is ``async def`` (such as :class:`~cachesync.HttpFetcher`)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+
+
 def wrap_async(
     fn: Callable[P, Awaitable[R]],
     cache: LocalCache,
@@ -193,7 +156,7 @@ def wrap_async(
     version_of: VersionOf | None,
     spawn: Spawn,
     observe: FetchObserver | None = None,
-) -> CachedAsync[P, R]:
+) -> CachedCoroutine[P, R]:
     """Wrap coroutine function ``fn`` so that its results are cached in ``cache``."""
     data = cache.data
     get = data.get
@@ -201,9 +164,16 @@ def wrap_async(
     hit_clock = cache.hit_clock
     stats = cache.stats
     flights = cache.flights
-    make_key, lone_name = _key_maker(key_func, fn)
+    make_key = KeyBuilder(fn, key_func)
     hits = 0
     cache.hit_counters.append(lambda: hits)
+    serving: Generation | None = None
+
+    def set_serving(gen: Generation) -> None:
+        nonlocal serving
+        serving = gen
+
+    cache.watch_serving(set_serving)
 
     async def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         waiter: asyncio.Future[Any] = flight.waiter
@@ -262,13 +232,13 @@ def wrap_async(
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
-    # The hit path: a dict lookup and a comparison with the hit clock's reading (an attribute,
-    # not a clock call: see cachesync.clock). An entry hidden by distrust() or expired has
-    # ``expires`` in the past, so this one comparison also covers trust.
+    # The hit path: a dict lookup, a comparison with the hit clock's reading (an attribute,
+    # not a clock call: see cachesync.clock) and one with the generation served. An entry
+    # that is expired, distrusted, flushed or a tombstone fails one of them.
     async def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal hits
         entry = get(key)
-        if entry is not None and entry.expires > hit_clock.now:
+        if entry is not None and entry.expires > hit_clock.now and entry.gen is serving:
             hits += 1
             try:
                 move_to_end(key)
@@ -286,7 +256,7 @@ def wrap_async(
         nonlocal hits
         if type(arg) is str:
             entry = get(arg)
-            if entry is not None and entry.expires > hit_clock.now:
+            if entry is not None and entry.expires > hit_clock.now and entry.gen is serving:
                 hits += 1
                 try:
                     move_to_end(arg)
@@ -296,6 +266,7 @@ def wrap_async(
             return await miss(arg, (arg,), {})
         return await lookup(make_key((arg,), {}), (arg,), {})
 
+    lone_name = make_key.lone_name
     chosen = (_named_like(lone, lone_name) if lone_name else None) or wrapper
     _attach(chosen, fn, cache, make_key)
     return chosen  # type: ignore[return-value]
@@ -309,7 +280,7 @@ def wrap_sync(
     version_of: VersionOf | None,
     submit: Submit,
     observe: FetchObserver | None = None,
-) -> CachedSync[P, R]:
+) -> CachedFunction[P, R]:
     """Wrap plain function ``fn`` so that its results are cached in ``cache``.
 
     Safe to call from any thread: concurrent misses of one key wait for one fetch.
@@ -321,9 +292,16 @@ def wrap_sync(
     stats = cache.stats
     lock = cache.lock
     flights = cache.thread_flights
-    make_key, lone_name = _key_maker(key_func, fn)
+    make_key = KeyBuilder(fn, key_func)
     hits = 0
     cache.hit_counters.append(lambda: hits)
+    serving: Generation | None = None
+
+    def set_serving(gen: Generation) -> None:
+        nonlocal serving
+        serving = gen
+
+    cache.watch_serving(set_serving)
 
     def fill(flight: Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter: concurrent.futures.Future[Any] = flight.waiter
@@ -331,6 +309,12 @@ def wrap_sync(
         started = time.perf_counter()
         try:
             value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):
+                _close(value)
+                raise TypeError(
+                    f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
+                    "be cached as a plain function: make it 'async def'"
+                )
         except Exception as exc:
             stale = _fetch_failed(cache, flight, exc, observe, started)
             if stale is None:
@@ -381,7 +365,7 @@ def wrap_sync(
     def lookup(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal hits
         entry = get(key)
-        if entry is not None and entry.expires > clock():
+        if entry is not None and entry.expires > clock() and entry.gen is serving:
             hits += 1
             try:
                 move_to_end(key)
@@ -398,7 +382,7 @@ def wrap_sync(
         nonlocal hits
         if type(arg) is str:
             entry = get(arg)
-            if entry is not None and entry.expires > clock():
+            if entry is not None and entry.expires > clock() and entry.gen is serving:
                 hits += 1
                 try:
                     move_to_end(arg)
@@ -408,9 +392,16 @@ def wrap_sync(
             return miss(arg, (arg,), {})
         return lookup(make_key((arg,), {}), (arg,), {})
 
+    lone_name = make_key.lone_name
     chosen = (_named_like(lone, lone_name) if lone_name else None) or wrapper
     _attach(chosen, fn, cache, make_key)
     return chosen  # type: ignore[return-value]
+
+
+def _close(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()  # no "coroutine was never awaited" warning on top of the error
 
 
 def _fetch_failed(
@@ -450,3 +441,96 @@ def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """The options of one cached function, checked once when ``cached()`` is called.
+
+    See :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` for what each does.
+    Adding an option: a field here, its use where the wrappers or the client read it, a test.
+    """
+
+    ttl: float = 3600.0
+    maxsize: int = 10_000
+    key: KeyFunc | None = None
+    mode: Mode = "invalidate"
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    negative_ttl: float | None = None
+    jitter: float = 0.1
+    from_event: Callable[[Any], Any] | None = None
+    version_of: VersionOf | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("invalidate", "refresh"):
+            raise ValueError(f"mode must be 'invalidate' or 'refresh', got {self.mode!r}")
+        for name in ("key", "from_event", "version_of"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name}= must be a function")
+        check_settings(
+            ttl=self.ttl,
+            maxsize=self.maxsize,
+            negative_ttl=self.negative_ttl,
+            jitter=self.jitter,
+            stale_while_revalidate=self.stale_while_revalidate,
+            stale_if_error=self.stale_if_error,
+        )
+
+
+MakeCache = Callable[[str, CacheOptions], LocalCache]
+"""Builds the cache of one function and registers it under its namespace (the client's)."""
+
+
+class Decorator:
+    """What :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` returns: wraps a
+    coroutine function (or an object with an ``async def __call__``) or a plain function.
+    Each function it wraps gets a cache of its own in namespace ``ns``."""
+
+    def __init__(
+        self,
+        ns: str,
+        options: CacheOptions,
+        *,
+        make_cache: MakeCache,
+        spawn: Spawn,
+        submit: Submit,
+        observe: FetchObserver | None = None,
+    ) -> None:
+        self.ns = ns
+        self.options = options
+        self._make_cache = make_cache
+        self._spawn = spawn
+        self._submit = submit
+        self._observe = observe
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> CachedCoroutine[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        if not callable(fn):
+            raise TypeError(f"cached() decorates functions, got {type(fn).__name__}")
+        options = self.options
+        # Checked before the cache is registered: a key that cannot be built fails here.
+        KeyBuilder(fn, options.key)
+        cache = self._make_cache(self.ns, options)
+        if is_async_callable(fn):
+            return wrap_async(
+                fn,
+                cache,
+                key_func=options.key,
+                version_of=options.version_of,
+                spawn=self._spawn,
+                observe=self._observe,
+            )
+        return wrap_sync(
+            fn,
+            cache,
+            key_func=options.key,
+            version_of=options.version_of,
+            submit=self._submit,
+            observe=self._observe,
+        )
