@@ -529,39 +529,31 @@ class CacheSync(Service):
         op = event.op
         if self._observer is not None:
             self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
-        for member in ns.members:
-            self._apply_to(member, event)
-
-    def _apply_to(self, member: _Member, event: ChangeEvent) -> None:
-        cache = member.cache
-        cache.stats.events += 1
-        op = event.op
-        if op == _FLUSH:
-            cache.clear()
-            return
         version = event.version
         keys = event.keys
-        if (
-            member.mode == "refresh"
-            and op == _UPSERT
-            and event.value is not None
-            and len(keys) == 1
-        ):
-            value = event.value
-            if member.from_event is not None:
-                try:
-                    value = member.from_event(value)
-                except Exception as exc:
-                    cache.stats.errors += 1
-                    self._warn.warning(
-                        "from_event", "from_event() refused an event's value: %s", exc
-                    )
-                    cache.invalidate(keys[0], version)
-                    return
-            cache.apply_value(keys[0], value, version)
-            return
-        for key in keys:
-            cache.invalidate(key, version)
+        refresh = op == _UPSERT and event.value is not None and len(keys) == 1
+        for member in ns.members:
+            cache = member.cache
+            cache.stats.events += 1
+            if op == _FLUSH:
+                cache.clear()
+            elif refresh and member.mode == "refresh":
+                self._refresh(member, keys[0], event.value, version)
+            else:
+                for key in keys:
+                    cache.invalidate(key, version)
+
+    def _refresh(self, member: _Member, key: str, value: Any, version: int | None) -> None:
+        cache = member.cache
+        if member.from_event is not None:
+            try:
+                value = member.from_event(value)
+            except Exception as exc:
+                cache.stats.errors += 1
+                self._warn.warning("from_event", "from_event() refused an event's value: %s", exc)
+                cache.invalidate(key, version)
+                return
+        cache.apply_value(key, value, version)
 
     def _track(self, event: ChangeEvent, now: float) -> bool:
         """Follow ``event.source``'s sequence; False for a duplicate (seq already applied).
