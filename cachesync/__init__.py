@@ -21,13 +21,14 @@ from .events import ChangeEvent, Op
 from .fetch import HttpFetcher
 from .metrics import PrometheusMetrics
 from .monitor import ConsistencyMonitor
-from .publisher import Change, Publisher
+from .publisher import BlockingPublisher, Change, Publisher
 from .transports.base import Transport, from_url
 
 if TYPE_CHECKING:
     from .outbox import Outbox, OutboxRelay
 
 __all__ = [
+    "BlockingPublisher",
     "CacheSync",
     "CacheSyncError",
     "Change",

@@ -496,6 +496,7 @@ class Decorator:
         spawn: Spawn,
         submit: Submit,
         observe: FetchObserver | None = None,
+        on_async: Callable[[Callable[..., Any]], None] | None = None,
     ) -> None:
         self.ns = ns
         self.options = options
@@ -503,6 +504,7 @@ class Decorator:
         self._spawn = spawn
         self._submit = submit
         self._observe = observe
+        self._on_async = on_async
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> CachedCoroutine[P, R]: ...
@@ -516,8 +518,11 @@ class Decorator:
         options = self.options
         # Checked before the cache is registered: a key that cannot be built fails here.
         KeyBuilder(fn, options.key)
+        is_async = is_async_callable(fn)
+        if is_async and self._on_async is not None:
+            self._on_async(fn)  # may refuse it (a client running on a background thread)
         cache = self._make_cache(self.ns, options)
-        if is_async_callable(fn):
+        if is_async:
             return wrap_async(
                 fn,
                 cache,

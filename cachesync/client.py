@@ -23,7 +23,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,6 +36,7 @@ from .events import MAX_EVENT_BYTES, ChangeEvent, Op
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
+from .runner import BackgroundRunner
 from .signing import Signer
 from .transports.base import Transport, from_url, redact_url
 
@@ -195,6 +196,8 @@ class CacheSync(Service):
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = observer
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._runner: BackgroundRunner | None = None
+        self._async_functions: list[str] = []
 
     # -- decorating ------------------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class CacheSync(Service):
             spawn=self._spawn,
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
+            on_async=self._decorated_async,
         )
 
     def _make_cache(self, ns: str, options: CacheOptions) -> LocalCache:
@@ -368,6 +372,73 @@ class CacheSync(Service):
             f"cachesync could not subscribe to {redact_url(self.url)} within {timeout}s; "
             "is the broker running?"
         )
+
+    # -- running without an event loop (see cachesync.runner) -------------------------------
+
+    def start_in_background(self) -> None:
+        """Run the listener on a daemon thread with an event loop of its own, for sync apps
+        (Django, Flask, gunicorn workers); return once the subscription is live, or raise
+        :class:`~cachesync.errors.TransportError` after ``connect_timeout``. Cached plain
+        functions then work from any thread. In a process forked from this one the caches are
+        distrusted at once and the listener starts again there. Stopped by
+        :meth:`stop_background` or at interpreter exit."""
+        if self._runner is None:
+            self._runner = BackgroundRunner(self)
+        self._runner.start()
+
+    def stop_background(self, timeout: float = 5.0) -> None:
+        """Stop what :meth:`start_in_background` started. Idempotent."""
+        if self._runner is not None:
+            self._runner.stop(timeout)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[CacheSync]:
+        """``with sync.running():`` runs the listener in the background for the block."""
+        self.start_in_background()
+        try:
+            yield self
+        finally:
+            self.stop_background()
+
+    def _decorated_async(self, fn: Callable[..., Any]) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        self._async_functions.append(name)
+        if self._runner is not None and self._runner.running:
+            self._check_thread_safe()
+
+    def _check_thread_safe(self) -> None:
+        """Refuse async functions where the listener's loop is a background thread's."""
+        if self._async_functions:
+            names = ", ".join(self._async_functions)
+            raise StateError(
+                f"cached async def functions ({names}) cannot run with start_in_background(): "
+                "the listener's event loop is private to its thread. Cache plain (def) "
+                "functions for threads, or run the client with 'async with sync:' in your "
+                "event loop"
+            )
+
+    def _fork_locks(self) -> list[Any]:
+        """The locks a fork must not catch held (see cachesync.runner)."""
+        return [m.cache.lock for ns in self._namespaces.values() for m in ns.members]
+
+    def _reopen(self) -> Transport:
+        """Forget the listener, tasks and connection (in a forked child they belong to the
+        parent's threads and sockets), distrust every cache and return to UNOPENED so that
+        start() may run again. Returns the transport it replaced, which the caller keeps
+        unclosed when it came from a parent process."""
+        self._set_down()
+        self._hit_clock.close()
+        old = self._transport
+        self._transport = from_url(old.url, connect_timeout=self.connect_timeout)
+        self._state = ClientState.UNOPENED
+        self._ready = asyncio.Event()
+        self._tasks = set()
+        self._listener = self._watchdog = None
+        self._executor = None
+        self._sources.clear()
+        self._retired.clear()
+        self._backoff.reset()
+        return old
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, Self, TypeVar
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
 from .events import ChangeEvent, Op
 from .lifecycle import Service
+from .runner import INHERITED, LoopThread
 from .signing import Signer
 from .transports.base import Transport, from_url, redact_url
 
-__all__ = ["Change", "Publisher", "PublisherState"]
+__all__ = ["BlockingPublisher", "Change", "Publisher", "PublisherState"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("cachesync.publisher")
 
@@ -266,3 +272,137 @@ class Publisher(Service):
             except TransportError as exc:
                 log.warning("heartbeat not sent", extra={"error": str(exc)})
             await asyncio.sleep(interval)
+
+
+class BlockingPublisher:
+    """:class:`Publisher` for sync code (Django views, management commands, scripts): the same
+    events, ``seq`` and heartbeats, from a :class:`Publisher` that runs on a daemon thread's
+    event loop. Each call blocks until the broker took the event (or raises
+    :class:`~cachesync.errors.TransportError` after ``publish_timeout``).
+
+    It starts on first use in each process, so one made before a fork (gunicorn
+    ``--preload``) works in every worker: each worker publishes as a source of its own.
+    ``with BlockingPublisher(...) as pub:`` or :meth:`close` stops it; so does the
+    interpreter's exit. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        channel: str = "cachesync",
+        *,
+        heartbeat_interval: float | None = 1.0,
+        publish_timeout: float = 10.0,
+        signing_key: bytes | str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._options: dict[str, Any] = dict(
+            url=url,
+            channel=channel,
+            heartbeat_interval=heartbeat_interval,
+            publish_timeout=publish_timeout,
+            signing_key=signing_key,
+            clock=clock,
+        )
+        Publisher(**self._options)  # checks the arguments now, not at the first publish
+        self.url = url
+        self.channel = channel
+        self.publish_timeout = publish_timeout
+        self._lock = threading.Lock()
+        self._thread: LoopThread | None = None
+        self._publisher: Publisher | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect now rather than at the first publish (a no-op when already started)."""
+        self._running()
+
+    def close(self) -> None:
+        """Stop the heartbeat, close the connection and the thread. Idempotent."""
+        with self._lock:
+            self._closed = True
+            thread, publisher = self._thread, self._publisher
+            self._thread = self._publisher = None
+        if thread is None or publisher is None or not thread.alive:
+            return
+        with contextlib.suppress(Exception):
+            thread.call(publisher.stop(), timeout=self.publish_timeout)
+        thread.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def publisher(self) -> Publisher:
+        """The :class:`Publisher` behind this one (its ``source``, ``seq`` and counters)."""
+        return self._running()[1]
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def changed(
+        self,
+        ns: str,
+        *keys: str,
+        version: int | None = None,
+        value: Any = None,
+        ts: float | None = None,
+    ) -> ChangeEvent:
+        """As :meth:`Publisher.changed`, blocking."""
+        thread, publisher = self._running()
+        return self._call(thread, publisher.changed(ns, *keys, version=version, value=value, ts=ts))
+
+    def deleted(
+        self, ns: str, *keys: str, version: int | None = None, ts: float | None = None
+    ) -> ChangeEvent:
+        """As :meth:`Publisher.deleted`, blocking."""
+        thread, publisher = self._running()
+        return self._call(thread, publisher.deleted(ns, *keys, version=version, ts=ts))
+
+    def flush(self, ns: str, ts: float | None = None) -> ChangeEvent:
+        """As :meth:`Publisher.flush`, blocking."""
+        thread, publisher = self._running()
+        return self._call(thread, publisher.flush(ns, ts=ts))
+
+    def send_many(self, changes: Sequence[Change]) -> list[ChangeEvent]:
+        """As :meth:`Publisher.send_many`, blocking."""
+        thread, publisher = self._running()
+        return self._call(thread, publisher.send_many(changes))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _call(self, thread: LoopThread, coro: Coroutine[Any, Any, T]) -> T:
+        # A little past publish_timeout: the publisher raises its own TransportError first.
+        return thread.call(coro, timeout=self.publish_timeout + 5.0)
+
+    def _running(self) -> tuple[LoopThread, Publisher]:
+        with self._lock:
+            if self._closed:
+                raise StateError("this BlockingPublisher is closed; create a new one")
+            thread, publisher = self._thread, self._publisher
+            if thread is not None and publisher is not None and thread.alive:
+                return thread, publisher
+            if thread is not None and thread.pid != os.getpid():
+                # Made in a parent process: its loop and connection are the parent's and must
+                # stay untouched here (see cachesync.runner).
+                INHERITED.extend((thread, publisher))
+            thread = LoopThread("cachesync-publisher")
+            thread.start()
+            publisher = Publisher(**self._options)
+            try:
+                thread.call(publisher.start(), timeout=self.publish_timeout + 5.0)
+            except BaseException:
+                thread.stop()
+                raise
+            self._thread, self._publisher = thread, publisher
+            return thread, publisher
