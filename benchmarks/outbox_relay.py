@@ -37,7 +37,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from cachesync.events import ChangeEvent, Op
-from cachesync.outbox import Outbox, OutboxRelay
+from cachesync.owner.outbox import Outbox, OutboxRelay
 from cachesync.transports.base import from_url
 
 DEFAULT_DSN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
