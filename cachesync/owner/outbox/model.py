@@ -125,7 +125,8 @@ class Outbox(_Base):
         Only calls ``session.add``, so it works with ``Session`` and ``AsyncSession`` alike and
         never does I/O. ``value`` (one key only) may be anything pydantic can turn into JSON,
         a model included; it is converted now, so a bad value fails here, not in the relay.
-        Without ``version`` the event carries the row's commit stamp as its version.
+        Without ``version`` the event carries the row's commit stamp as its version (on
+        PostgreSQL and SQLite; see the module docstring).
         """
         op_value = op.value if isinstance(op, Op) else op
         if op_value not in OPS:
