@@ -304,6 +304,18 @@ async def test_lifecycle_and_arguments(sqlite_engine: AsyncEngine, unique: str) 
         await relay.start()
 
 
+@pytest.mark.timeout(10)
+async def test_a_table_from_an_earlier_version_gets_an_error_that_says_what_to_do(
+    sqlite_engine: AsyncEngine, unique: str
+) -> None:
+    async with sqlite_engine.begin() as conn:
+        await conn.exec_driver_sql("DROP INDEX ix_cachesync_outbox_pending")
+        await conn.exec_driver_sql("ALTER TABLE cachesync_outbox DROP COLUMN commit_seq")
+    url = f"memory://{unique}"
+    async with OutboxRelay(sqlite_engine, url, poll_interval=0.05, backoff_max=0.05) as relay:
+        await eventually(lambda: "ADD COLUMN commit_seq" in (relay.stats()["last_error"] or ""))
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 

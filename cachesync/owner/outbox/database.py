@@ -12,11 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, delete, update
+from sqlalchemy import ColumnElement, delete, false, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .model import TABLE
+from ...errors import ConfigError
+from .model import TABLE, TABLE_NAME
 from .rows import Row
 
 __all__ = ["DB_ERRORS", "Batch", "OutboxDatabase", "database_for"]
@@ -78,6 +79,7 @@ class OutboxDatabase(abc.ABC):
         conn = await self.engine.connect()
         try:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await _check_columns(conn)
             await self._setup(conn)
         except BaseException:
             await _discard(conn)
@@ -167,6 +169,21 @@ class OutboxDatabase(abc.ABC):
     @abc.abstractmethod
     async def _teardown(self, conn: AsyncConnection) -> None:
         """Undo :meth:`_setup` on a connection about to be dropped."""
+
+
+async def _check_columns(conn: AsyncConnection) -> None:
+    """Fail with what to do when the table predates a column the relay reads."""
+    try:
+        await conn.execute(select(TABLE.c.commit_seq).where(false()))
+        await conn.rollback()
+    except SQLAlchemyError as exc:
+        if "commit_seq" not in str(exc):
+            raise
+        raise ConfigError(
+            "the outbox table has no commit_seq column (it was made by an earlier version): "
+            f"ALTER TABLE {TABLE_NAME} ADD COLUMN commit_seq BIGINT, then on PostgreSQL run "
+            "Outbox.postgresql_sql(schema); see the CHANGELOG for the index"
+        ) from exc
 
 
 async def _discard(conn: AsyncConnection) -> None:

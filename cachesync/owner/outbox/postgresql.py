@@ -46,6 +46,7 @@ class PostgresDatabase(OutboxDatabase):
         self._select = self._mark_sent_sql = ""
         self._lock_key = 0
         self._listen_channel = ""
+        self._warned_unstamped = False
 
     async def _setup(self, conn: AsyncConnection) -> None:
         table = quote_ident(TABLE_NAME)
@@ -103,6 +104,13 @@ class PostgresDatabase(OutboxDatabase):
             for record in records
             if record["id"] is not None
         ]
+        if rows and rows[-1]["stamp"] is None and not self._warned_unstamped:
+            # NULLs sort last: rows written without the stamp trigger.
+            self._warned_unstamped = True
+            log.warning(
+                "outbox rows without a commit stamp: run Outbox.postgresql_sql(schema) to "
+                "install the trigger; until then such rows keep only their own versions"
+            )
         return Batch(leads, rows)
 
     async def _mark_sent(self, conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
