@@ -1,8 +1,8 @@
-"""The transactional outbox and its relay: order, at-least-once, faults, and guarantee 6.
+"""The transactional outbox and its relay: order, at-least-once, faults, guarantees 6 and 14.
 
 SQLite + the memory bus for the quick cases; real PostgreSQL (LISTEN/NOTIFY, concurrent
-transactions, a database cut through a TCP proxy) and real Redis through a TCP proxy for
-guarantee 6.
+transactions, row locks, terminated sessions, a database cut through a TCP proxy) and real
+Redis through a TCP proxy for guarantee 6 and long outages.
 """
 
 from __future__ import annotations

@@ -37,6 +37,11 @@ __all__ = ["OutboxRelay"]
 log = logging.getLogger("cachesync.outbox")
 
 
+# Broker failures in a row after which an owned publisher is replaced even though it still
+# claims to be connected (a failed start, or a closed transport, replaces it at once).
+_FAILURES_BEFORE_REPLACING = 3
+
+
 class _RelayState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -130,6 +135,7 @@ class OutboxRelay(Service):
         self._state = _RelayState.NEW
         self._task: asyncio.Task[None] | None = None
         self._publisher_started = not self._owns_publisher
+        self._broker_failures = 0
         self._next_prune = 0.0
         self._progress = asyncio.Condition()
         self._rounds_started = 0
@@ -240,7 +246,13 @@ class OutboxRelay(Service):
                 # StateError: a publisher the caller has not started (yet), or a transport
                 # left closed by a failed reconnect.
                 self._broker_down(exc)
-                await self._replace_publisher()
+                self._broker_failures += 1
+                if (
+                    isinstance(exc, StateError)
+                    or not self._publisher_started
+                    or self._broker_failures >= _FAILURES_BEFORE_REPLACING
+                ):
+                    await self._replace_publisher()
                 await self._pause()
                 continue
             except db_errors as exc:
@@ -281,17 +293,20 @@ class OutboxRelay(Service):
         )
 
     async def _replace_publisher(self) -> None:
-        """After a broker failure, start over with a fresh publisher (if this relay owns it).
+        """Start over with a fresh publisher (if this relay owns it): after a failed start, a
+        transport left closed, or several broker failures in a row.
 
         Whatever state the failed connection was left in (closed by a reconnect that timed
         out, half open), the next round connects anew; consumers see a new source and know
-        events may be missing.
+        events may be missing. A relay never gives up: an outage of any length ends with the
+        broker's return.
         """
         if not self._owns_publisher:
             return
         old = self.publisher
         self.publisher = self._new_publisher(self.channel)
         self._publisher_started = False
+        self._broker_failures = 0
         self._stats["publisher_restarts"] += 1
         with contextlib.suppress(Exception):
             await old.stop()
@@ -341,6 +356,7 @@ class OutboxRelay(Service):
                 await self._db.mark((), {}, failed, ready[0][0] if ready else None)
             raise
         if ready:
+            self._broker_failures = 0
             self._broker_up()
             last_id, last = ready[-1]
             self._stats["published"] += len(ready)
