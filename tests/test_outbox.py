@@ -305,6 +305,24 @@ async def test_lifecycle_and_arguments(sqlite_engine: AsyncEngine, unique: str) 
 
 
 @pytest.mark.timeout(10)
+async def test_rows_without_a_version_carry_their_commit_stamp_on_sqlite(
+    sqlite_engine: AsyncEngine, unique: str
+) -> None:
+    # SQLite lets one transaction write at a time: ids follow the commit order.
+    for v in (1, 2):
+        async with AsyncSession(sqlite_engine) as session, session.begin():
+            Outbox.add(session, "currencies", "USD", value={"v": v})
+    async with AsyncSession(sqlite_engine) as session, session.begin():
+        Outbox.add(session, "currencies", "USD", version=70, value={"v": 3})
+        Outbox.add(session, "currencies", op="flush")
+    url = f"memory://{unique}"
+    async with Collector(url) as collector, OutboxRelay(sqlite_engine, url, poll_interval=0.05):
+        events = await collector.wait_changes(4)
+    ids = [r["id"] for r in await _rows(sqlite_engine)]
+    assert [e.version for e in events] == [ids[0], ids[1], 70, None]
+
+
+@pytest.mark.timeout(10)
 async def test_a_table_from_an_earlier_version_gets_an_error_that_says_what_to_do(
     sqlite_engine: AsyncEngine, unique: str
 ) -> None:
