@@ -303,13 +303,15 @@ class OutboxRelay(Service):
         """
         if not self._owns_publisher:
             return
-        old = self.publisher
+        # The old one first (bounded: its broker may be unreachable), so a stop() that lands
+        # meanwhile still finds it in self.publisher and closes it.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.stop_timeout):
+                await self.publisher.stop()
         self.publisher = self._new_publisher(self.channel)
         self._publisher_started = False
         self._broker_failures = 0
         self._stats["publisher_restarts"] += 1
-        with contextlib.suppress(Exception):
-            await old.stop()
 
     async def _round(self) -> bool:
         """Publish one batch; True if there may be more rows waiting."""
