@@ -25,7 +25,7 @@ from .publisher import BlockingPublisher, Change, Publisher
 from .transports.base import Transport, from_url
 
 if TYPE_CHECKING:
-    from .outbox import Outbox, OutboxRelay
+    from .owner.outbox import Outbox, OutboxRelay
 
 __all__ = [
     "BlockingPublisher",
@@ -58,7 +58,7 @@ def __getattr__(name: str) -> Any:
     # The outbox needs SQLAlchemy (the `outbox` extra): import it only when asked for.
     if name in ("Outbox", "OutboxRelay"):
         try:
-            from . import outbox
+            from .owner import outbox
         except ImportError as exc:
             raise ImportError(
                 f"cachesync.{name} needs SQLAlchemy: pip install 'cachesync[outbox]'"

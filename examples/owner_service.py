@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from cachesync.integrations.fastapi import owner_lifespan, state_router
-from cachesync.outbox import Outbox, OutboxRelay
+from cachesync.owner.outbox import Outbox, OutboxRelay
 
 from .models import Currency, CurrencyIn, Customer, CustomerIn
 

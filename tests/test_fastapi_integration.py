@@ -22,7 +22,7 @@ from cachesync import CacheSync, Publisher
 from cachesync.client import ClientState
 from cachesync.fetch import HttpFetcher
 from cachesync.integrations.fastapi import consumer_lifespan, owner_lifespan, state_router
-from cachesync.outbox import Outbox, OutboxRelay
+from cachesync.owner.outbox import Outbox, OutboxRelay
 
 from .helpers import eventually
 

@@ -1,100 +1,40 @@
-"""The transactional outbox and its relay: order, at-least-once, faults, and guarantee 6.
+"""The transactional outbox and its relay: order, at-least-once, faults, guarantees 6 and 14.
 
 SQLite + the memory bus for the quick cases; real PostgreSQL (LISTEN/NOTIFY, concurrent
-transactions, a database cut through a TCP proxy) and real Redis through a TCP proxy for
-guarantee 6.
+transactions, row locks, terminated sessions, a database cut through a TCP proxy) and real
+Redis through a TCP proxy for guarantee 6 and long outages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, create_engine, insert, make_url, select
+from sqlalchemy import JSON, create_engine, insert, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from cachesync import ChangeEvent, Op, Publisher, TransportError
-from cachesync.outbox import Outbox, OutboxRelay, notify_channel
-from cachesync.transports.base import from_url
-from cachesync.transports.memory import MemoryTransport
+from cachesync import Op, Publisher
+from cachesync.owner.outbox import Outbox, OutboxRelay, notify_channel
+from cachesync.owner.outbox import relay as relay_module
+from cachesync.owner.outbox.database import OutboxDatabase
+from cachesync.owner.outbox.generic import GenericDatabase
 
 from .helpers import eventually
+from .outbox_tools import (
+    Collector,
+    FlakyTransport,
+    StallingTransport,
+    session_pids,
+    terminate_sessions,
+)
 from .tcpproxy import TcpProxy
 
 TABLE = Outbox.__table__
-
-
-class Collector:
-    """A raw subscriber: every event of ``channel``, decoded, in arrival order."""
-
-    def __init__(self, url: str, channel: str = "cachesync") -> None:
-        self.transport = from_url(url)
-        self.channel = channel
-        self.events: list[ChangeEvent] = []
-        self._changed = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def changes(self) -> list[ChangeEvent]:
-        return [e for e in self.events if e.op != Op.HEARTBEAT]
-
-    async def __aenter__(self) -> Collector:
-        await self.transport.connect()
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(5):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await self.transport.close()
-
-    async def _run(self) -> None:
-        async for payload in self.transport.subscribe(self.channel, lambda _: self._ready.set()):
-            self.events.append(ChangeEvent.decode(payload))
-            self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def wait_changes(self, count: int, timeout: float = 5.0) -> list[ChangeEvent]:
-        await self.wait_for(lambda: len(self.changes) >= count, timeout)
-        return self.changes
-
-
-class FlakyTransport(MemoryTransport):
-    """The memory bus with a switch that makes the broker unreachable."""
-
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.down = False
-        self.attempts = 0
-
-    async def connect(self) -> None:
-        if self.down:
-            raise TransportError("broker down (test)")
-        await super().connect()
-
-    async def publish(self, channel: str, payload: bytes) -> None:
-        self.attempts += 1
-        # Like a real broker client (and unlike the bare memory bus): a closed or failed
-        # connection is a TransportError, which makes the publisher reconnect.
-        if self.down or not self._connected:
-            raise TransportError("broker down (test)")
-        await super().publish(channel, payload)
 
 
 async def _rows(engine: AsyncEngine) -> list[Any]:
@@ -136,6 +76,24 @@ async def pg_schema(postgres_dsn: str, unique: str) -> AsyncIterator[str]:
         async with admin.begin() as conn:
             await conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.dispose()
+
+
+@pytest.fixture
+async def named_pg_engine(
+    postgres_dsn: str, pg_schema: str
+) -> AsyncIterator[Callable[[str], AsyncEngine]]:
+    """Engines in the test's schema whose sessions carry an application_name (to find them)."""
+    bases: list[AsyncEngine] = []
+
+    def make(name: str) -> AsyncEngine:
+        settings = {"server_settings": {"application_name": name}}
+        base = create_async_engine(_asyncpg(postgres_dsn), connect_args=settings)
+        bases.append(base)
+        return base.execution_options(schema_translate_map={None: pg_schema})
+
+    yield make
+    for base in bases:
+        await base.dispose()
 
 
 @pytest.fixture
@@ -346,6 +304,36 @@ async def test_lifecycle_and_arguments(sqlite_engine: AsyncEngine, unique: str) 
         await relay.start()
 
 
+@pytest.mark.timeout(10)
+async def test_rows_without_a_version_carry_their_commit_stamp_on_sqlite(
+    sqlite_engine: AsyncEngine, unique: str
+) -> None:
+    # SQLite lets one transaction write at a time: ids follow the commit order.
+    for v in (1, 2):
+        async with AsyncSession(sqlite_engine) as session, session.begin():
+            Outbox.add(session, "currencies", "USD", value={"v": v})
+    async with AsyncSession(sqlite_engine) as session, session.begin():
+        Outbox.add(session, "currencies", "USD", version=70, value={"v": 3})
+        Outbox.add(session, "currencies", op="flush")
+    url = f"memory://{unique}"
+    async with Collector(url) as collector, OutboxRelay(sqlite_engine, url, poll_interval=0.05):
+        events = await collector.wait_changes(4)
+    ids = [r["id"] for r in await _rows(sqlite_engine)]
+    assert [e.version for e in events] == [ids[0], ids[1], 70, None]
+
+
+@pytest.mark.timeout(10)
+async def test_a_table_from_an_earlier_version_gets_an_error_that_says_what_to_do(
+    sqlite_engine: AsyncEngine, unique: str
+) -> None:
+    async with sqlite_engine.begin() as conn:
+        await conn.exec_driver_sql("DROP INDEX ix_cachesync_outbox_pending")
+        await conn.exec_driver_sql("ALTER TABLE cachesync_outbox DROP COLUMN commit_seq")
+    url = f"memory://{unique}"
+    async with OutboxRelay(sqlite_engine, url, poll_interval=0.05, backoff_max=0.05) as relay:
+        await eventually(lambda: "ADD COLUMN commit_seq" in (relay.stats()["last_error"] or ""))
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
@@ -397,24 +385,24 @@ async def test_a_late_committing_lower_id_is_not_skipped(
 @pytest.mark.postgres
 @pytest.mark.timeout(10)
 async def test_a_killed_database_session_is_replaced_and_listening_resumes(
-    pg_engine: AsyncEngine, unique: str
+    pg_engine: AsyncEngine, named_pg_engine: Callable[[str], AsyncEngine], unique: str
 ) -> None:
     url = f"memory://{unique}"
+    name = f"relay-{unique}"
+    engine = named_pg_engine(name)
     async with (
         Collector(url) as collector,
-        OutboxRelay(pg_engine, url, poll_interval=0.1, backoff_max=0.05) as relay,
+        OutboxRelay(engine, url, poll_interval=0.1, backoff_max=0.05) as relay,
     ):
         await eventually(lambda: relay.stats()["listening"])
-        pid = relay._asyncpg.get_server_pid()
-        async with pg_engine.connect() as conn:
-            await conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        (pid,) = await terminate_sessions(pg_engine, name)
         await _commit(pg_engine, ("currencies", "USD", 1))
         await collector.wait_changes(1)
         # asyncpg's error on the dead connection counts as the database's, not a surprise.
         assert relay.stats()["db_errors"] >= 1
         assert relay.stats()["last_error"].startswith("database")
         await eventually(lambda: relay.stats()["listening"])
-        assert relay._asyncpg.get_server_pid() != pid
+        assert await session_pids(pg_engine, name) not in ([], [pid])
         await _commit(pg_engine, ("currencies", "USD", 2))
         events = await collector.wait_changes(2)
     assert [e.version for e in events] == [1, 2]
@@ -426,8 +414,8 @@ async def test_the_asyncpg_path_reads_and_marks_rows_as_sqlalchemy_does(
     pg_engine: AsyncEngine, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With asyncpg the relay selects and marks rows on the driver's connection: odd rows
-    included, it must publish what the SQLAlchemy path publishes, in id order, and leave the
-    rows in the same state."""
+    included, it must publish what the generic (SQLAlchemy) path publishes, in the same order,
+    and leave the rows in the same state."""
 
     def row(**values: Any) -> dict[str, Any]:
         base: dict[str, Any] = {"ns": "currencies", "op": "upsert", "keys": ["USD"]}
@@ -449,14 +437,14 @@ async def test_the_asyncpg_path_reads_and_marks_rows_as_sqlalchemy_does(
         row(version=10, value=[False, 0, ""]),
     ]
 
-    async def sqlalchemy_only(self: OutboxRelay, conn: Any) -> None:
-        return None
+    def generic_only(engine: AsyncEngine, *args: Any, **kwargs: Any) -> OutboxDatabase:
+        return GenericDatabase(engine, *args, **kwargs)
 
     published: dict[str, list[tuple[Any, ...]]] = {}
     states: dict[str, list[tuple[Any, ...]]] = {}
     for path in ("asyncpg", "sqlalchemy"):
         if path == "sqlalchemy":
-            monkeypatch.setattr(OutboxRelay, "_use_asyncpg", sqlalchemy_only)
+            monkeypatch.setattr(relay_module, "database_for", generic_only)
         channel = f"{path}-{unique}"
         async with pg_engine.begin() as conn:  # 20 rows: 7 rounds of 3
             await conn.execute(insert(TABLE), [{**r, "channel": channel} for r in odd + odd])
@@ -467,7 +455,7 @@ async def test_the_asyncpg_path_reads_and_marks_rows_as_sqlalchemy_does(
             OutboxRelay(pg_engine, url, channel, poll_interval=0.05, **options) as relay,
         ):
             await relay.wait_idle(5)
-            assert (relay._asyncpg is not None) is (path == "asyncpg")
+            assert relay.stats()["listening"] is (path == "asyncpg")
             assert relay.stats()["published"] == 18 and relay.stats()["failed"] == 2
         published[path] = [(e.op, e.keys, e.version, e.value, e.ts) for e in collector.changes]
         states[path] = [
@@ -663,3 +651,197 @@ async def test_guarantee_6_changes_committed_while_the_broker_is_down_are_all_pu
 def _applied(cached: Any, key: str, version: int) -> bool:
     entry = cached.cache.get_fresh(key)
     return entry is not None and entry.value["v"] == version
+
+
+# -- no row stranded, commit order, fencing, long outages (guarantee 14) ----------------------
+
+
+@pytest.mark.timeout(10)
+async def test_a_row_sent_in_reduced_form_whose_publish_failed_is_not_stranded(
+    sqlite_engine: AsyncEngine, unique: str
+) -> None:
+    """A value over max_value_bytes goes out as an invalidation, with a note. If the broker
+    refuses that publish, the note must not be written: a row with a failed_reason is never
+    selected again, so the row would never be sent."""
+    url = f"memory://{unique}"
+    transport = FlakyTransport(url)
+    publisher = Publisher(url, transport=transport, heartbeat_interval=None, publish_timeout=0.05)
+    async with AsyncSession(sqlite_engine) as session, session.begin():
+        Outbox.add(session, "currencies", "USD", version=1, value={"blob": "x" * 500})
+    async with Collector(url) as collector:
+        await publisher.start()
+        transport.down = True
+        options: dict[str, Any] = {"poll_interval": 0.05, "backoff_max": 0.05}
+        async with OutboxRelay(sqlite_engine, publisher, max_value_bytes=100, **options) as relay:
+            await eventually(lambda: relay.stats()["publish_errors"] >= 2)
+            (row,) = await _rows(sqlite_engine)
+            assert row["sent_at"] is None and row["failed_reason"] is None
+            transport.down = False
+            await relay.wait_idle(5)
+            assert [(e.keys, e.version, e.value) for e in collector.changes] == [
+                (("USD",), 1, None)
+            ]
+        await publisher.stop()
+    (row,) = await _rows(sqlite_engine)
+    assert row["sent_at"] is not None and "invalidation" in row["failed_reason"]
+    assert relay.stats()["degraded"] == 1
+
+
+async def _refresh_consumer(url: str, ns: str, *keys: str) -> tuple[Any, Any]:
+    """A consumer in refresh mode that holds ``keys`` (value {"v": 0}), so events update them;
+    a read that misses returns {"v": -1}."""
+    from cachesync import CacheSync
+
+    sync = CacheSync(url, heartbeat_timeout=30.0)
+
+    @sync.cached(ns, ttl=3600, mode="refresh")
+    async def get_item(key: str) -> dict[str, Any]:
+        return {"v": -1}
+
+    await sync.start()
+    for key in keys:
+        assert get_item.prime(key, {"v": 0})
+    return sync, get_item
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(20)
+async def test_rows_go_out_in_commit_order_and_consumers_end_on_the_last_commit(
+    pg_engine: AsyncEngine, pg_schema: str, unique: str
+) -> None:
+    """B inserts its outbox row (the lower id), then waits on A's row lock; A commits first.
+    The database ends with B's value; so must a refresh-mode consumer."""
+    async with pg_engine.begin() as conn:
+        await conn.exec_driver_sql(
+            f'CREATE TABLE "{pg_schema}".items (key text PRIMARY KEY, v int)'
+        )
+        await conn.exec_driver_sql(f"INSERT INTO \"{pg_schema}\".items VALUES ('K', 0)")
+    update = text(f'UPDATE "{pg_schema}".items SET v = :v WHERE key = :key')
+    async with AsyncSession(pg_engine) as a, AsyncSession(pg_engine) as b:
+        await a.begin()
+        await a.execute(update, {"v": 1, "key": "K"})  # A holds the row lock
+        await b.begin()
+        b_pid = (await b.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        Outbox.add(b, "items", "K", value={"v": 2})
+        await b.flush()  # B's outbox row: the lower id
+        b_update = asyncio.create_task(b.execute(update, {"v": 2, "key": "K"}))
+        waiting = text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted")
+        async with pg_engine.connect() as conn:
+            while not (await conn.execute(waiting, {"pid": b_pid})).scalar_one():
+                await asyncio.sleep(0.005)  # until B waits on A's lock
+        Outbox.add(a, "items", "K", value={"v": 1})
+        await a.commit()
+        await b_update
+        await b.commit()
+    async with pg_engine.connect() as conn:
+        assert (await conn.exec_driver_sql(f'SELECT v FROM "{pg_schema}".items')).scalar() == 2
+    rows = await _rows(pg_engine)
+    assert [r["value"] for r in rows] == [{"v": 2}, {"v": 1}]  # by id, B's is first
+
+    url = f"memory://{unique}"
+    sync, get_item = await _refresh_consumer(url, "items", "K")
+    try:
+        async with Collector(url) as collector, OutboxRelay(pg_engine, url) as relay:
+            events = await collector.wait_changes(2)
+            await relay.wait_idle(5)
+            await eventually(lambda: get_item.cache.stats.events >= 2)
+            assert await get_item("K") == {"v": 2}
+    finally:
+        await sync.stop()
+    assert [e.value for e in events] == [{"v": 1}, {"v": 2}]  # commit order
+    first, second = (e.version for e in events)
+    assert first is not None and second is not None and first < second  # commit stamps
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(30)
+async def test_a_deposed_leaders_late_publish_loses_to_the_new_leader(
+    pg_engine: AsyncEngine, named_pg_engine: Callable[[str], AsyncEngine], unique: str
+) -> None:
+    """The leader's session is terminated while its publish of row 1 is on the wire; the new
+    leader publishes rows 1 and 2; then the old publish lands. Consumers keep row 2, and the
+    deposed relay publishes nothing more."""
+    url = f"memory://{unique}"
+    name = f"old-leader-{unique}"
+    stalling = StallingTransport(url)
+    old_publisher = Publisher(url, transport=stalling, heartbeat_interval=None)
+    sync, get_item = await _refresh_consumer(url, "items", "K", "OTHER")
+
+    async def commit(key: str, v: int) -> None:
+        async with AsyncSession(pg_engine) as session, session.begin():
+            Outbox.add(session, "items", key, value={"v": v})
+
+    old = OutboxRelay(named_pg_engine(name), old_publisher, poll_interval=0.05, backoff_max=0.05)
+    new = OutboxRelay(pg_engine, url, poll_interval=0.05, backoff_max=0.05)
+    try:
+        async with Collector(url) as collector:
+            await old_publisher.start()
+            await old.start()
+            await eventually(lambda: old.stats()["leading"] is True)
+            await new.start()
+            await eventually(lambda: new.stats()["leading"] is False)
+            await commit("OTHER", 1)  # consumers hear the old leader's source first
+            await collector.wait_changes(1)
+            stalling.armed = True
+            await commit("K", 1)
+            async with asyncio.timeout(5):
+                await stalling.stalled.wait()  # the old leader's publish of row 1 hangs
+            await terminate_sessions(pg_engine, name)
+            await commit("K", 2)
+            await collector.wait_for(
+                lambda: (
+                    [e.value for e in collector.changes if e.source == new.publisher.source]
+                    == [{"v": 1}, {"v": 2}]
+                )
+            )
+            assert await get_item("K") == {"v": 2}
+            stalling.release.set()  # the late publish lands now
+            await collector.wait_for(lambda: len(collector.changes) == 4)
+            late = collector.changes[-1]
+            assert late.source == old_publisher.source and late.value == {"v": 1}
+            await eventually(lambda: get_item.cache.stats.events >= 4)
+            assert await get_item("K") == {"v": 2}
+            assert get_item.cache.stats.ignored_older >= 1
+            # The deposed relay reconnects, finds the lock taken and stands by.
+            await eventually(lambda: old.stats()["leading"] is False and old.stats()["db_up"])
+            await commit("K", 3)
+            await new.wait_idle(5)
+            await collector.wait_for(lambda: len(collector.changes) == 5)
+            assert collector.changes[-1].source == new.publisher.source
+            assert old.stats()["published"] == 2  # OTHER and the late row 1; nothing since
+    finally:
+        await old.stop()
+        await new.stop()
+        await old_publisher.stop()
+        await sync.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(30)
+async def test_the_relay_publishes_again_after_a_broker_outage_of_any_length(
+    sqlite_engine: AsyncEngine, redis_url: str, unique: str
+) -> None:
+    """A Redis outage many times the relay's connect and publish timeouts, with rows committed
+    during it: once Redis is reachable again, every row goes out."""
+    channel = f"outage-{unique}"
+    redis = make_url(redis_url)
+    direct = f"redis://{redis.host}:{redis.port}/{redis.database or 0}"
+    async with TcpProxy(redis.host, redis.port) as proxy, Collector(direct, channel) as collector:
+        broker = f"redis://127.0.0.1:{proxy.port}/{redis.database or 0}"
+        options: dict[str, Any] = {"poll_interval": 0.05, "backoff_max": 0.1}
+        options.update(connect_timeout=0.2, publish_timeout=0.2)
+        async with OutboxRelay(sqlite_engine, broker, channel, **options) as relay:
+            await _commit(sqlite_engine, ("currencies", "USD", 1), channel=channel)
+            await collector.wait_changes(1)
+            proxy.refuse(True)
+            await proxy.cut()
+            for version in range(2, 12):
+                await _commit(sqlite_engine, ("currencies", "USD", version), channel=channel)
+            # At least 6 failed rounds of >= 0.2 s each: an outage far past every timeout.
+            await eventually(lambda: relay.stats()["publish_errors"] >= 6, timeout=15)
+            assert relay.stats()["broker_up"] is False
+            proxy.refuse(False)
+            events = await collector.wait_changes(11, timeout=10)
+            await relay.wait_idle(5)
+    assert [e.version for e in events] == list(range(1, 12))
+    assert relay.stats()["broker_up"] is True

@@ -38,7 +38,7 @@ from ..publisher import Publisher
 if TYPE_CHECKING:
     # Only for types: importing the outbox needs SQLAlchemy (the ``outbox`` extra), which a
     # consumer does not install.
-    from ..outbox import OutboxRelay
+    from ..owner.outbox import OutboxRelay
 
 __all__ = ["Lifespan", "consumer_lifespan", "owner_lifespan", "state_router"]
 
