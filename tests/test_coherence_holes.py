@@ -299,11 +299,30 @@ async def test_an_unversioned_event_keeps_the_known_version(sync: CacheSync) -> 
 async def test_an_unversioned_refresh_does_not_let_an_older_version_back(
     sync: CacheSync,
 ) -> None:
-    get = sync.cached("fx", mode="refresh", version_of=lambda row: row["v"])(lambda key: {"v": 5})
+    owner = {"v": 5}
+    get = sync.cached("fx", mode="refresh", version_of=lambda row: row["v"])(
+        lambda key: dict(owner)
+    )
     assert get("USD") == {"v": 5}
+    owner["v"] = 6
     sync.handle_message(event(1, "USD", value={"v": 6}).encode())  # no version
-    sync.handle_message(event(2, "USD", version=4, value={"v": 4}).encode())
+    sync.handle_message(event(2, "USD", version=4, value={"v": 4}).encode())  # late, older
     assert get("USD") == {"v": 6}
+    assert get.cache.version_of("USD") == 6
+
+
+async def test_an_unversioned_refresh_never_hides_a_newer_fetch(sync: CacheSync) -> None:
+    """A fetch reads v3 before the events for v2 (unversioned, with its value) and v3 arrive:
+    the value of v2 must not be stored under the version v3 the fetch made known, which would
+    make the event for v3 look applied already."""
+    owner = {"v": 3}
+    get = sync.cached("fx", mode="refresh", version_of=lambda row: row["v"])(
+        lambda key: dict(owner)
+    )
+    assert get("USD") == {"v": 3}
+    sync.handle_message(event(1, "USD", value={"v": 2}).encode())  # no version
+    sync.handle_message(event(2, "USD", version=3).encode())
+    assert get("USD") == {"v": 3}
 
 
 # 9 -----------------------------------------------------------------------------------------
