@@ -25,9 +25,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
@@ -36,6 +35,7 @@ from cachesync.cache import TOMBSTONE, Entry
 from cachesync.transports.base import OnReady
 from cachesync.transports.memory import bus_for
 
+from .helpers import eventually
 from .test_transport_contract import kill_redis_clients
 
 SECONDS = float(os.environ.get("CACHESYNC_STRESS_SECONDS", "20"))
@@ -142,7 +142,7 @@ async def stress(
     publisher_url: str,
     channel: str,
     seconds: float,
-    reconnect: Any,
+    reconnect: Callable[[], Awaitable[bool]],
 ) -> None:
     seed = int(SEED) if SEED is not None else random.randrange(2**32)
     print(f"stress seed: {seed} (replay with CACHESYNC_STRESS_SEED={seed})")
@@ -154,6 +154,9 @@ async def stress(
         reconnect_initial=0.01,
         reconnect_max=0.1,
         connect_timeout=10.0,
+        # Heartbeats still reveal a lost last event; a loop starved by the reader threads
+        # must not also make the watchdog restart the connection.
+        heartbeat_timeout=5.0,
     )
 
     def fetch_sync(key: str) -> tuple[str, str, int, bool]:
@@ -246,6 +249,9 @@ async def stress(
             event = await pub.changed(NS, key, version=v if versioned else None, value=value)
         assert event.seq == seq
 
+    def reconnected(before: int) -> bool:
+        return sync.listener_up and sync.stats()["listener"]["reconnects"] > before
+
     async with pub:
         await sync.start()
         try:
@@ -277,9 +283,11 @@ async def stress(
                     await adversary.resend(channel, rng.randint(1, 5))
                     continue
                 else:
-                    counts["reconnect"] += 1
-                    await reconnect()
                     await sync.wait_ready(10)
+                    before = sync.stats()["listener"]["reconnects"]
+                    if await reconnect():
+                        counts["reconnect"] += 1
+                        await eventually(lambda b=before: reconnected(b), timeout=10)
                     continue
                 counts[kind] += 1
                 await publish(kind, key)
@@ -332,8 +340,9 @@ async def stress(
 async def test_stress_memory(unique: str) -> None:
     url = f"memory://{unique}"
 
-    async def reconnect() -> None:
+    async def reconnect() -> bool:
         bus_for(url).disconnect_all()
+        return True
 
     await stress(url, url, unique, SECONDS / 2, reconnect)
 
@@ -342,7 +351,7 @@ async def test_stress_memory(unique: str) -> None:
 async def test_stress_redis(redis_url: str, unique: str) -> None:
     tag = f"cachesync-stress-{unique}"
 
-    async def reconnect() -> None:
-        assert await kill_redis_clients(redis_url, tag) >= 1
+    async def reconnect() -> bool:
+        return await kill_redis_clients(redis_url, tag) >= 1
 
     await stress(f"{redis_url}?client_name={tag}", redis_url, unique, SECONDS / 2, reconnect)
