@@ -372,7 +372,9 @@ class LocalCache:
         """Replace the entry of ``key`` with ``value`` carried by an event (refresh mode).
 
         Only keys this instance holds (or remembers in a tombstone) are refreshed; an event
-        whose version is not newer than the known one is ignored. Returns whether it stored.
+        whose version is not newer than the known one is ignored. An event without a version
+        for a key whose version is known drops the entry instead (keeping the version): its
+        value may be older than that version. Returns whether it stored.
         """
         with self.lock:
             entry = self.data.get(key)
@@ -383,8 +385,17 @@ class LocalCache:
                 self.stats.ignored_older += 1
                 return False
             self._void_key(key)
-            if version is None:
-                version = entry.version  # an unversioned event does not forget the version
+            if version is None and entry.version is not None:
+                # The value may be older than the version known (a fetch may have read a newer
+                # one), and stored under that version it would make the event that names it
+                # look applied already: serve neither, keep the version, let the next read
+                # fetch.
+                if entry.value is not TOMBSTONE:
+                    self.data[key] = Entry(
+                        TOMBSTONE, _NEVER, _NEVER, _NEVER, entry.version, entry.gen
+                    )
+                self.stats.invalidations += 1
+                return False
             self._store(key, value, self.ttl, version)
             self.stats.refreshes += 1
             return True
