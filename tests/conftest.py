@@ -14,6 +14,7 @@ import pytest
 
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("CACHESYNC_TEST_NATS", "nats://127.0.0.1:4222")
 POSTGRES_DSN = os.environ.get(
     "CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -22,6 +23,7 @@ _SERVERS = {
     "redis": ("127.0.0.1", 6379),
     "rabbitmq": ("127.0.0.1", 5672),
     "postgres": ("127.0.0.1", 5432),
+    "nats": ("127.0.0.1", 4222),
 }
 
 
@@ -57,6 +59,12 @@ def redis_url() -> str:
 def amqp_url() -> str:
     require_server("rabbitmq")
     return AMQP_URL
+
+
+@pytest.fixture
+def nats_url() -> str:
+    require_server("nats")
+    return NATS_URL
 
 
 @pytest.fixture

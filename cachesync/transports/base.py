@@ -44,6 +44,7 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "rediss+stream": ("cachesync.transports.redis_stream", "RedisStreamTransport", "redis"),
     "amqp": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
     "amqps": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
+    "nats": ("cachesync.transports.nats", "NatsTransport", "nats"),
 }
 
 
