@@ -152,3 +152,137 @@ def nats_cluster(size: int = 3) -> ProcessGroup:
         group.stop()
         raise
     return group
+
+
+def redis_server_argv(group: ProcessGroup, name: str, port: int, *extra: str) -> list[str]:
+    """A throw-away redis-server on loopback: no persistence, its own directory."""
+    directory = os.path.dirname(group.path(name, "x"))
+    return [
+        "redis-server",
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", directory,
+        "--save", "",
+        "--appendonly", "no",
+        "--repl-diskless-sync", "yes",
+        "--repl-diskless-sync-delay", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class SentinelDeployment:
+    """A master, a replica and 3 sentinels watching them as ``service``."""
+
+    group: ProcessGroup
+    sentinel_ports: list[int]
+    service: str = "mymaster"
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def master_port(self) -> int:
+        import redis
+
+        for port in self.sentinel_ports:
+            try:
+                client = redis.Redis(port=port, socket_timeout=1.0)
+                try:
+                    _, master_port = client.sentinel_get_master_addr_by_name(self.service)
+                    return int(master_port)
+                finally:
+                    client.close()
+            except redis.ConnectionError:
+                continue
+        raise RuntimeError("no sentinel answered")
+
+    def node_at(self, port: int) -> str:
+        return next(node.name for node in self.group.nodes.values() if node.port == port)
+
+    def settled(self) -> bool:
+        """Every sentinel knows the replica and the other sentinels (so they can fail over)."""
+        import redis
+
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=1.0)
+            try:
+                master = client.sentinel_master(self.service)
+                if master.get("num-other-sentinels", 0) < len(self.sentinel_ports) - 1:
+                    return False
+                if master.get("num-slaves", 0) < 1 or master.get("flags") != "master":
+                    return False
+                if not self.group.alive(self.node_at(int(master["port"]))):
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        replicas = [
+            node
+            for node in self.group.nodes.values()
+            if node.name.startswith("redis") and self.group.alive(node.name)
+        ]
+        return len(replicas) >= 2 and self._replica_linked()
+
+    def _replica_linked(self) -> bool:
+        import redis
+
+        client = redis.Redis(port=self.master_port(), socket_timeout=1.0)
+        try:
+            info = client.info("replication")
+            return bool(info.get("connected_slaves", 0) >= 1) and all(
+                info.get(f"slave{i}", {}).get("state") == "online"
+                for i in range(int(info.get("connected_slaves", 0)))
+            )
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def restart(self, name: str) -> None:
+        """Start a killed Redis node again, as a replica of the current master (the sentinels
+        would convert it too, but only after about 8 s)."""
+        if not self.group.alive(name):
+            node = self.group.nodes[name]
+            argv = node.argv
+            if "--replicaof" in argv:
+                argv = argv[: argv.index("--replicaof")]
+            node.argv = [*argv, "--replicaof", "127.0.0.1", str(self.master_port())]
+            self.group.start(name)
+        wait_until(self.settled, 20.0, "sentinel deployment back to master + replica")
+
+
+def sentinel_deployment() -> SentinelDeployment:
+    group = ProcessGroup("sentinel")
+    master, replica, *sentinels = free_ports(5)
+    group.add("redis-a", redis_server_argv(group, "redis-a", master), master)
+    group.add(
+        "redis-b",
+        redis_server_argv(group, "redis-b", replica, "--replicaof", "127.0.0.1", str(master)),
+        replica,
+    )
+    for i, port in enumerate(sentinels):
+        name = f"sentinel-{i + 1}"
+        config = group.path(name, "sentinel.conf")
+        with open(config, "w") as handle:
+            handle.write(
+                f"port {port}\nbind 127.0.0.1\ndir {os.path.dirname(config)}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {master} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 3000\n"
+                "sentinel parallel-syncs mymaster 1\n"
+            )
+        group.add(name, ["redis-server", config, "--sentinel"], port)
+    deployment = SentinelDeployment(group, sentinels)
+    try:
+        for name in group.nodes:
+            group.start(name, wait=False)
+        for node in group.nodes.values():
+            wait_until(lambda node=node: port_open(node.port), 10.0, f"sentinel node {node.name}")
+        wait_until(deployment.settled, 20.0, "sentinels to discover each other")
+    except BaseException:
+        group.stop()
+        raise
+    return deployment

@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .clusters import SentinelDeployment
 
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -71,6 +76,20 @@ def nats_url() -> str:
 def postgres_dsn() -> str:
     require_server("postgres")
     return POSTGRES_DSN
+
+
+@pytest.fixture(scope="session")
+def sentinel() -> Iterator[SentinelDeployment]:
+    """A Redis master, a replica and 3 sentinels on loopback ports, for this test run."""
+    from .clusters import sentinel_deployment
+    from .engine_tools import require_binary
+
+    require_binary("redis-server")
+    deployment = sentinel_deployment()
+    try:
+        yield deployment
+    finally:
+        deployment.group.stop()
 
 
 @pytest.fixture
