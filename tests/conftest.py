@@ -9,11 +9,17 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from .clusters import SentinelDeployment
+
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("CACHESYNC_TEST_NATS", "nats://127.0.0.1:4222")
 POSTGRES_DSN = os.environ.get(
     "CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -22,6 +28,7 @@ _SERVERS = {
     "redis": ("127.0.0.1", 6379),
     "rabbitmq": ("127.0.0.1", 5672),
     "postgres": ("127.0.0.1", 5432),
+    "nats": ("127.0.0.1", 4222),
 }
 
 
@@ -60,9 +67,29 @@ def amqp_url() -> str:
 
 
 @pytest.fixture
+def nats_url() -> str:
+    require_server("nats")
+    return NATS_URL
+
+
+@pytest.fixture
 def postgres_dsn() -> str:
     require_server("postgres")
     return POSTGRES_DSN
+
+
+@pytest.fixture(scope="session")
+def sentinel() -> Iterator[SentinelDeployment]:
+    """A Redis master, a replica and 3 sentinels on loopback ports, for this test run."""
+    from .clusters import sentinel_deployment
+    from .engine_tools import require_binary
+
+    require_binary("redis-server")
+    deployment = sentinel_deployment()
+    try:
+        yield deployment
+    finally:
+        deployment.group.stop()
 
 
 @pytest.fixture

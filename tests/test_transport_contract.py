@@ -1,6 +1,7 @@
 """The transport contract (``cachesync/transports/base.py``), run over every transport.
 
-One suite, parametrized over ``memory://``, ``redis://``, ``redis+stream://`` and ``amqp://``.
+One suite, parametrized over ``memory://``, ``redis://``, ``redis+stream://``, ``amqp://`` and
+``nats://``.
 The broker-backed ones run against the real servers on 127.0.0.1 (skipped, or failed under CI,
 when a server is down; see ``conftest.py``). Each test uses its own channel and its own
 connection names, so a broker-side cut only hits the connections of the test that asked for it.
@@ -25,7 +26,18 @@ from .tcpproxy import TcpProxy, proxied_url
 
 pytestmark = pytest.mark.timeout(20)
 
-KINDS = ["memory", "redis", "redis+stream", "amqp"]
+KINDS = ["memory", "redis", "redis+stream", "amqp", "nats", "redis+sentinel"]
+
+# Transports that keep a log and replay what a subscriber missed.
+REPLAYING = {"redis+stream", "nats"}
+
+# Where the broker of each kind listens (for the network-drop test's proxy).
+ADDRESSES = {
+    "amqp": ("127.0.0.1", 5672),
+    "redis": ("127.0.0.1", 6379),
+    "redis+stream": ("127.0.0.1", 6379),
+    "nats": ("127.0.0.1", 4222),
+}
 
 # Short enough for tests to see a dead subscription quickly, long enough not to misfire.
 REDIS_OPTIONS: dict[str, Any] = {"connect_timeout": 5.0, "health_check_interval": 2.0}
@@ -34,8 +46,11 @@ REDIS_OPTIONS: dict[str, Any] = {"connect_timeout": 5.0, "health_check_interval"
 class Harness:
     """How to build, and how to cut, the transports of one kind for one test."""
 
-    def __init__(self, kind: str, url: str, tag: str, admin_url: str = "") -> None:
+    def __init__(
+        self, kind: str, url: str, tag: str, admin_url: str = "", proxy: TcpProxy | None = None
+    ) -> None:
         self.kind = kind
+        self.proxy = proxy  # for nats: every connection of the test goes through it
         self.url = url
         self.admin_url = admin_url  # for redis: where to send CLIENT KILL
         self.tag = tag  # names every connection of this test, for the broker-side cut
@@ -48,10 +63,12 @@ class Harness:
 
     def make(self, url: str | None = None, **options: Any) -> Transport:
         """A transport on this test's URL (or ``url``), not yet connected."""
-        if self.kind in ("redis", "redis+stream"):
+        if self.kind in ("redis", "redis+stream", "redis+sentinel"):
             options = {**REDIS_OPTIONS, **options}
         elif self.kind == "amqp":
             options = {"connect_timeout": 5.0, "connection_name": self.tag, **options}
+        elif self.kind == "nats":
+            options = {"connect_timeout": 5.0, "health_check_interval": 2.0, **options}
         return from_url(url or self.url, **options)
 
     async def cut(self) -> None:
@@ -66,8 +83,23 @@ class Harness:
             if not rabbitmqctl_available():
                 pytest.skip("rabbitmqctl is not on the PATH (it must run on the broker's host)")
             assert await close_amqp_connections(self.tag) > 0
+        elif self.proxy is not None:
+            # NATS has no "kill this client" for a plain account: cut at the proxy instead.
+            await self.proxy.cut()
         else:
             assert await kill_redis_clients(self.admin_url, self.tag) > 0
+
+
+class SentinelHarness(Harness):
+    """Cuts with CLIENT KILL on whichever node is the master now."""
+
+    def __init__(self, *args: Any, deployment: Any) -> None:
+        super().__init__(*args)
+        self.deployment = deployment
+
+    async def cut(self) -> None:
+        admin = f"redis://127.0.0.1:{self.deployment.master_port()}/0"
+        assert await kill_redis_clients(admin, self.tag) > 0
 
 
 async def kill_redis_clients(url: str, name: str, commands: tuple[str, ...] = ()) -> int:
@@ -101,6 +133,23 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         pytest.importorskip("aio_pika")
         yield Harness(kind, amqp_url, tag)
         return
+    if kind == "redis+sentinel":
+        pytest.importorskip("redis")
+        deployment = request.getfixturevalue("sentinel")
+        url = f"{deployment.url}?client_name={tag}"
+        yield SentinelHarness(kind, url, tag, deployment=deployment)
+        return
+    if kind == "nats":
+        nats_url = str(request.getfixturevalue("nats_url"))
+        pytest.importorskip("nats")
+        host, _, port = nats_url.removeprefix("nats://").partition(":")
+        async with TcpProxy(host, int(port or 4222)) as proxy:
+            made = Harness(kind, proxied_url(nats_url, proxy), tag, proxy=proxy)
+            try:
+                yield made
+            finally:
+                await delete_nats_streams(nats_url, made.channels)
+        return
     base = str(request.getfixturevalue("redis_url"))
     scheme = "redis+stream" if kind == "redis+stream" else "redis"
     url = base.replace("redis://", f"{scheme}://", 1) + f"?client_name={tag}"
@@ -116,6 +165,27 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
                 await admin.delete(*made.channels)
             finally:
                 await admin.aclose()
+
+
+async def delete_nats_streams(url: str, channels: list[str]) -> None:
+    """Delete the JetStream streams the NATS transport made for ``channels``."""
+    if not channels:
+        return
+    import nats
+    import nats.js.errors
+
+    from cachesync.transports.nats import stream_name
+
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        for channel in channels:
+            try:
+                await js.delete_stream(stream_name(channel))
+            except nats.js.errors.NotFoundError:
+                pass
+    finally:
+        await nc.close()
 
 
 class Subscriber:
@@ -384,7 +454,7 @@ async def test_cut_raises_connection_lost_and_resubscribing_works(harness: Harne
             # A transport with a log replays nothing here ("before" was read already), and
             # only it may say that nothing was missed.
             assert received == [b"after"]
-            assert again.log[0] == ("ready", harness.kind == "redis+stream")
+            assert again.log[0] == ("ready", harness.kind in REPLAYING)
 
 
 # -- unreachable broker ----------------------------------------------------------------------
@@ -439,7 +509,9 @@ async def test_a_network_drop_reaches_a_subscription(harness: Harness) -> None:
     # The same contract when the network (not the broker) drops the connection.
     if harness.kind == "memory":
         pytest.skip("memory:// has no network")
-    host, port = ("127.0.0.1", 5672) if harness.kind == "amqp" else ("127.0.0.1", 6379)
+    if harness.kind == "redis+sentinel":
+        pytest.skip("the sentinels name the master's own address: no proxy is in the path")
+    host, port = ADDRESSES[harness.kind]
     channel = harness.channel()
     async with TcpProxy(host, port) as proxy, connected(harness, 1) as [pub]:
         sub_transport = harness.make(proxied_url(harness.url, proxy))

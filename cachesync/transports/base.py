@@ -44,6 +44,9 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "rediss+stream": ("cachesync.transports.redis_stream", "RedisStreamTransport", "redis"),
     "amqp": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
     "amqps": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
+    "redis+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
+    "rediss+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
+    "nats": ("cachesync.transports.nats", "NatsTransport", "nats"),
 }
 
 

@@ -1,0 +1,288 @@
+"""Broker clusters the fault tests start themselves: on loopback ports, in a temporary directory,
+stopped by the PIDs started here and removed afterwards. Never touches the machine's servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not within {timeout}s")
+        time.sleep(0.02)
+
+
+@dataclass
+class Node:
+    name: str
+    argv: list[str]
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    monitor_port: int = 0
+
+
+@dataclass
+class ProcessGroup:
+    """Server processes this test run started, by name; stop() ends exactly those PIDs."""
+
+    label: str
+    root: str = field(default="")
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix=f"cachesync-{self.label}-")
+
+    def path(self, *parts: str) -> str:
+        full = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def add(self, name: str, argv: Sequence[str], port: int) -> Node:
+        node = self.nodes[name] = Node(name, list(argv), port)
+        return node
+
+    def start(self, name: str, wait: bool = True) -> Node:
+        node = self.nodes[name]
+        log = open(self.path("logs", f"{name}.log"), "ab")  # noqa: SIM115 - the child owns it
+        try:
+            node.process = subprocess.Popen(
+                node.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
+            )
+        finally:
+            log.close()
+        if wait:
+            wait_until(lambda: port_open(node.port), 10.0, f"{self.label} node {name}")
+        return node
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the node (a crash), and reap it."""
+        node = self.nodes[name]
+        if node.process is not None and node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGKILL)
+            node.process.wait(5)
+
+    def alive(self, name: str) -> bool:
+        process = self.nodes[name].process
+        return process is not None and process.poll() is None
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            process = node.process
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+        for node in self.nodes.values():
+            process = node.process
+            if process is None:
+                continue
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(self.path("logs", f"{name}.log"), errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def nats_cluster(size: int = 3) -> ProcessGroup:
+    """A JetStream cluster of ``size`` nats-server nodes; client ports in ``.nodes[*].port``."""
+    group = ProcessGroup("nats")
+    ports = free_ports(3 * size)
+    client, route, monitor = ports[:size], ports[size : 2 * size], ports[2 * size :]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in route)
+    for i in range(size):
+        name = f"n{i + 1}"
+        argv = [
+            "nats-server",
+            "-a", "127.0.0.1",
+            "-p", str(client[i]),
+            "-m", str(monitor[i]),
+            "-n", name,
+            "-js",
+            "-sd", group.path(name, "data", "x")[:-2],
+            "--cluster_name", "cachesync-test",
+            "--cluster", f"nats://127.0.0.1:{route[i]}",
+            "--routes", routes,
+        ]  # fmt: skip
+        group.add(name, argv, client[i]).monitor_port = monitor[i]
+    try:
+        for name in group.nodes:
+            group.start(name, wait=False)
+        for node in group.nodes.values():
+            wait_until(lambda node=node: port_open(node.port), 10.0, f"nats node {node.name}")
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
+
+def redis_server_argv(group: ProcessGroup, name: str, port: int, *extra: str) -> list[str]:
+    """A throw-away redis-server on loopback: no persistence, its own directory."""
+    directory = os.path.dirname(group.path(name, "x"))
+    return [
+        "redis-server",
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", directory,
+        "--save", "",
+        "--appendonly", "no",
+        "--repl-diskless-sync", "yes",
+        "--repl-diskless-sync-delay", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class SentinelDeployment:
+    """A master, a replica and 3 sentinels watching them as ``service``."""
+
+    group: ProcessGroup
+    sentinel_ports: list[int]
+    service: str = "mymaster"
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def master_port(self) -> int:
+        import redis
+
+        for port in self.sentinel_ports:
+            try:
+                client = redis.Redis(port=port, socket_timeout=1.0)
+                try:
+                    _, master_port = client.sentinel_get_master_addr_by_name(self.service)
+                    return int(master_port)
+                finally:
+                    client.close()
+            except redis.ConnectionError:
+                continue
+        raise RuntimeError("no sentinel answered")
+
+    def node_at(self, port: int) -> str:
+        return next(node.name for node in self.group.nodes.values() if node.port == port)
+
+    def settled(self) -> bool:
+        """Every sentinel knows the replica and the other sentinels (so they can fail over)."""
+        import redis
+
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=1.0)
+            try:
+                master = client.sentinel_master(self.service)
+                if master.get("num-other-sentinels", 0) < len(self.sentinel_ports) - 1:
+                    return False
+                if master.get("num-slaves", 0) < 1 or master.get("flags") != "master":
+                    return False
+                if not self.group.alive(self.node_at(int(master["port"]))):
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        replicas = [
+            node
+            for node in self.group.nodes.values()
+            if node.name.startswith("redis") and self.group.alive(node.name)
+        ]
+        return len(replicas) >= 2 and self._replica_linked()
+
+    def _replica_linked(self) -> bool:
+        import redis
+
+        client = redis.Redis(port=self.master_port(), socket_timeout=1.0)
+        try:
+            info = client.info("replication")
+            return bool(info.get("connected_slaves", 0) >= 1) and all(
+                info.get(f"slave{i}", {}).get("state") == "online"
+                for i in range(int(info.get("connected_slaves", 0)))
+            )
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def restart(self, name: str) -> None:
+        """Start a killed Redis node again, as a replica of the current master (the sentinels
+        would convert it too, but only after about 8 s)."""
+        if not self.group.alive(name):
+            node = self.group.nodes[name]
+            argv = node.argv
+            if "--replicaof" in argv:
+                argv = argv[: argv.index("--replicaof")]
+            node.argv = [*argv, "--replicaof", "127.0.0.1", str(self.master_port())]
+            self.group.start(name)
+        wait_until(self.settled, 20.0, "sentinel deployment back to master + replica")
+
+
+def sentinel_deployment() -> SentinelDeployment:
+    group = ProcessGroup("sentinel")
+    master, replica, *sentinels = free_ports(5)
+    group.add("redis-a", redis_server_argv(group, "redis-a", master), master)
+    group.add(
+        "redis-b",
+        redis_server_argv(group, "redis-b", replica, "--replicaof", "127.0.0.1", str(master)),
+        replica,
+    )
+    for i, port in enumerate(sentinels):
+        name = f"sentinel-{i + 1}"
+        config = group.path(name, "sentinel.conf")
+        with open(config, "w") as handle:
+            handle.write(
+                f"port {port}\nbind 127.0.0.1\ndir {os.path.dirname(config)}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {master} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 3000\n"
+                "sentinel parallel-syncs mymaster 1\n"
+            )
+        group.add(name, ["redis-server", config, "--sentinel"], port)
+    deployment = SentinelDeployment(group, sentinels)
+    try:
+        for name in group.nodes:
+            group.start(name, wait=False)
+        for node in group.nodes.values():
+            wait_until(lambda node=node: port_open(node.port), 10.0, f"sentinel node {node.name}")
+        wait_until(deployment.settled, 20.0, "sentinels to discover each other")
+    except BaseException:
+        group.stop()
+        raise
+    return deployment

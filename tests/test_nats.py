@@ -1,0 +1,253 @@
+"""nats:// beyond the contract suite: replay, retention gaps, and a 3-node JetStream cluster that
+loses the node a subscriber reads from, and the stream's leader, while events flow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from cachesync.errors import ConfigError
+from cachesync.transports.base import from_url
+
+from .clusters import ProcessGroup, nats_cluster
+from .engine_tools import Feeder, Reader, in_order_without_gaps, require_binary
+from .tcpproxy import TcpProxy, proxied_url
+from .test_transport_contract import Subscriber, delete_nats_streams
+
+pytest.importorskip("nats")
+
+from cachesync.transports.nats import NatsTransport  # noqa: E402
+
+pytestmark = pytest.mark.timeout(40)
+
+
+@pytest.fixture
+async def channel(nats_url: str, unique: str) -> AsyncIterator[str]:
+    name = f"cachesync-nats-{unique}"
+    yield name
+    await delete_nats_streams(nats_url, [name])
+
+
+def test_url_options_are_parsed_and_checked() -> None:
+    transport = from_url("nats://u:pw@h1:4222,h2/?max_age=1h&max_msgs=10&replicas=3")
+    assert isinstance(transport, NatsTransport)
+    assert (transport.max_age, transport.max_msgs, transport.replicas) == (3600.0, 10, 3)
+    assert "pw" not in repr(transport)
+    with pytest.raises(ConfigError, match="max_age"):
+        from_url("nats://h1/?max_age=soon")
+    with pytest.raises(ConfigError, match="unknown option"):
+        from_url("nats://h1/?maxage=1h")
+
+
+@asynccontextmanager
+async def _after_a_cut(
+    nats_url: str, channel: str, count: int, **options: object
+) -> AsyncIterator[Subscriber]:
+    """A subscriber reads one message, its connection is cut, ``count`` more are published;
+    yields the next subscription of the same transport object (not yet live)."""
+    host, _, port = nats_url.removeprefix("nats://").partition(":")
+    pub = NatsTransport(nats_url, connect_timeout=5.0, **options)  # type: ignore[arg-type]
+    async with TcpProxy(host, int(port)) as proxy:
+        transport = NatsTransport(
+            proxied_url(nats_url, proxy),
+            connect_timeout=5.0,
+            health_check_interval=2.0,
+            **options,  # type: ignore[arg-type]
+        )
+        try:
+            await pub.connect()
+            await transport.connect()
+            first = Subscriber(transport, channel)
+            await first.live()
+            await pub.publish(channel, b"0")
+            await first.wait_for(1)
+            await proxy.cut()
+            await first.ended()
+            await first.stop()
+            for i in range(1, count + 1):
+                await pub.publish(channel, b"%d" % i)
+            await transport.connect()
+            again = Subscriber(transport, channel)
+            try:
+                yield again
+            finally:
+                await again.stop()
+        finally:
+            await pub.close()
+            await transport.close()
+
+
+async def test_a_new_subscription_replays_what_was_missed_then_reports_resumed(
+    nats_url: str, channel: str
+) -> None:
+    async with _after_a_cut(nats_url, channel, 20) as again:
+        received = await again.wait_for(20)
+        assert received == [b"%d" % i for i in range(1, 21)]
+        await again.live()
+        # The backlog comes first, then on_ready(True): the consumer has caught up.
+        assert again.log[-1] == ("ready", True)
+
+
+async def test_retention_that_dropped_missed_messages_reports_not_resumed(
+    nats_url: str, channel: str
+) -> None:
+    async with _after_a_cut(nats_url, channel, 20, max_msgs=5) as again:
+        await again.live()
+        assert again.log[0] == ("ready", False)
+        async with NatsTransport(nats_url) as pub:
+            await pub.publish(channel, b"new")
+        assert await again.wait_for(1) == [b"new"]
+
+
+# -- a 3-node JetStream cluster ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_nodes() -> Iterator[ProcessGroup]:
+    require_binary("nats-server")
+    group = nats_cluster(3)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def _cluster_url(group: ProcessGroup) -> str:
+    return "nats://" + ",".join(f"127.0.0.1:{node.port}" for node in group.nodes.values())
+
+
+async def _stream_ready(url: str, channel: str) -> NatsTransport:
+    """A publisher whose first publish succeeded (the cluster has elected its leaders)."""
+    pub = NatsTransport(url, connect_timeout=5.0, replicas=3, publish_timeout=2.0)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await pub.connect()
+            await pub.publish(channel, b"-1")
+            return pub
+        except Exception:
+            await pub.close()
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _stream_leader(url: str, channel: str) -> str:
+    import nats
+
+    from cachesync.transports.nats import stream_name
+
+    nc = await nats.connect(url.replace("nats://", "").split(","), allow_reconnect=False)
+    try:
+        info = await nc.jetstream().stream_info(stream_name(channel))
+        assert info.cluster is not None and info.cluster.leader
+        return info.cluster.leader
+    finally:
+        await nc.close()
+
+
+def _meta_leader(group: ProcessGroup) -> str:
+    """The node leading the JetStream meta group, from a monitoring endpoint."""
+    import httpx
+
+    for node in group.nodes.values():
+        if group.alive(node.name):
+            jsz = httpx.get(f"http://127.0.0.1:{node.monitor_port}/jsz", timeout=2.0).json()
+            return str(jsz.get("meta_cluster", {}).get("leader", ""))
+    return ""
+
+
+@pytest.mark.parametrize("victim", ["reader's node", "stream leader"])
+async def test_cluster_loses_a_node_while_events_flow(
+    nats_nodes: ProcessGroup, unique: str, victim: str
+) -> None:
+    url = _cluster_url(nats_nodes)
+    channel = f"cachesync-cluster-{unique}"
+    pub = await _stream_ready(url, channel)
+    leader = await _stream_leader(url, channel)
+    meta = _meta_leader(nats_nodes)
+    # Not the meta leader either: losing it stalls consumer creation for an election too.
+    others = sorted(
+        (node for node in nats_nodes.nodes.values() if node.name != leader),
+        key=lambda node: node.name == meta,
+    )
+    # The reader connects to a node that does not lead the stream; the victim is that node
+    # (its subscription breaks, the stream goes on), or the leader (the stream pauses until
+    # the other two elect a new one; the reader's consumer may go with it).
+    reader_url = "nats://" + ",".join(f"127.0.0.1:{node.port}" for node in others)
+    killed = others[0].name if victim == "reader's node" else leader
+    reader = Reader(
+        NatsTransport(reader_url, connect_timeout=5.0, health_check_interval=1.0), channel
+    )
+    feeder = Feeder(pub, channel)
+    try:
+        reader.start()
+        await reader.wait(lambda: reader.readies, 10)
+        feeder.start()
+        await reader.wait(lambda: len(reader.numbers) >= 50, 10)
+        seen_before = len(reader.numbers)
+        killed_at = time.monotonic()
+        nats_nodes.kill(killed)
+        target = feeder.sent + 200
+        try:
+            await reader.wait(lambda: reader.numbers and max(reader.numbers) >= target, 25)
+        except TimeoutError:
+            raise AssertionError(
+                f"sent {feeder.sent} ({feeder.failures} failures), read up to "
+                f"{max(reader.numbers)}, losses {reader.losses}, readies {reader.readies}"
+            ) from None
+        # Every event arrived, in order: the stream (3 replicas) kept them and the reader
+        # replayed from where it was; a reconnect is never reported as "nothing missed"
+        # unless it was.
+        assert in_order_without_gaps(reader.numbers)
+        assert all(resumed for _, resumed in reader.readies[1:])
+        newest = max(reader.numbers[:seen_before])
+        back = next(
+            at
+            for at, number in zip(reader.arrivals, reader.numbers, strict=True)
+            if at > killed_at and number > newest
+        )
+        print(f"nats failover ({victim}): events flow again {back - killed_at:.2f}s after")
+        assert back - killed_at < 20
+    finally:
+        await feeder.stop()
+        await reader.stop()
+        if not nats_nodes.alive(killed):
+            nats_nodes.start(killed)
+
+
+async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
+    nats_nodes: ProcessGroup, unique: str
+) -> None:
+    # Guarantee 5 end to end: the owner commits every 20 ms, readers read all the time, the
+    # node the consumer is connected to is killed; no read is older than the bound.
+    from .test_faults import assert_coherent, run_scenario
+
+    url = _cluster_url(nats_nodes)
+    channel = f"cachesync-e2e-{unique}"
+    await (await _stream_ready(url + "?replicas=3", channel)).close()
+    leader = await _stream_leader(url, channel)
+    meta = _meta_leader(nats_nodes)
+    nodes = sorted(
+        (node for node in nats_nodes.nodes.values() if node.name != leader),
+        key=lambda node: node.name == meta,
+    )
+    # The consumer connects to the first node of its URL first: that one dies.
+    consumer_url = "nats://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+    consumer_url += "?health_check_interval=1"
+
+    async def kill() -> None:
+        nats_nodes.kill(nodes[0].name)
+
+    try:
+        sync, owner, reads = await run_scenario(
+            consumer_url, url + "?replicas=3", channel, kill, bound=0.5
+        )
+        assert_coherent(sync, owner, reads, bound=0.5)
+    finally:
+        if not nats_nodes.alive(nodes[0].name):
+            nats_nodes.start(nodes[0].name)
