@@ -21,6 +21,7 @@ class OutboxEvent(models.Model):
     version = models.BigIntegerField(null=True)
     value = models.JSONField(null=True)
     created_at = models.DateTimeField(default=timezone.now)
+    commit_seq = models.BigIntegerField(null=True)
     sent_at = models.DateTimeField(null=True)
     attempts = models.IntegerField(default=0)
     failed_reason = models.TextField(null=True)
@@ -29,9 +30,9 @@ class OutboxEvent(models.Model):
         db_table = "cachesync_outbox"
         indexes = [
             models.Index(
-                fields=["channel", "id"],
+                fields=["channel", "commit_seq", "id"],
                 condition=models.Q(sent_at__isnull=True),
-                name="ix_cachesync_outbox_unsent",
+                name="ix_cachesync_outbox_pending",
             ),
             models.Index(fields=["sent_at"], name="ix_cachesync_outbox_sent_at"),
         ]

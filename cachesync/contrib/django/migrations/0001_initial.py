@@ -1,5 +1,5 @@
-"""The outbox table (the columns of cachesync.Outbox) and, on PostgreSQL, the trigger whose
-NOTIFY wakes the relay the moment a transaction commits."""
+"""The outbox table (the columns of cachesync.Outbox) and, on PostgreSQL, its triggers: the
+commit stamp (the order the relay publishes in) and the NOTIFY that wakes the relay."""
 
 from typing import Any
 
@@ -16,7 +16,7 @@ def _notify_trigger(apps: Any, schema_editor: Any) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_schema()")
         (schema,) = cursor.fetchone()
-        for statement in Outbox.notify_trigger_sql(schema):
+        for statement in Outbox.postgresql_sql(schema):
             cursor.execute(statement)
 
 
@@ -36,6 +36,7 @@ class Migration(migrations.Migration):
                 ("version", models.BigIntegerField(null=True)),
                 ("value", models.JSONField(null=True)),
                 ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("commit_seq", models.BigIntegerField(null=True)),
                 ("sent_at", models.DateTimeField(null=True)),
                 ("attempts", models.IntegerField(default=0)),
                 ("failed_reason", models.TextField(null=True)),
@@ -45,8 +46,8 @@ class Migration(migrations.Migration):
                 "indexes": [
                     models.Index(
                         condition=models.Q(sent_at__isnull=True),
-                        fields=["channel", "id"],
-                        name="ix_cachesync_outbox_unsent",
+                        fields=["channel", "commit_seq", "id"],
+                        name="ix_cachesync_outbox_pending",
                     ),
                     models.Index(fields=["sent_at"], name="ix_cachesync_outbox_sent_at"),
                 ],
