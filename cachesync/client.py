@@ -112,6 +112,7 @@ class _Namespace:
     """The owner's entity type: every function cached under it, and the sources whose events
     named it (a namespace whose sources all fell silent is not served: guarantee 5)."""
 
+    name: str
     members: list[_Member]
     heard: set[str]
     silent: bool = False
@@ -272,7 +273,7 @@ class CacheSync(Service):
         )
         namespace = self._namespaces.get(ns)
         if namespace is None:
-            namespace = self._namespaces[ns] = _Namespace([], set())
+            namespace = self._namespaces[ns] = _Namespace(ns, [], set())
         if self._stats.listener_up and not namespace.silent:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
@@ -787,7 +788,8 @@ class CacheSync(Service):
                 log.warning(
                     "every source of namespace %r is silent; reads go to the owner until "
                     "one is heard again",
-                    extra={"ns": next(iter([m.cache.name for m in ns.members]), "")},
+                    ns.name,
+                    extra={"ns": ns.name},
                 )
                 for member in ns.members:
                     member.cache.distrust()
