@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import http.client
+import json
 import os
 import random
 import signal
@@ -98,23 +100,25 @@ def run_mode(mode: str, args: argparse.Namespace) -> ModeResult:
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
+    published: dict[str, list[tuple[int, float]]] = {k: [(1, 0.0)] for k in keys}
+    # Closed after gunicorn stopped: its workers never see the publisher go silent.
+    pub = BlockingPublisher(URL, channel=channel, heartbeat_interval=0.5)
     try:
         _wait_up(base, process)
-        published: dict[str, list[tuple[int, float]]] = {k: [(1, 0.0)] for k in keys}
-        with BlockingPublisher(URL, channel=channel, heartbeat_interval=0.5) as pub:
-            _load(base, keys, 1.0, 64, args)  # warm up every worker and key
-            stop = threading.Event()
-            owner_thread = threading.Thread(
-                target=_owner, args=(owner, pub, db, keys, published, stop, args.change_every)
-            )
-            owner_thread.start()
-            try:
-                started = time.monotonic()
-                replies, errors = _load(base, keys, args.seconds, args.clients, args)
-                seconds = time.monotonic() - started
-            finally:
-                stop.set()
-                owner_thread.join(10)
+        pub.start()
+        _load(base, keys, 1.0, 64, args)  # warm up every worker and key
+        stop = threading.Event()
+        owner_thread = threading.Thread(
+            target=_owner, args=(owner, pub, db, keys, published, stop, args.change_every)
+        )
+        owner_thread.start()
+        try:
+            started = time.monotonic()
+            replies, errors = _load(base, keys, args.seconds, args.clients, args)
+            seconds = time.monotonic() - started
+        finally:
+            stop.set()
+            owner_thread.join(10)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -122,6 +126,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> ModeResult:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+        pub.close()
         owner.delete(db)
     result = ModeResult(mode, len(replies), seconds, errors, 0, 0)
     for key, version, start in replies:
@@ -178,17 +183,24 @@ def _load(
     def client(seed: int) -> None:
         rng = random.Random(seed)
         mine: list[tuple[str, int, float]] = []
-        with httpx.Client(base_url=base, timeout=5.0) as http:
+        # http.client with keep-alive: the lightest client, so the server is what is measured.
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=5.0)
+        try:
             for _ in range(args.max_requests):
                 start = time.monotonic()
                 if start >= end:
                     break
                 key = rng.choice(keys)
                 try:
-                    reply = http.get(f"/item/{key}")
-                    mine.append((key, int(reply.json()["version"]), start))
-                except (httpx.HTTPError, ValueError, KeyError):
+                    conn.request("GET", f"/item/{key}")
+                    body = conn.getresponse().read()
+                    mine.append((key, int(json.loads(body)["version"]), start))
+                except (OSError, http.client.HTTPException, ValueError, KeyError):
                     errors[0] += 1
+                    conn.close()
+        finally:
+            conn.close()
         with lock:
             replies.extend(mine)
 
