@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,13 @@ print("live", sync.listener_up)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:2] == ["live True", "state closed False"], done.stdout
+
+
+def test_neither_exit_nor_fork_hooks_keep_a_client_alive(redis_url: str, unique: str) -> None:
+    sync = CacheSync(redis_url, channel=unique)
+    with sync.running():
+        pass
+    ref = weakref.ref(sync)
+    del sync
+    gc.collect()
+    assert ref() is None

@@ -37,13 +37,23 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]
     key = path.removeprefix("/item/")
+    stats = sync.namespace("items").stats
+    fetches = stats.fetches
     value = get_item(key)
+    listener = sync.stats()["listener"]
     body = json.dumps(
         {
             "pid": os.getpid(),
             "value": value,
             "live": sync.listener_up,
-            "fetches": sync.namespace("items").stats.fetches,
+            "fetches": stats.fetches,
+            # Served from the cache (a sync worker serves one request at a time).
+            "hit": stats.fetches == fetches,
+            # Anything that flushed the cache (another test's CLIENT KILL, say).
+            "losses": sum(
+                listener[name]
+                for name in ("reconnects", "gaps", "source_changes", "heartbeat_misses")
+            ),
         }
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
