@@ -34,7 +34,14 @@ TINY = Settings(
 @pytest.mark.timeout(60)
 async def test_micro_benchmarks_run() -> None:
     results = await micro.run_all(micro.TINY)
-    assert [r.unit for r in results] == ["ns/call", "ns/call", "events/s", "events/s", "bytes"]
+    assert [r.unit for r in results] == [
+        "ns/call",
+        "ns/call",
+        "ns/call",
+        "events/s",
+        "events/s",
+        "bytes",
+    ]
     for r in results:
         assert r.ours > 0 and math.isfinite(r.ours)
         assert r.verdict in ("PASS", "FAIL", "-")
