@@ -233,6 +233,11 @@ class BackgroundRunner:
                 )
                 client._reopen()
                 await asyncio.sleep(delay)
+            except Exception:
+                # Not a broker outage (a bad URL, a bug): retrying would not help. Reads keep
+                # going to the owner; the log says why.
+                log.exception("cachesync listener cannot start; reads go to the owner")
+                return
 
 
 def _register_fork_hooks(ref: weakref.ReferenceType[BackgroundRunner]) -> None:
