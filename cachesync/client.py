@@ -376,16 +376,17 @@ class CacheSync(Service):
 
     # -- running without an event loop (see cachesync.runner) -------------------------------
 
-    def start_in_background(self) -> None:
+    def start_in_background(self, *, wait: bool = True) -> None:
         """Run the listener on a daemon thread with an event loop of its own, for sync apps
         (Django, Flask, gunicorn workers); return once the subscription is live, or raise
-        :class:`~cachesync.errors.TransportError` after ``connect_timeout``. Cached plain
-        functions then work from any thread. In a process forked from this one the caches are
-        distrusted at once and the listener starts again there. Stopped by
+        :class:`~cachesync.errors.TransportError` after ``connect_timeout`` (``wait=False``:
+        return at once and keep trying to connect, reads going to the owner meanwhile).
+        Cached plain functions then work from any thread. In a process forked from this one
+        the caches are distrusted at once and the listener starts again there. Stopped by
         :meth:`stop_background` or at interpreter exit."""
         if self._runner is None:
             self._runner = BackgroundRunner(self)
-        self._runner.start()
+        self._runner.start(wait=wait)
 
     def stop_background(self, timeout: float = 5.0) -> None:
         """Stop what :meth:`start_in_background` started. Idempotent."""

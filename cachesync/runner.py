@@ -142,11 +142,12 @@ class BackgroundRunner:
         """The loop the client runs on, while it runs."""
         return self._thread.loop if self.running and self._thread is not None else None
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
         """Start the listener's thread and return once the subscription is live.
 
         Raises :class:`~cachesync.errors.TransportError` after the client's
-        ``connect_timeout`` (nothing is left running then).
+        ``connect_timeout`` (nothing is left running then). With ``wait=False`` it returns at
+        once and keeps trying to connect in the background; reads go to the owner meanwhile.
         """
         client = self._client
         with self._lock:
@@ -155,11 +156,14 @@ class BackgroundRunner:
             client._check_thread_safe()
             thread = LoopThread("cachesync-listener")
             thread.start()
-            try:
-                thread.call(client.start(), timeout=client.connect_timeout + 5.0)
-            except BaseException:
-                thread.stop()
-                raise
+            if wait:
+                try:
+                    thread.call(client.start(), timeout=client.connect_timeout + 5.0)
+                except BaseException:
+                    thread.stop()
+                    raise
+            else:
+                self._restart = thread.submit(self._start_until_live())
             self._thread = thread
             atexit.register(self._at_exit)
             if not self._fork_hooks:
@@ -214,7 +218,7 @@ class BackgroundRunner:
 
     async def _start_until_live(self) -> None:
         """Start the client; while the broker cannot be reached, try again with backoff
-        (reads go to the owner meanwhile)."""
+        (reads go to the owner meanwhile). In a forked child, and for ``wait=False``."""
         client = self._client
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
@@ -224,11 +228,16 @@ class BackgroundRunner:
             except TransportError as exc:
                 delay = backoff.next_delay()
                 log.warning(
-                    "cachesync listener could not start after a fork; retrying",
+                    "cachesync listener could not start; retrying",
                     extra={"error": str(exc), "retry_in": delay},
                 )
                 client._reopen()
                 await asyncio.sleep(delay)
+            except Exception:
+                # Not a broker outage (a bad URL, a bug): retrying would not help. Reads keep
+                # going to the owner; the log says why.
+                log.exception("cachesync listener cannot start; reads go to the owner")
+                return
 
 
 def _register_fork_hooks(ref: weakref.ReferenceType[BackgroundRunner]) -> None:

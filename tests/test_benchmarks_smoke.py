@@ -34,7 +34,7 @@ TINY = Settings(
 @pytest.mark.timeout(60)
 async def test_micro_benchmarks_run() -> None:
     results = await micro.run_all(micro.TINY)
-    units = ["ns/call", "ns/call", "events/s", "events/s", "bytes", "us", "us"]
+    units = ["ns/call", "ns/call", "ns/call", "events/s", "events/s", "bytes", "us", "us"]
     assert [r.unit for r in results] == units
     for r in results:
         assert r.ours > 0 and math.isfinite(r.ours)

@@ -78,3 +78,26 @@ def test_app_factory_with_a_client_of_ones_own(redis_url: str, unique: str) -> N
 def test_no_client_before_init_app() -> None:
     with pytest.raises(RuntimeError, match="init_app"):
         FlaskCacheSync().sync  # noqa: B018
+
+
+def test_the_example_app(redis_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setenv("CACHESYNC_URL", redis_url)
+    monkeypatch.setenv("PRICES_DB", str(tmp_path / "prices.db"))
+    example = importlib.import_module("examples.flask_app")
+    app = example.create_app()
+    ext = app.extensions["cachesync"]
+    try:
+        client = app.test_client()
+        assert client.get("/prices/apple").status_code == 404
+        applied = _applied(ext.sync)
+        assert client.put("/prices/apple", json={"price": 3}).json == {
+            "item": "apple",
+            "price": 3.0,
+        }
+        assert applied.wait(5)
+        assert client.get("/prices/apple").json["price"] == 3.0
+    finally:
+        ext.publisher.close()
+        ext.sync.stop_background()

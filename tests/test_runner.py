@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,43 @@ print("live", sync.listener_up)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:2] == ["live True", "state closed False"], done.stdout
+
+
+def test_neither_exit_nor_fork_hooks_keep_a_client_alive(redis_url: str, unique: str) -> None:
+    sync = CacheSync(redis_url, channel=unique)
+    with sync.running():
+        pass
+    ref = weakref.ref(sync)
+    del sync
+    gc.collect()
+    assert ref() is None
+
+
+def test_without_waiting_it_keeps_trying_and_reads_go_to_the_owner(
+    redis_url: str, unique: str
+) -> None:
+    calls: list[str] = []
+    down = CacheSync("redis://127.0.0.1:1/0", connect_timeout=0.2)
+
+    @down.cached("items")
+    def get(key: str) -> str:
+        calls.append(key)
+        return key
+
+    down.start_in_background(wait=False)  # returns at once, broker or not
+    assert not down.listener_up
+    assert get("a") == "a" and get("a") == "a"
+    assert calls == ["a", "a"]  # nothing trusted: every read goes to the owner
+    down.stop_background()
+    assert not _listener_threads()
+
+    up = CacheSync(redis_url, channel=unique)
+    up.cached("items")(lambda key: key)
+    up.start_in_background(wait=False)
+    try:
+        end = time.monotonic() + 5
+        while not up.listener_up and time.monotonic() < end:
+            time.sleep(0.01)
+        assert up.listener_up
+    finally:
+        up.stop_background()

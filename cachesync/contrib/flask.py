@@ -17,6 +17,9 @@ Config keys (defaults in brackets): ``CACHESYNC_URL`` [``memory://``], ``CACHESY
 [``cachesync``], ``CACHESYNC_CONNECT_TIMEOUT`` [10.0] build the client when none is given;
 ``CACHESYNC_START`` [True] starts its listener on a background thread in ``init_app`` (set it to
 False to call ``sync.start_in_background()`` yourself, e.g. in gunicorn's ``post_fork``);
+``CACHESYNC_WAIT`` [True] waits for the subscription (a broker down at startup raises
+:class:`~cachesync.errors.TransportError`); False starts at once and keeps trying, reads going
+to the owner meanwhile;
 ``CACHESYNC_PUBLISH_URL`` [None], in an owner app, makes ``ext.publisher`` a
 :class:`~cachesync.publisher.BlockingPublisher` on that broker, with
 ``CACHESYNC_HEARTBEAT_INTERVAL`` [1.0]. Under gunicorn ``--preload`` the client follows the fork
@@ -40,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "CACHESYNC_CHANNEL": "cachesync",
     "CACHESYNC_CONNECT_TIMEOUT": 10.0,
     "CACHESYNC_START": True,
+    "CACHESYNC_WAIT": True,
     "CACHESYNC_PUBLISH_URL": None,
     "CACHESYNC_HEARTBEAT_INTERVAL": 1.0,
 }
@@ -86,7 +90,7 @@ class FlaskCacheSync:
             )
         app.extensions["cachesync"] = self
         if config["CACHESYNC_START"] and self._sync.state is ClientState.UNOPENED:
-            self._sync.start_in_background()
+            self._sync.start_in_background(wait=bool(config["CACHESYNC_WAIT"]))
 
     def cached(self, ns: str, **options: Any) -> Any:
         """``sync.cached(ns, **options)`` of the client (see :meth:`CacheSync.cached`)."""

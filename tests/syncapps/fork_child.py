@@ -7,7 +7,9 @@ Run as ``python -m tests.syncapps.fork_child URL CHANNEL``; exits 0 when every c
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 from cachesync import BlockingPublisher, CacheSync
@@ -56,8 +58,23 @@ pub.start()
 pub_source = pub.publisher.source
 assert get("a") == "v1" and get("a") == "v1" and fetches == ["a"]
 
+# Another thread holds the cache's lock when the fork is asked for: the fork waits for it, or
+# the child would inherit a lock that no thread of its own can ever release.
+held, release = threading.Event(), threading.Event()
+
+
+def hold() -> None:
+    with get.cache.lock:
+        held.set()
+        release.wait(0.3)
+
+
+holder = threading.Thread(target=hold)
+holder.start()
+held.wait(5)
 pid = os.fork()
 if pid == 0:
+    signal.alarm(10)  # a deadlocked child dies instead of hanging the test
     try:
         child()
     except BaseException as exc:  # report, then leave without the parent's cleanup
@@ -67,7 +84,18 @@ if pid == 0:
     pub.close()
     os._exit(0)
 
-_, status = os.waitpid(pid, 0)
+holder.join(5)
+deadline = time.monotonic() + 15
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    if time.monotonic() > deadline:  # hung (a deadlock): stop the child this script forked
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("child: hung", flush=True)
+        sys.exit(1)
+    time.sleep(0.05)
 # The parent still works: its listener was not disturbed by the child.
 assert sync.listener_up, "the parent's listener went down"
 owner["a"] = "v4"

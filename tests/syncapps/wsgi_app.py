@@ -37,19 +37,27 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]
     key = path.removeprefix("/item/")
-    # Read before the value: a reply that says "heard" was served after the first message.
-    listener = sync.stats()["listener"]
-    heard = listener["messages"] > 0
+    stats = sync.namespace("items").stats
+    fetches = stats.fetches
+    # Read before the value: a reply that says "heard" was served after the publisher's first
+    # message, which may flush what was cached before it.
+    heard = sync.stats()["listener"]["messages"] > 0
     value = get_item(key)
+    listener = sync.stats()["listener"]
     body = json.dumps(
         {
             "pid": os.getpid(),
             "value": value,
             "live": sync.listener_up,
-            # Heard the publisher: its first message may flush what was cached before it.
+            "fetches": stats.fetches,
             "heard": heard,
-            "lost": {k: listener[k] for k in ("gaps", "heartbeat_misses", "reconnects")},
-            "fetches": sync.namespace("items").stats.fetches,
+            # Served from the cache (a sync worker serves one request at a time).
+            "hit": stats.fetches == fetches,
+            # Anything that flushed the cache (another test's CLIENT KILL, say).
+            "losses": sum(
+                listener[name]
+                for name in ("reconnects", "gaps", "source_changes", "heartbeat_misses")
+            ),
         }
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json")])

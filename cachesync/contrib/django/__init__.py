@@ -11,7 +11,9 @@
 Keys (defaults in brackets): ``CLIENT`` [None: a client built from ``URL``, ``CHANNEL``
 [``cachesync``] and ``CONNECT_TIMEOUT`` [10.0], see :func:`get_client`]; ``START`` [True]:
 start the client's listener on a background thread when Django is ready, once per process
-(under gunicorn ``--preload`` each worker restarts it after the fork by itself); ``PUBLISH_URL``
+(under gunicorn ``--preload`` each worker restarts it after the fork by itself); ``WAIT``
+[True]: wait for the subscription at startup (a broker down raises ``TransportError``; False:
+start at once and keep trying, reads going to the owner meanwhile); ``PUBLISH_URL``
 [``URL``] and ``HEARTBEAT_INTERVAL`` [1.0]: the owner's :class:`~cachesync.BlockingPublisher`;
 ``OUTBOX`` [False]: :func:`publish_on_commit` writes an :class:`~.models.OutboxEvent` row in the
 transaction instead of publishing after the commit, and ``manage.py cachesync_relay`` publishes

@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "CHANNEL": "cachesync",
     "CONNECT_TIMEOUT": 10.0,
     "START": True,
+    "WAIT": True,
     "PUBLISH_URL": None,
     "HEARTBEAT_INTERVAL": 1.0,
     "OUTBOX": False,
@@ -53,7 +54,7 @@ class CacheSyncConfig(AppConfig):
             # worker restarts it after the fork by itself (cachesync.runner).
             client = self.client
             if client.state is ClientState.UNOPENED:
-                client.start_in_background()
+                client.start_in_background(wait=bool(self.options["WAIT"]))
 
     @property
     def client(self) -> CacheSync:
