@@ -726,7 +726,7 @@ async def test_rows_go_out_in_commit_order_and_consumers_end_on_the_last_commit(
         await b.flush()  # B's outbox row: the lower id
         b_update = asyncio.create_task(b.execute(update, {"v": 2, "key": "K"}))
         waiting = text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted")
-        async with pg_engine.connect() as conn:
+        async with pg_engine.connect() as conn, asyncio.timeout(5):
             while not (await conn.execute(waiting, {"pid": b_pid})).scalar_one():
                 await asyncio.sleep(0.005)  # until B waits on A's lock
         Outbox.add(a, "items", "K", value={"v": 1})

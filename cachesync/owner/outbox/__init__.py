@@ -15,8 +15,9 @@ transaction as its data, and :class:`OutboxRelay` publishes the committed rows::
 
 The modules: :mod:`.model` (the table, ``Outbox.add``, the DDL), :mod:`.rows` (a row as the
 event to publish), :mod:`.relay` (the loop), :mod:`.election` (one relay per channel on
-PostgreSQL), and one module per database path: :mod:`.generic` (SQLite and any SQLAlchemy
-database) and :mod:`.postgresql` (asyncpg: LISTEN/NOTIFY, the election, the hot statements).
+PostgreSQL), :mod:`.database` (what the database paths share, and the choice of one), and one
+module per database path: :mod:`.generic` (SQLite and any SQLAlchemy database) and
+:mod:`.postgresql` (asyncpg: LISTEN/NOTIFY, the election, the hot statements).
 """
 
 from .model import DEFAULT_CHANNEL, Outbox, notify_channel
