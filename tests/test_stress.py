@@ -231,23 +231,27 @@ async def stress(
     pub = Publisher(publisher_url, channel=channel, heartbeat_interval=0.2, transport=adversary)
     counts = dict.fromkeys(["upsert", "value", "delete", "flush", "gap", "dup", "reconnect"], 0)
 
-    async def publish(kind: str, key: str) -> None:
-        seq = pub.seq + 1  # this task is the only one that takes seqs
+    Send = Callable[[], Awaitable[ChangeEvent]]
+
+    def commit(kind: str, key: str) -> tuple[dict[str, int], Send]:
+        """The owner commits now; the event goes out when the returned function is called
+        (later, for a burst: an outbox relay's lag)."""
         if kind == "flush":
-            world.log[seq] = {k: world.commit(k) for k in KEYS}
-            event = await pub.flush(NS)
-        elif kind == "delete":
+            return {k: world.commit(k) for k in KEYS}, lambda: pub.flush(NS)
+        if kind == "delete":
             v = world.commit(key, delete=True)
-            world.log[seq] = {key: v}
-            event = await pub.deleted(NS, key, version=v)
-        else:
-            v = world.commit(key)
-            world.log[seq] = {key: v}
-            value = list(world.row("refresh", key)[1:]) if kind == "value" else None
-            # Some values go out without a version: then only seqs keep a replay out.
-            versioned = value is None or rng.random() < 0.8
-            event = await pub.changed(NS, key, version=v if versioned else None, value=value)
-        assert event.seq == seq
+            return {key: v}, lambda: pub.deleted(NS, key, version=v)
+        v = world.commit(key)
+        value = list(world.row("refresh", key)[1:]) if kind == "value" else None
+        # Some values go out without a version: then only seqs keep a replay out.
+        version = v if value is None or rng.random() < 0.8 else None
+        return {key: v}, lambda: pub.changed(NS, key, version=version, value=value)
+
+    async def publish(commits: list[tuple[dict[str, int], Send]]) -> None:
+        for effect, send in commits:
+            seq = pub.seq + 1  # this task is the only one that takes seqs
+            world.log[seq] = effect
+            assert (await send()).seq == seq
 
     def reconnected(before: int) -> bool:
         return sync.listener_up and sync.stats()["listener"]["reconnects"] > before
@@ -290,11 +294,19 @@ async def stress(
                         await eventually(lambda b=before: reconnected(b), timeout=10)
                     continue
                 counts[kind] += 1
-                await publish(kind, key)
+                commits = [commit(kind, key)]
+                if rng.random() < 0.3:
+                    # A burst: the key changes again before the first event goes out, and
+                    # reads may fetch the newest version before the older events arrive.
+                    for _ in range(rng.randint(1, 3)):
+                        again = rng.choice(("upsert", "value"))
+                        counts[again] += 1
+                        commits.append(commit(again, key))
+                    await asyncio.sleep(0.001)
+                await publish(commits)
                 await asyncio.sleep(rng.choice((0, 0, 0.001, 0.003)))
             # Every key changes once more, with nothing lost: all must converge.
-            for key in KEYS:
-                await publish("upsert", key)
+            await publish([commit("upsert", key) for key in KEYS])
             target = pub.seq
             async with asyncio.timeout(10):
                 while world.handled < target:
