@@ -13,7 +13,8 @@ and cuts the consumer's connection (reconnects). Checked, for every read:
 and at the end: the listener is up, every key converges to the owner's version, and the
 counters show that each adversary struck.
 
-``CACHESYNC_STRESS_SECONDS`` (default 20) is the total time, split between the transports;
+``CACHESYNC_STRESS_SECONDS`` (default 20) is the total time, split between the memory bus,
+Redis pub/sub and Redis streams (which replay what a cut connection missed);
 ``CACHESYNC_STRESS_SEED`` replays the owner's and adversary's choices of a failing run (thread
 timing cannot be replayed). The seed is printed at the start and named in every failure.
 """
@@ -336,6 +337,8 @@ async def stress(
                 assert listener["duplicates"] >= 1, where
             if counts["reconnect"]:
                 assert listener["reconnects"] >= 1, where
+                if consumer_url.startswith("redis+stream"):
+                    assert listener["replays"] >= 1, where
             for key in KEYS:
                 current = world.versions[key]
                 for tag, fn in (("sync", get_sync), ("swr", get_swr)):
@@ -356,14 +359,26 @@ async def test_stress_memory(unique: str) -> None:
         bus_for(url).disconnect_all()
         return True
 
-    await stress(url, url, unique, SECONDS / 2, reconnect)
+    await stress(url, url, unique, SECONDS * 0.4, reconnect)
 
 
 @pytest.mark.redis
-async def test_stress_redis(redis_url: str, unique: str) -> None:
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_stress_redis(redis_url: str, unique: str, scheme: str) -> None:
+    """Pub/sub loses what is published while the connection is cut; a stream replays it."""
+    import redis.asyncio as aioredis
+
     tag = f"cachesync-stress-{unique}"
+    url = redis_url.replace("redis://", f"{scheme}://", 1)
 
     async def reconnect() -> bool:
         return await kill_redis_clients(redis_url, tag) >= 1
 
-    await stress(f"{redis_url}?client_name={tag}", redis_url, unique, SECONDS / 2, reconnect)
+    try:
+        await stress(f"{url}?client_name={tag}", url, unique, SECONDS * 0.3, reconnect)
+    finally:
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.delete(unique)  # the stream, if any
+        finally:
+            await admin.aclose()
