@@ -1,7 +1,7 @@
 """Concurrency stress: reader threads and tasks against a listener under fire.
 
-Reader threads call a plain cached function, asyncio tasks call async ones (four functions in
-one namespace, one in refresh mode, one with a short TTL and stale-while-revalidate), while an
+Reader threads call plain cached functions, asyncio tasks call async ones (four functions in
+one namespace, two in refresh mode, one with a short TTL and stale-while-revalidate), while an
 owner commits changes (versions grow per key) and publishes upserts (with and without values),
 deletes and flushes, and an adversary drops events (gaps), re-sends captured ones (duplicates)
 and cuts the consumer's connection (reconnects). Checked, for every read:
@@ -180,7 +180,15 @@ async def stress(
         return row[2]
 
     get_sync = sync.cached(NS, version_of=version)(fetch_sync)
-    get_swr = sync.cached(NS, ttl=0.05, stale_while_revalidate=0.05, version_of=version)(fetch_swr)
+    # Read from threads too, refreshed by events, and revalidated in the background.
+    get_swr = sync.cached(
+        NS,
+        ttl=0.05,
+        stale_while_revalidate=0.05,
+        mode="refresh",
+        version_of=version,
+        from_event=lambda value: ("swr", value[0], value[1], value[2]),
+    )(fetch_swr)
     get_async = sync.cached(NS, version_of=version)(fetch_async)
     get_refresh = sync.cached(
         NS,
