@@ -16,7 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
-from cachesync import CacheSync, Change, ChangeEvent, HttpFetcher, Op, Publisher
+from cachesync import (
+    CacheSync,
+    Change,
+    ChangeEvent,
+    ConsistencyMonitor,
+    HttpFetcher,
+    Op,
+    Publisher,
+)
 from cachesync.clock import LoopClock
 from cachesync.signing import Signer
 from cachesync.transports.memory import bus_for
@@ -73,10 +81,16 @@ async def test_reader_threads_never_break_a_flush_nor_the_listener(unique: str) 
     stale: list[str] = []
 
     async with CacheSync(url, reconnect_initial=0.01) as sync:
-        get = sync.cached("fx", maxsize=len(keys))(fetch)
+        get = sync.cached("fx", maxsize=len(keys), version_of=lambda got: got + 1)(fetch)
         for key in keys:
-            assert get.prime(key, 0)
+            assert get.prime(key, 0, version=1)
         sync.handle_message(heartbeat(0))
+
+        async def current_version(key: str) -> int:
+            return owner_round + 1
+
+        # The consistency monitor samples the same entries the threads reorder.
+        monitor = ConsistencyMonitor(sync, "fx", current_version, bound=3600)
 
         def reader(seed: int) -> None:
             rng = random.Random(seed)
@@ -101,6 +115,7 @@ async def test_reader_threads_never_break_a_flush_nor_the_listener(unique: str) 
             for _ in range(20):
                 progress.clear()
                 assert await asyncio.to_thread(progress.wait, 10)
+                await monitor.sample()
                 owner_round += 1
                 seq += 2  # seq - 1, about some key, was lost
                 sync.handle_message(event(seq, "other").encode())
@@ -120,6 +135,7 @@ async def test_reader_threads_never_break_a_flush_nor_the_listener(unique: str) 
         assert listener["gaps"] == 20
         assert listener["bad_events"] == 0
         assert sync.listener_up
+        assert monitor.stats.checked > 0
 
 
 # 2 -----------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def test_random_interleavings_keep_the_guarantees(mode: str, ops: list[tuple[obj
 #
 # A state machine drives one client by hand: the owner commits (events carry the value or not,
 # a version or not), events are delivered in order, dropped (a gap the next delivery or
-# heartbeat reveals) or delivered again (a duplicate or a replay of a lost one); reads come
+# heartbeat reveals) or delivered again (a duplicate or a replay of a lost one), and a new
+# owner instance may take over (a new source, whose first heartbeat flushes); reads come
 # from the event loop, from a second thread, and from a thread whose fetch is held open while
 # any of the above happens (a handshake of threading.Events, no sleeps). The checks: a read
 # never returns a version older than what the events applied before it began require (a lost
@@ -150,6 +151,7 @@ def test_random_interleavings_keep_the_guarantees(mode: str, ops: list[tuple[obj
 
 @dataclass
 class Sent:
+    source: str
     seq: int
     key: str
     version: int
@@ -196,7 +198,8 @@ class ThreadsAndReplays(RuleBasedStateMachine):
         self.seq = 0
         self.pending: list[Sent] = []  # published, not delivered yet (in order)
         self.sent: list[Sent] = []  # every event published so far
-        self.handled = 0  # the highest seq delivered
+        self.source = "owner-0"
+        self.handled: dict[str, int] = {self.source: 0}  # the highest seq delivered, by source
         self.required = dict.fromkeys(KEYS, 1)
         self.replays = 0
         self.slow: SlowRead | None = None
@@ -223,7 +226,7 @@ class ThreadsAndReplays(RuleBasedStateMachine):
         )(fetch_async)
         self.loop.run_until_complete(self.sync.start())
         self.sync.handle_message(
-            ChangeEvent(source="owner", seq=0, op=Op.HEARTBEAT, ts=0.0).encode()
+            ChangeEvent(source=self.source, seq=0, op=Op.HEARTBEAT, ts=0.0).encode()
         )
 
     def teardown(self) -> None:
@@ -242,7 +245,7 @@ class ThreadsAndReplays(RuleBasedStateMachine):
             version = self.versions[key]
         self.seq += 1
         payload = ChangeEvent(
-            source="owner",
+            source=self.source,
             seq=self.seq,
             ns="ns",
             op=Op.UPSERT,
@@ -251,15 +254,16 @@ class ThreadsAndReplays(RuleBasedStateMachine):
             value=[key, version] if carry else None,
             ts=0.0,
         ).encode()
-        sent = Sent(self.seq, key, version, payload)
+        sent = Sent(self.source, self.seq, key, version, payload)
         self.pending.append(sent)
         self.sent.append(sent)
 
     def _handled_up_to(self, seq: int) -> None:
+        handled = self.handled[self.source]
         for sent in self.sent:
-            if self.handled < sent.seq <= seq:
+            if sent.source == self.source and handled < sent.seq <= seq:
                 self.required[sent.key] = max(self.required[sent.key], sent.version)
-        self.handled = max(self.handled, seq)
+        self.handled[self.source] = max(handled, seq)
 
     @precondition(lambda self: self.pending)
     @rule()
@@ -277,14 +281,31 @@ class ThreadsAndReplays(RuleBasedStateMachine):
     @rule()
     def heartbeat(self) -> None:
         self.sync.handle_message(
-            ChangeEvent(source="owner", seq=self.seq, op=Op.HEARTBEAT, ts=0.0).encode()
+            ChangeEvent(source=self.source, seq=self.seq, op=Op.HEARTBEAT, ts=0.0).encode()
         )
         self._handled_up_to(self.seq)
 
-    @precondition(lambda self: any(sent.seq <= self.handled for sent in self.sent))
+    @rule()
+    def restart_the_owner(self) -> None:
+        """A new owner instance (a new source, seqs from 0) takes over; what the old one had
+        not sent yet is lost. Its first heartbeat flushes: every commit so far is required."""
+        self.pending.clear()
+        self.source = f"owner-{len(self.handled)}"
+        self.handled[self.source] = 0
+        self.seq = 0
+        self.sync.handle_message(
+            ChangeEvent(source=self.source, seq=0, op=Op.HEARTBEAT, ts=0.0).encode()
+        )
+        with self.lock:
+            self.required = dict(self.versions)
+
+    def _replayable(self) -> list[Sent]:
+        return [sent for sent in self.sent if sent.seq <= self.handled[sent.source]]
+
+    @precondition(lambda self: self._replayable())
     @rule(index=st.integers(0, 100))
     def replay(self, index: int) -> None:
-        old = [sent for sent in self.sent if sent.seq <= self.handled]
+        old = self._replayable()
         self.sync.handle_message(old[index % len(old)].payload)  # delivered or lost before
         self.replays += 1
 

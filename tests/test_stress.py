@@ -1,7 +1,7 @@
 """Concurrency stress: reader threads and tasks against a listener under fire.
 
-Reader threads call a plain cached function, asyncio tasks call async ones (four functions in
-one namespace, one in refresh mode, one with a short TTL and stale-while-revalidate), while an
+Reader threads call plain cached functions, asyncio tasks call async ones (four functions in
+one namespace, two in refresh mode, one with a short TTL and stale-while-revalidate), while an
 owner commits changes (versions grow per key) and publishes upserts (with and without values),
 deletes and flushes, and an adversary drops events (gaps), re-sends captured ones (duplicates)
 and cuts the consumer's connection (reconnects). Checked, for every read:
@@ -13,7 +13,8 @@ and cuts the consumer's connection (reconnects). Checked, for every read:
 and at the end: the listener is up, every key converges to the owner's version, and the
 counters show that each adversary struck.
 
-``CACHESYNC_STRESS_SECONDS`` (default 20) is the total time, split between the transports;
+``CACHESYNC_STRESS_SECONDS`` (default 20) is the total time, split between the memory bus,
+Redis pub/sub and Redis streams (which replay what a cut connection missed);
 ``CACHESYNC_STRESS_SEED`` replays the owner's and adversary's choices of a failing run (thread
 timing cannot be replayed). The seed is printed at the start and named in every failure.
 """
@@ -179,7 +180,15 @@ async def stress(
         return row[2]
 
     get_sync = sync.cached(NS, version_of=version)(fetch_sync)
-    get_swr = sync.cached(NS, ttl=0.05, stale_while_revalidate=0.05, version_of=version)(fetch_swr)
+    # Read from threads too, refreshed by events, and revalidated in the background.
+    get_swr = sync.cached(
+        NS,
+        ttl=0.05,
+        stale_while_revalidate=0.05,
+        mode="refresh",
+        version_of=version,
+        from_event=lambda value: ("swr", value[0], value[1], value[2]),
+    )(fetch_swr)
     get_async = sync.cached(NS, version_of=version)(fetch_async)
     get_refresh = sync.cached(
         NS,
@@ -231,23 +240,27 @@ async def stress(
     pub = Publisher(publisher_url, channel=channel, heartbeat_interval=0.2, transport=adversary)
     counts = dict.fromkeys(["upsert", "value", "delete", "flush", "gap", "dup", "reconnect"], 0)
 
-    async def publish(kind: str, key: str) -> None:
-        seq = pub.seq + 1  # this task is the only one that takes seqs
+    Send = Callable[[], Awaitable[ChangeEvent]]
+
+    def commit(kind: str, key: str) -> tuple[dict[str, int], Send]:
+        """The owner commits now; the event goes out when the returned function is called
+        (later, for a burst: an outbox relay's lag)."""
         if kind == "flush":
-            world.log[seq] = {k: world.commit(k) for k in KEYS}
-            event = await pub.flush(NS)
-        elif kind == "delete":
+            return {k: world.commit(k) for k in KEYS}, lambda: pub.flush(NS)
+        if kind == "delete":
             v = world.commit(key, delete=True)
-            world.log[seq] = {key: v}
-            event = await pub.deleted(NS, key, version=v)
-        else:
-            v = world.commit(key)
-            world.log[seq] = {key: v}
-            value = list(world.row("refresh", key)[1:]) if kind == "value" else None
-            # Some values go out without a version: then only seqs keep a replay out.
-            versioned = value is None or rng.random() < 0.8
-            event = await pub.changed(NS, key, version=v if versioned else None, value=value)
-        assert event.seq == seq
+            return {key: v}, lambda: pub.deleted(NS, key, version=v)
+        v = world.commit(key)
+        value = list(world.row("refresh", key)[1:]) if kind == "value" else None
+        # Some values go out without a version: then only seqs keep a replay out.
+        version = v if value is None or rng.random() < 0.8 else None
+        return {key: v}, lambda: pub.changed(NS, key, version=version, value=value)
+
+    async def publish(commits: list[tuple[dict[str, int], Send]]) -> None:
+        for effect, send in commits:
+            seq = pub.seq + 1  # this task is the only one that takes seqs
+            world.log[seq] = effect
+            assert (await send()).seq == seq
 
     def reconnected(before: int) -> bool:
         return sync.listener_up and sync.stats()["listener"]["reconnects"] > before
@@ -290,11 +303,19 @@ async def stress(
                         await eventually(lambda b=before: reconnected(b), timeout=10)
                     continue
                 counts[kind] += 1
-                await publish(kind, key)
+                commits = [commit(kind, key)]
+                if rng.random() < 0.3:
+                    # A burst: the key changes again before the first event goes out, and
+                    # reads may fetch the newest version before the older events arrive.
+                    for _ in range(rng.randint(1, 3)):
+                        again = rng.choice(("upsert", "value"))
+                        counts[again] += 1
+                        commits.append(commit(again, key))
+                    await asyncio.sleep(0.001)
+                await publish(commits)
                 await asyncio.sleep(rng.choice((0, 0, 0.001, 0.003)))
             # Every key changes once more, with nothing lost: all must converge.
-            for key in KEYS:
-                await publish("upsert", key)
+            await publish([commit("upsert", key) for key in KEYS])
             target = pub.seq
             async with asyncio.timeout(10):
                 while world.handled < target:
@@ -324,6 +345,8 @@ async def stress(
                 assert listener["duplicates"] >= 1, where
             if counts["reconnect"]:
                 assert listener["reconnects"] >= 1, where
+                if consumer_url.startswith("redis+stream"):
+                    assert listener["replays"] >= 1, where
             for key in KEYS:
                 current = world.versions[key]
                 for tag, fn in (("sync", get_sync), ("swr", get_swr)):
@@ -344,14 +367,26 @@ async def test_stress_memory(unique: str) -> None:
         bus_for(url).disconnect_all()
         return True
 
-    await stress(url, url, unique, SECONDS / 2, reconnect)
+    await stress(url, url, unique, SECONDS * 0.4, reconnect)
 
 
 @pytest.mark.redis
-async def test_stress_redis(redis_url: str, unique: str) -> None:
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_stress_redis(redis_url: str, unique: str, scheme: str) -> None:
+    """Pub/sub loses what is published while the connection is cut; a stream replays it."""
+    import redis.asyncio as aioredis
+
     tag = f"cachesync-stress-{unique}"
+    url = redis_url.replace("redis://", f"{scheme}://", 1)
 
     async def reconnect() -> bool:
         return await kill_redis_clients(redis_url, tag) >= 1
 
-    await stress(f"{redis_url}?client_name={tag}", redis_url, unique, SECONDS / 2, reconnect)
+    try:
+        await stress(f"{url}?client_name={tag}", url, unique, SECONDS * 0.3, reconnect)
+    finally:
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.delete(unique)  # the stream, if any
+        finally:
+            await admin.aclose()
