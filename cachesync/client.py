@@ -116,6 +116,44 @@ class _Namespace:
     silent: bool = False
 
 
+class _GuardedObserver:
+    """The user's observer, whose failures are logged, never raised: a metrics hook must not
+    stop the listener, leave a cache trusted, or leave a fetch's waiters waiting."""
+
+    __slots__ = ("_observer", "_warn")
+
+    def __init__(self, observer: Observer, warn: RateLimitedLogger) -> None:
+        self._observer = observer
+        self._warn = warn
+
+    def fetch_done(self, ns: str, seconds: float, ok: bool) -> None:
+        try:
+            self._observer.fetch_done(ns, seconds, ok)
+        except Exception:
+            self._failed("fetch_done")
+
+    def event_applied(self, ns: str, op: str, lag_seconds: float) -> None:
+        try:
+            self._observer.event_applied(ns, op, lag_seconds)
+        except Exception:
+            self._failed("event_applied")
+
+    def lost_events(self, cause: str) -> None:
+        try:
+            self._observer.lost_events(cause)
+        except Exception:
+            self._failed("lost_events")
+
+    def listener_state(self, up: bool) -> None:
+        try:
+            self._observer.listener_state(up)
+        except Exception:
+            self._failed("listener_state")
+
+    def _failed(self, hook: str) -> None:
+        self._warn.exception(f"observer.{hook}", "the observer's %s() failed; ignored", hook)
+
+
 class _ApplyFailed(Exception):
     """Applying an event failed: the caches are distrusted and the listener restarts."""
 
@@ -193,7 +231,7 @@ class CacheSync(Service):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
-        self._observer = observer
+        self._observer = _GuardedObserver(observer, self._warn) if observer is not None else None
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- decorating ------------------------------------------------------------------------
@@ -467,13 +505,15 @@ class CacheSync(Service):
         log.info("cachesync listener up", extra={"resumed": resumed, "channel": self.channel})
 
     def _set_down(self) -> None:
-        if self._stats.listener_up and self._observer is not None:
-            self._observer.listener_state(False)
-        self._stats.listener_up = False
-        self._ready.clear()
+        # Distrust first: nothing after this may leave the caches trusted.
         for ns in self._namespaces.values():
             for member in ns.members:
                 member.cache.distrust()
+        was_up = self._stats.listener_up
+        self._stats.listener_up = False
+        self._ready.clear()
+        if was_up and self._observer is not None:
+            self._observer.listener_state(False)
 
     def handle_message(self, payload: bytes) -> None:
         """Decode one message and apply it.
