@@ -40,7 +40,7 @@ R_co = TypeVar("R_co", covariant=True)
 
 Mode = Literal["invalidate", "refresh"]
 VersionOf = Callable[[Any], int | None]
-Spawn = Callable[[Coroutine[Any, Any, None]], object]
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
 Submit = Callable[[Callable[[], None]], object]
 FetchObserver = Callable[[str, float, bool], None]
 """Told (namespace, seconds, ok) after each fetch from the owner."""
@@ -203,7 +203,10 @@ def wrap_async(
         # unretrieved.
         waiter.add_done_callback(_retrieve)
         flight = cache.begin_fill(key, waiter)
-        spawn(fill(flight, args, kwargs))
+        task = spawn(fill(flight, args, kwargs))
+        # A fill cancelled before it ran (stop(), a loop shutting down) never reaches its own
+        # cleanup: its readers would wait forever, and so would every later reader of the key.
+        task.add_done_callback(functools.partial(_fill_ended, cache, flight))
         return flight
 
     async def miss(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
@@ -228,7 +231,9 @@ def wrap_async(
         else:
             stats.bypassed += 1
         flight = flights.get(key)
-        if flight is None:
+        if flight is None or flight.waiter.get_loop() is not asyncio.get_running_loop():
+            # A fill on another event loop (another thread's, or one that has ended) cannot
+            # be awaited from this one: fetch here.
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
@@ -347,7 +352,14 @@ def wrap_sync(
                 if leader:
                     flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
             if leader:
-                submit(functools.partial(background_fill, flight, args, kwargs))
+                try:
+                    submit(functools.partial(background_fill, flight, args, kwargs))
+                except BaseException:
+                    # Not refreshed after all (the executor is shut down): forget the flight,
+                    # which nobody would ever finish, and still serve the stale value.
+                    cache.abandon_fill(flight)
+                    flight.waiter.cancel()
+                    log.warning("could not start a background refresh", exc_info=True)
             return stale.value
         if cache.trusted:
             stats.misses += 1
@@ -436,6 +448,13 @@ def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int
         cache.stats.errors += 1
         log.warning("version_of() failed; storing without a version", exc_info=True)
         return None
+
+
+def _fill_ended(cache: LocalCache, flight: Flight, task: asyncio.Future[None]) -> None:
+    waiter: asyncio.Future[Any] = flight.waiter
+    if not waiter.done():  # the fill never ran: release its readers
+        cache.abandon_fill(flight)
+        waiter.cancel()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

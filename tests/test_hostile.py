@@ -9,11 +9,16 @@ each interleaving is fixed by the test.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
 
 from cachesync import CacheSync, ChangeEvent, Op
+from cachesync.cache import LocalCache
+from cachesync.cached import wrap_sync
+
+from .helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -101,3 +106,81 @@ def test_a_raising_fetch_observer_does_not_strand_reader_threads(unique: str) ->
     get = sync.cached("fx")(fetch)
     assert get("USD") == "usd"  # raised fetch_done's error, and left the flight behind
     assert not get.cache.thread_flights  # where every later reader of USD waited forever
+
+
+# -- fills that never run, fills on another loop ------------------------------------------------
+
+
+async def test_stop_before_a_fill_ran_releases_its_reader(unique: str) -> None:
+    # Before: stop() cancelled the fill task before its first step, so its cleanup never ran
+    # and the reader waited forever.
+    sync = CacheSync(f"memory://{unique}")
+    await sync.start()
+
+    async def fetch(code: str) -> str:
+        return code
+
+    get = sync.cached("fx")(fetch)
+    reader = asyncio.create_task(get("USD"))
+    await asyncio.sleep(0)  # the reader has spawned the fill, which has not run yet
+    await sync.stop()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reader, 5)
+    assert not get.cache.flights
+
+
+def test_a_background_refresh_that_cannot_start_strands_nobody() -> None:
+    # Before: a failed submit (executor shut down) left the flight registered; once the stale
+    # window was over every reader of the key waited on it forever.
+    clock = FakeClock()
+    cache = LocalCache("fx", ttl=10, jitter=0, stale_while_revalidate=60, clock=clock)
+    cache.trust()
+
+    def refuse(job: Any) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    calls = 0
+
+    def fetch(code: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    get = wrap_sync(fetch, cache, key_func=None, version_of=None, submit=refuse)
+    assert get("USD") == 1
+    clock.advance(11)  # expired, inside the revalidation window
+    assert get("USD") == 1  # raised the executor's error before
+    clock.advance(60)  # past the window: a plain miss
+    assert not cache.thread_flights
+    assert get("USD") == 2
+
+
+def test_reads_of_one_key_on_two_event_loops(unique: str) -> None:
+    # A background thread's loop and the main loop read one key at once. Before: the second
+    # joined the first's flight, a future of another loop, and raised RuntimeError.
+    sync = CacheSync(f"memory://{unique}")
+    started, release = threading.Event(), threading.Event()
+
+    async def fetch(code: str) -> str:
+        started.set()
+        await asyncio.to_thread(release.wait, 5)
+        return code.lower()
+
+    get = sync.cached("fx")(fetch)
+    results: list[str] = []
+    thread = threading.Thread(target=lambda: results.append(asyncio.run(get("USD"))))
+    thread.start()
+    assert started.wait(5)
+
+    async def main_loop_read() -> str:
+        reader = asyncio.create_task(get("USD"))
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.wait_for(reader, 5)
+
+    try:
+        assert asyncio.run(main_loop_read()) == "usd"
+    finally:
+        release.set()
+        thread.join(5)
+    assert results == ["usd"]
