@@ -307,6 +307,9 @@ class CacheSync(Service):
         namespace = self._namespaces.get(ns)
         if namespace is None:
             namespace = self._namespaces[ns] = _Namespace([], set())
+            if self._retired and not self._sources:
+                # Registered while every source is silent: not fed, so not served either.
+                self._silence(namespace, ns)
         if self._stats.listener_up and not namespace.silent:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
@@ -566,6 +569,8 @@ class CacheSync(Service):
             return
         if event.source not in ns.heard:
             ns.heard.add(event.source)
+            if ns.silent:  # a live source names it: it is fed again
+                self._unsilence(ns)
         op = event.op
         if self._observer is not None:
             self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
@@ -632,6 +637,10 @@ class CacheSync(Service):
                     self._stats.source_changes += 1
                 self._lost("source" if others else "first message", event, quiet=quiet)
             return True
+        # A message older than the last applied (a replay, a redelivery) is a duplicate, and
+        # no sign of life either: replayed old messages must not keep a dead source trusted.
+        if seq < source.seq or (seq == source.seq and not heartbeat):
+            return False
         source.last_seen = now
         if heartbeat:
             timeout = self._timeout_for(event)
@@ -639,8 +648,6 @@ class CacheSync(Service):
                 source.timeout = timeout
             expected = source.seq
         else:
-            if seq <= source.seq:
-                return False
             expected = source.seq + 1
         if seq > expected:
             self._stats.gaps += 1
@@ -654,18 +661,36 @@ class CacheSync(Service):
         source = self._sources.pop(name)
         self._retired[name] = source.seq
         while len(self._retired) > MAX_RETIRED_SOURCES:
-            del self._retired[next(iter(self._retired))]
+            forgotten = next(iter(self._retired))
+            del self._retired[forgotten]
+            for ns in self._namespaces.values():  # what namespaces heard stays bounded too
+                ns.heard.discard(forgotten)
 
     def _heard_again(self, name: str, *, new: bool) -> None:
         """A new or retired source speaks: namespaces silent for want of it serve again (they
         were flushed when it fell silent)."""
         for ns in self._namespaces.values():
             if ns.silent and (new or name in ns.heard or not ns.heard):
-                ns.silent = False
-                self._stats.silent_namespaces -= 1
-                if self._stats.listener_up:
-                    for member in ns.members:
-                        member.cache.trust()
+                self._unsilence(ns)
+
+    def _unsilence(self, ns: _Namespace) -> None:
+        ns.silent = False
+        self._stats.silent_namespaces -= 1
+        if self._stats.listener_up:
+            for member in ns.members:
+                member.cache.trust()
+
+    def _silence(self, ns: _Namespace, name: str) -> None:
+        ns.silent = True
+        self._stats.silent_namespaces += 1
+        log.warning(
+            "every source of namespace %r is silent; reads go to the owner until one is "
+            "heard again",
+            name,
+            extra={"ns": name},
+        )
+        for member in ns.members:
+            member.cache.distrust()
 
     def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
         if self.heartbeat_timeout is not None:
@@ -746,20 +771,12 @@ class CacheSync(Service):
 
     def _silence_orphans(self) -> None:
         live = self._sources
-        for ns in self._namespaces.values():
+        for name, ns in self._namespaces.items():
             if ns.silent:
                 continue
-            orphaned = not any(name in live for name in ns.heard) if ns.heard else not live
+            orphaned = not any(source in live for source in ns.heard) if ns.heard else not live
             if orphaned:
-                ns.silent = True
-                self._stats.silent_namespaces += 1
-                log.warning(
-                    "every source of namespace %r is silent; reads go to the owner until "
-                    "one is heard again",
-                    extra={"ns": next(iter([m.cache.name for m in ns.members]), "")},
-                )
-                for member in ns.members:
-                    member.cache.distrust()
+                self._silence(ns, name)
 
     def _sources_heard_since(self, now: float) -> bool:
         return any(

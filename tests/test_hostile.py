@@ -184,3 +184,92 @@ def test_reads_of_one_key_on_two_event_loops(unique: str) -> None:
         release.set()
         thread.join(5)
     assert results == ["usd"]
+
+
+# -- sources: silence, replays, memory ----------------------------------------------------------
+
+
+def counting_fetch() -> Any:
+    calls = 0
+
+    async def fetch(code: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    return fetch
+
+
+async def test_a_live_source_that_starts_feeding_a_silent_namespace_makes_it_served(
+    unique: str,
+) -> None:
+    # Two owner instances, A and B; only A had written fx when it died. Before: B's events
+    # for fx never ended fx's silence, so every read went to the owner for good.
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        get = sync.cached("fx")(counting_fetch())
+        sync.handle_message(heartbeat("A", 0))
+        sync.handle_message(heartbeat("B", 0))
+        sync.handle_message(upsert("A", 1, "USD"))
+        for _ in range(4):  # A falls silent; B beats
+            clock.advance(1)
+            sync.handle_message(heartbeat("B", 0))
+            sync.check_sources()
+        assert sync.stats()["namespaces"]["fx"]["silent"] == 1
+        sync.handle_message(upsert("B", 1, "EUR"))  # B feeds fx from now on
+        assert sync.stats()["namespaces"]["fx"]["silent"] == 0
+        assert get.cache.trusted
+        first = await get("USD")
+        assert await get("USD") == first  # served from the cache again
+
+
+async def test_a_namespace_registered_while_every_source_is_silent_is_not_served(
+    unique: str,
+) -> None:
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        sync.cached("fx")(counting_fetch())
+        sync.handle_message(heartbeat("A", 0))
+        clock.advance(5)
+        sync.check_sources()  # A is silent: nothing feeds any namespace
+        late = sync.cached("rates")(counting_fetch())  # before: trusted, and never fed
+        assert not late.cache.trusted
+        assert await late("USD") == 1
+        assert await late("USD") == 2  # read through to the owner
+        sync.handle_message(heartbeat("A", 0))  # heard again
+        assert late.cache.trusted
+
+
+async def test_replayed_old_messages_do_not_keep_a_dead_source_alive(unique: str) -> None:
+    # Before: a captured (signed) heartbeat or event, replayed, counted as a sign of life, so
+    # the namespace stayed trusted while its owner was gone.
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        get = sync.cached("fx")(counting_fetch())
+        sync.handle_message(heartbeat("A", 0))
+        sync.handle_message(upsert("A", 1, "USD"))
+        sync.handle_message(upsert("A", 2, "EUR"))
+        sync.handle_message(heartbeat("A", 2))
+        assert await get("USD") == 1
+        for _ in range(5):
+            clock.advance(1)
+            sync.handle_message(heartbeat("A", 1))
+            sync.handle_message(upsert("A", 2, "EUR"))
+            sync.check_sources()
+        assert sync.stats()["listener"]["heartbeat_misses"] == 1
+        assert sync.stats()["listener"]["duplicates"] == 10
+        assert not get.cache.trusted
+
+
+async def test_what_namespaces_remember_of_sources_stays_bounded(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cachesync.client
+
+    monkeypatch.setattr(cachesync.client, "MAX_SOURCES", 4)
+    monkeypatch.setattr(cachesync.client, "MAX_RETIRED_SOURCES", 8)
+    async with CacheSync(f"memory://{unique}") as sync:
+        sync.cached("fx")(counting_fetch())
+        for n in range(100):  # every owner start is a new source
+            sync.handle_message(upsert(f"owner-{n}", 1, "USD"))
+        assert len(sync._namespaces["fx"].heard) <= 4 + 8  # before: all 100
