@@ -273,3 +273,44 @@ async def test_what_namespaces_remember_of_sources_stays_bounded(
         for n in range(100):  # every owner start is a new source
             sync.handle_message(upsert(f"owner-{n}", 1, "USD"))
         assert len(sync._namespaces["fx"].heard) <= 4 + 8  # before: all 100
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+async def test_variadic_calls_never_share_an_entry(unique: str) -> None:
+    # Before: get("a:b") and get("a", "b") were both key "a:b", and so were
+    # rate("x:day=1") and rate("x", day="1"): the second call returned the first's value.
+    async with CacheSync(f"memory://{unique}") as sync:
+
+        async def fetch(*parts: str) -> tuple[str, ...]:
+            return parts
+
+        async def fetch_rate(base: str, **extra: str) -> tuple[str, dict[str, str]]:
+            return base, extra
+
+        get = sync.cached("parts")(fetch)
+        rate = sync.cached("rates")(fetch_rate)
+        assert await get("a:b") == ("a:b",)
+        assert await get("a", "b") == ("a", "b")
+        assert await rate("x:day=1") == ("x:day=1", {})
+        assert await rate("x", day="1") == ("x", {"day": "1"})
+        assert get.key_for("USD") == "USD"  # plain keys are unchanged
+
+
+async def test_a_lone_keyword_only_argument_is_keyed_by_its_text(unique: str) -> None:
+    # Before: get(code="USD") was key "code=USD", so the owner's events for "USD" never
+    # reached it: stale until the TTL.
+    async with CacheSync(f"memory://{unique}") as sync:
+        calls = 0
+
+        async def fetch(*, code: str) -> int:
+            nonlocal calls
+            calls += 1
+            return calls
+
+        get = sync.cached("fx")(fetch)
+        sync.handle_message(heartbeat("A", 0))
+        assert await get(code="USD") == 1
+        sync.handle_message(upsert("A", 1, "USD"))
+        assert await get(code="USD") == 2
