@@ -314,3 +314,36 @@ async def test_a_lone_keyword_only_argument_is_keyed_by_its_text(unique: str) ->
         assert await get(code="USD") == 1
         sync.handle_message(upsert("A", 1, "USD"))
         assert await get(code="USD") == 2
+
+
+# -- stale_if_error across flushes --------------------------------------------------------------
+
+
+async def test_stale_if_error_never_serves_a_value_from_before_a_flush(unique: str) -> None:
+    # Before: after the owner's flush (or cache_clear()) a failed fetch served the value from
+    # before it, which an invalidation of that key never does. A possible loss (a gap) still
+    # leaves the last value to stale_if_error: nothing is known to have changed.
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        value, down = 1, False
+
+        async def fetch(code: str) -> int:
+            if down:
+                raise RuntimeError("owner down")
+            return value
+
+        get = sync.cached("fx", stale_if_error=600, jitter=0)(fetch)
+        sync.handle_message(heartbeat("A", 0))
+        assert await get("USD") == 1
+        sync.handle_message(heartbeat("A", 5))  # a gap: maybe nothing changed
+        down = True
+        assert await get("USD") == 1
+        sync.handle_message(flush("A", 6))  # the owner says everything changed
+        with pytest.raises(RuntimeError, match="owner down"):
+            await get("USD")
+        down, value = False, 2
+        assert await get("USD") == 2
+        get.cache_clear()
+        down = True
+        with pytest.raises(RuntimeError, match="owner down"):
+            await get("USD")
