@@ -443,11 +443,22 @@ def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int
     if version_of is None or value is None:
         return None
     try:
-        return version_of(value)
+        version = version_of(value)
     except Exception:
         cache.stats.errors += 1
         log.warning("version_of() failed; storing without a version", exc_info=True)
         return None
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        # Versions are compared with the events' (ints): anything else would raise there, in
+        # the listener, at every event for the key.
+        cache.stats.errors += 1
+        log.warning(
+            "version_of() returned %r, not an int; storing without a version",
+            version,
+            extra={"ns": cache.name},
+        )
+        return None
+    return version
 
 
 def _fill_ended(cache: LocalCache, flight: Flight, task: asyncio.Future[None]) -> None:

@@ -347,3 +347,31 @@ async def test_stale_if_error_never_serves_a_value_from_before_a_flush(unique: s
         down = True
         with pytest.raises(RuntimeError, match="owner down"):
             await get("USD")
+
+
+# -- user callbacks ---------------------------------------------------------------------------
+
+
+async def test_a_version_of_that_returns_text_cannot_break_the_listener(unique: str) -> None:
+    # The owner's JSON gives the version as "3". Before: stored as is, then every versioned
+    # event for the key raised comparing "3" with 5 in the listener (restart, flush, again),
+    # and a fetch after a tombstone raised in the fill, stranding its readers.
+    async with CacheSync(f"memory://{unique}") as sync:
+        calls = 0
+
+        async def fetch(code: str) -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            return {"version": str(calls), "code": code}
+
+        get = sync.cached("fx", version_of=lambda row: row["version"])(fetch)
+        sync.handle_message(heartbeat("A", 0))
+        assert (await get("USD"))["version"] == "1"
+        sync.handle_message(
+            ChangeEvent(
+                source="A", seq=1, ns="fx", op=Op.UPSERT, keys=("USD",), version=5, ts=0.0
+            ).encode()
+        )
+        assert sync.listener_up and sync.stats()["listener"]["apply_failures"] == 0
+        assert (await asyncio.wait_for(get("USD"), 5))["version"] == "2"
+        assert get.cache.stats.errors == 2
