@@ -326,6 +326,9 @@ class LocalCache:
 
         ``value`` must be current *now*: for values read earlier, take a :meth:`begin_bulk`
         reservation before reading them."""
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            # Compared with the events' versions later, in the listener: refuse it here.
+            raise TypeError(f"version must be an int or None, got {type(version).__name__}")
         with self.lock:
             if not self.trusted or _is_older(version, self.data.get(key)):
                 return False

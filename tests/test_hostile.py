@@ -375,3 +375,20 @@ async def test_a_version_of_that_returns_text_cannot_break_the_listener(unique: 
         assert sync.listener_up and sync.stats()["listener"]["apply_failures"] == 0
         assert (await asyncio.wait_for(get("USD"), 5))["version"] == "2"
         assert get.cache.stats.errors == 2
+
+
+async def test_prime_refuses_a_version_that_is_not_an_int(unique: str) -> None:
+    # Before: stored, and the next versioned event for the key raised in the listener.
+    async with CacheSync(f"memory://{unique}") as sync:
+        get = sync.cached("fx")(counting_fetch())
+        with pytest.raises(TypeError, match="version must be an int"):
+            get.prime("USD", 1.0, version="3")  # type: ignore[arg-type]
+        with get.bulk() as bulk, pytest.raises(TypeError, match="version must be an int"):
+            bulk.put("EUR", 1.0, version=2.5)  # type: ignore[arg-type]
+        sync.handle_message(heartbeat("A", 0))
+        sync.handle_message(
+            ChangeEvent(
+                source="A", seq=1, ns="fx", op=Op.DELETE, keys=("USD", "EUR"), version=5, ts=0.0
+            ).encode()
+        )
+        assert sync.stats()["listener"]["apply_failures"] == 0
