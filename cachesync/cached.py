@@ -541,6 +541,11 @@ class Decorator:
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
+        if isinstance(fn, staticmethod | classmethod):
+            # Wrapped, it would be a plain function in the class body: called on an instance
+            # it would get the instance as its first argument.
+            kind = type(fn).__name__
+            raise TypeError(f"put @{kind} above @cached(), not below it")
         if not callable(fn):
             raise TypeError(f"cached() decorates functions, got {type(fn).__name__}")
         options = self.options

@@ -392,3 +392,18 @@ async def test_prime_refuses_a_version_that_is_not_an_int(unique: str) -> None:
             ).encode()
         )
         assert sync.stats()["listener"]["apply_failures"] == 0
+
+
+@pytest.mark.parametrize("kind", [staticmethod, classmethod])
+def test_cached_over_a_staticmethod_or_classmethod_says_which_order_works(
+    unique: str, kind: Any
+) -> None:
+    # Before: an async staticmethod was taken for a plain function whose every call failed
+    # with "make it 'async def'", and a classmethod was "not a function".
+    sync = CacheSync(f"memory://{unique}")
+
+    async def get(code: str) -> str:
+        return code
+
+    with pytest.raises(TypeError, match=f"put @{kind.__name__} above @cached"):
+        sync.cached("fx")(kind(get))
