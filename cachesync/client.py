@@ -640,6 +640,16 @@ class CacheSync(Service):
         # A message older than the last applied (a replay, a redelivery) is a duplicate, and
         # no sign of life either: replayed old messages must not keep a dead source trusted.
         if seq < source.seq or (seq == source.seq and not heartbeat):
+            if heartbeat:
+                self._warn.warning(
+                    "old_heartbeat",
+                    "dropped a heartbeat of source %s at seq %d, below its last event %d: "
+                    "replayed, or a publisher reused a source id (each start must draw a new "
+                    "one)",
+                    event.source,
+                    seq,
+                    source.seq,
+                )
             return False
         source.last_seen = now
         if heartbeat:

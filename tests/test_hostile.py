@@ -240,7 +240,9 @@ async def test_a_namespace_registered_while_every_source_is_silent_is_not_served
         assert late.cache.trusted
 
 
-async def test_replayed_old_messages_do_not_keep_a_dead_source_alive(unique: str) -> None:
+async def test_replayed_old_messages_do_not_keep_a_dead_source_alive(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # Before: a captured (signed) heartbeat or event, replayed, counted as a sign of life, so
     # the namespace stayed trusted while its owner was gone.
     clock = FakeClock()
@@ -259,6 +261,7 @@ async def test_replayed_old_messages_do_not_keep_a_dead_source_alive(unique: str
         assert sync.stats()["listener"]["heartbeat_misses"] == 1
         assert sync.stats()["listener"]["duplicates"] == 10
         assert not get.cache.trusted
+        assert "reused a source id" in caplog.text  # the other way to get here
 
 
 async def test_what_namespaces_remember_of_sources_stays_bounded(
