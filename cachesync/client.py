@@ -52,6 +52,10 @@ HEARTBEAT_TIMEOUT_INTERVALS = 3.0
 MAX_SOURCES = 1024
 MAX_RETIRED_SOURCES = 4096
 
+# How many functions caching under one namespace are taken for a decoration per instance or
+# per call (each is kept for the client's life): the client says so, then at each doubling.
+MANY_FUNCTIONS = 128
+
 # Plain strings: comparing an event's op to these is cheaper than to enum members.
 _UPSERT = Op.UPSERT.value
 _FLUSH = Op.FLUSH.value
@@ -313,6 +317,16 @@ class CacheSync(Service):
         if self._stats.listener_up and not namespace.silent:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
+        count = len(namespace.members)
+        if count >= MANY_FUNCTIONS and count & (count - 1) == 0:  # at 128, 256, 512...
+            log.warning(
+                "%d functions cache under namespace %r: each keeps its cache, and receives "
+                "every event, for the client's life. Decorate once (at import, or on the "
+                "class), not per instance or per call",
+                count,
+                ns,
+                extra={"ns": ns},
+            )
         return cache
 
     def caches(self, ns: str) -> list[LocalCache]:

@@ -410,3 +410,24 @@ def test_cached_over_a_staticmethod_or_classmethod_says_which_order_works(
 
     with pytest.raises(TypeError, match=f"put @{kind.__name__} above @cached"):
         sync.cached("fx")(kind(get))
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def test_decorating_per_instance_is_reported(unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Each decoration registers a cache that the client keeps (and feeds every event of its
+    # namespace) for its whole life: per instance, that grows without end. Before: silently.
+    sync = CacheSync(f"memory://{unique}")
+
+    class Repo:
+        def __init__(self) -> None:
+            self.get = sync.cached("fx")(self.fetch)
+
+        def fetch(self, code: str) -> str:
+            return code
+
+    for _ in range(128):
+        Repo()
+    assert "128 functions cache under namespace 'fx'" in caplog.text
+    assert "Decorate once" in caplog.text
