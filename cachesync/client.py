@@ -639,7 +639,7 @@ class CacheSync(Service):
             at_start = seq == (last if heartbeat else last + 1)
             others = bool(self._sources)
             self._sources[event.source] = _Source(seq, now, timeout)
-            self._heard_again(event.source, new=retired is None)
+            self._heard_again(event.source)
             if retired is not None:
                 if not at_start:
                     self._stats.gaps += 1
@@ -690,11 +690,14 @@ class CacheSync(Service):
             for ns in self._namespaces.values():  # what namespaces heard stays bounded too
                 ns.heard.discard(forgotten)
 
-    def _heard_again(self, name: str, *, new: bool) -> None:
+    def _heard_again(self, name: str) -> None:
         """A new or retired source speaks: namespaces silent for want of it serve again (they
-        were flushed when it fell silent)."""
+        were flushed when it fell silent). A source a namespace never heard does not end its
+        silence (it may feed other namespaces only: one channel carries every owner's
+        events) until it names the namespace (see :meth:`_apply`); a namespace that never
+        heard any source is fed by whichever speaks."""
         for ns in self._namespaces.values():
-            if ns.silent and (new or name in ns.heard or not ns.heard):
+            if ns.silent and (name in ns.heard or not ns.heard):
                 self._unsilence(ns)
 
     def _unsilence(self, ns: _Namespace) -> None:

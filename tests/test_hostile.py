@@ -431,3 +431,28 @@ def test_decorating_per_instance_is_reported(unique: str, caplog: pytest.LogCapt
         Repo()
     assert "128 functions cache under namespace 'fx'" in caplog.text
     assert "Decorate once" in caplog.text
+
+
+async def test_another_owners_new_source_does_not_end_a_namespace_silence(unique: str) -> None:
+    # One channel, two owners: X feeds fx, Y feeds rates. Both fall silent; Y comes back as a
+    # new source while X stays dead. Before: any new source ended every silence, so fx was
+    # served from the cache for good with nothing feeding it.
+    clock = FakeClock()
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        get = sync.cached("fx")(counting_fetch())
+        sync.handle_message(heartbeat("X", 0))
+        sync.handle_message(heartbeat("Y", 0))
+        sync.handle_message(upsert("X", 1, "USD", ns="fx"))
+        sync.handle_message(upsert("Y", 1, "a", ns="rates"))
+        clock.advance(5)
+        sync.check_sources()
+        sync.handle_message(heartbeat("Y2", 0))  # Y restarted
+        for _ in range(10):
+            clock.advance(1)
+            sync.handle_message(heartbeat("Y2", 0))
+            sync.check_sources()
+        assert not get.cache.trusted
+        assert await get("USD") == 1
+        assert await get("USD") == 2  # read through to the owner
+        sync.handle_message(upsert("X2", 1, "EUR", ns="fx"))  # fx's owner is back
+        assert get.cache.trusted
