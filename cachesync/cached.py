@@ -496,8 +496,13 @@ class CacheOptions:
         if self.mode not in ("invalidate", "refresh"):
             raise ValueError(f"mode must be 'invalidate' or 'refresh', got {self.mode!r}")
         for name in ("key", "from_event", "version_of"):
-            if getattr(self, name) is not None and not callable(getattr(self, name)):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
                 raise TypeError(f"{name}= must be a function")
+            if value is not None and is_async_callable(value):
+                # Called where nothing awaits (the listener, the hit path): the value cached
+                # would be a coroutine object.
+                raise TypeError(f"{name}= must be a plain function, not 'async def'")
         check_settings(
             ttl=self.ttl,
             maxsize=self.maxsize,

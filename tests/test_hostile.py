@@ -456,3 +456,16 @@ async def test_another_owners_new_source_does_not_end_a_namespace_silence(unique
         assert await get("USD") == 2  # read through to the owner
         sync.handle_message(upsert("X2", 1, "EUR", ns="fx"))  # fx's owner is back
         assert get.cache.trusted
+
+
+@pytest.mark.parametrize("option", ["from_event", "version_of", "key"])
+def test_async_callbacks_are_refused_when_decorating(unique: str, option: str) -> None:
+    # Before: an async from_event made the listener cache a coroutine object as the value
+    # (readers got it instead of data), and an async version_of or key= failed only later.
+    sync = CacheSync(f"memory://{unique}")
+
+    async def callback(*args: Any) -> Any:
+        return None
+
+    with pytest.raises(TypeError, match="must be a plain function"):
+        sync.cached("fx", mode="refresh", **{option: callback})
