@@ -41,7 +41,7 @@ R_co = TypeVar("R_co", covariant=True)
 Mode = Literal["invalidate", "refresh"]
 VersionOf = Callable[[Any], int | None]
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
-Submit = Callable[[Callable[[], None]], object]
+Submit = Callable[[Callable[[], None]], "concurrent.futures.Future[None] | None"]
 FetchObserver = Callable[[str, float, bool], None]
 """Told (namespace, seconds, ok) after each fetch from the owner."""
 
@@ -353,7 +353,11 @@ def wrap_sync(
                     flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
             if leader:
                 try:
-                    submit(functools.partial(background_fill, flight, args, kwargs))
+                    job = submit(functools.partial(background_fill, flight, args, kwargs))
+                    if job is not None:
+                        # Cancelled before it ran (the client stopped): release any reader
+                        # that joined it once the stale window was over.
+                        job.add_done_callback(functools.partial(_job_ended, cache, flight))
                 except BaseException:
                     # Not refreshed after all (the executor is shut down): forget the flight,
                     # which nobody would ever finish, and still serve the stale value.
@@ -466,6 +470,12 @@ def _fill_ended(cache: LocalCache, flight: Flight, task: asyncio.Future[None]) -
     if not waiter.done():  # the fill never ran: release its readers
         cache.abandon_fill(flight)
         waiter.cancel()
+
+
+def _job_ended(cache: LocalCache, flight: Flight, job: concurrent.futures.Future[None]) -> None:
+    if job.cancelled() and not flight.waiter.done():
+        cache.abandon_fill(flight)
+        flight.waiter.cancel()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import enum
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, fields
@@ -233,6 +234,7 @@ class CacheSync(Service):
         self._listener: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = _GuardedObserver(observer, self._warn) if observer is not None else None
@@ -825,9 +827,11 @@ class CacheSync(Service):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _submit(self, job: Callable[[], None]) -> None:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix="cachesync-refresh"
-            )
-        self._executor.submit(job)
+    def _submit(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
+        with self._executor_lock:  # two threads' first refreshes make one executor
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="cachesync-refresh"
+                )
+            executor = self._executor
+        return executor.submit(job)

@@ -9,6 +9,7 @@ each interleaving is fixed by the test.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any
 
@@ -469,3 +470,29 @@ def test_async_callbacks_are_refused_when_decorating(unique: str, option: str) -
 
     with pytest.raises(TypeError, match="must be a plain function"):
         sync.cached("fx", mode="refresh", **{option: callback})
+
+
+def test_a_refresh_cancelled_before_it_ran_strands_no_reader() -> None:
+    # A background refresh waits in the executor's queue; the client stops, cancelling it.
+    # Before: its flight stayed, and once the stale window was over every reader of the key
+    # joined it and waited forever for a refresh that would never run.
+    clock = FakeClock()
+    cache = LocalCache("fx", ttl=10, jitter=0, stale_while_revalidate=5, clock=clock)
+    cache.trust()
+    queued: list[concurrent.futures.Future[None]] = []
+
+    def submit(job: Any) -> concurrent.futures.Future[None]:
+        queued.append(concurrent.futures.Future())  # queued behind busy workers
+        return queued[-1]
+
+    get = wrap_sync(lambda code: code, cache, key_func=None, version_of=None, submit=submit)
+    assert get("USD") == "USD"
+    clock.advance(11)
+    assert get("USD") == "USD"  # stale, and a refresh is queued
+    queued[0].cancel()  # what stop() does to the executor's queue
+    clock.advance(5)  # past the stale window
+    outcome: list[str] = []
+    reader = threading.Thread(target=lambda: outcome.append(get("USD")), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert outcome == ["USD"]
