@@ -291,7 +291,13 @@ class LocalCache:
         """Reserve a fill of ``key``; concurrent readers find it in ``flights``."""
         flight = Flight(key, waiter)
         with self.lock:
-            (self.thread_flights if threaded else self.flights)[key] = flight
+            flights = self.thread_flights if threaded else self.flights
+            replaced = flights.get(key)
+            if replaced is not None:
+                # No invalidation can reach a flight once it is out of the map: it must not
+                # store (its readers still get its value; they began before this one).
+                replaced.void = True
+            flights[key] = flight
         return flight
 
     def finish_fill(self, flight: Flight, value: Any, version: int | None = None) -> bool:

@@ -187,6 +187,38 @@ def test_reads_of_one_key_on_two_event_loops(unique: str) -> None:
     assert results == ["usd"]
 
 
+def test_a_fill_on_another_loop_cannot_store_after_an_invalidation(unique: str) -> None:
+    # A read on a second loop starts its own fill instead of joining the first loop's. The
+    # first fill, no longer in the map of flights, must not be left where no invalidation
+    # can void it: it read the old value.
+    async def scenario() -> None:
+        async with CacheSync(f"memory://{unique}") as sync:
+            value, started, release = "v1", threading.Event(), threading.Event()
+
+            async def fetch(code: str) -> str:
+                seen = value
+                started.set()
+                await asyncio.to_thread(release.wait, 5)
+                return seen
+
+            get = sync.cached("fx")(fetch)
+            sync.handle_message(heartbeat("A", 0))
+            thread = threading.Thread(target=lambda: asyncio.run(get("USD")))
+            thread.start()  # fill 1, on another loop, reads v1 and waits
+            assert await asyncio.to_thread(started.wait, 5)
+            started.clear()
+            reader = asyncio.create_task(get("USD"))  # fill 2, on this loop
+            assert await asyncio.to_thread(started.wait, 5)
+            value = "v2"
+            sync.handle_message(upsert("A", 1, "USD"))  # the owner changed USD
+            release.set()
+            await asyncio.to_thread(thread.join, 5)
+            await reader
+            assert await get("USD") == "v2"
+
+    asyncio.run(scenario())
+
+
 # -- sources: silence, replays, memory ----------------------------------------------------------
 
 
