@@ -64,12 +64,16 @@ _NEVER = float("-inf")
 
 
 class Generation:
-    """The identity of one generation of entries (see the module docstring)."""
+    """The identity of one generation of entries (see the module docstring); ``number`` grows
+    by one per generation of a cache."""
 
-    __slots__ = ()
+    __slots__ = ("number",)
+
+    def __init__(self, number: int) -> None:
+        self.number = number
 
 
-NOBODY: Final = Generation()
+NOBODY: Final = Generation(-1)
 """What ``serving`` is while the cache is distrusted: no entry belongs to it."""
 
 
@@ -210,8 +214,11 @@ class LocalCache:
         self.flights: dict[str, Flight] = {}
         self.thread_flights: dict[str, Flight] = {}
         self._bulks: set[BulkFill] = set()
-        self.gen = Generation()
+        self.gen = Generation(0)
         self.serving: Generation = NOBODY
+        # Entries of generations below this one were flushed (not merely suspected): their
+        # values are not served even by stale_if_error.
+        self._flushed_below = 0
         self._serving_watchers: list[Callable[[Generation], None]] = []
         # Hits are counted in each wrapper's closure (the cheapest counter there is); these
         # report them.
@@ -269,7 +276,8 @@ class LocalCache:
             return None
         now = self.clock()
         if for_error:
-            return entry if now < entry.error_until else None
+            servable = now < entry.error_until and entry.gen.number >= self._flushed_below
+            return entry if servable else None
         return entry if entry.gen is self.serving and now < entry.stale_until else None
 
     def version_of(self, key: str) -> int | None:
@@ -283,7 +291,13 @@ class LocalCache:
         """Reserve a fill of ``key``; concurrent readers find it in ``flights``."""
         flight = Flight(key, waiter)
         with self.lock:
-            (self.thread_flights if threaded else self.flights)[key] = flight
+            flights = self.thread_flights if threaded else self.flights
+            replaced = flights.get(key)
+            if replaced is not None:
+                # No invalidation can reach a flight once it is out of the map: it must not
+                # store (its readers still get its value; they began before this one).
+                replaced.void = True
+            flights[key] = flight
         return flight
 
     def finish_fill(self, flight: Flight, value: Any, version: int | None = None) -> bool:
@@ -318,6 +332,9 @@ class LocalCache:
 
         ``value`` must be current *now*: for values read earlier, take a :meth:`begin_bulk`
         reservation before reading them."""
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            # Compared with the events' versions later, in the listener: refuse it here.
+            raise TypeError(f"version must be an int or None, got {type(version).__name__}")
         with self.lock:
             if not self.trusted or _is_older(version, self.data.get(key)):
                 return False
@@ -401,18 +418,20 @@ class LocalCache:
             return True
 
     def clear(self) -> None:
-        """Nothing stored so far is served any more, and every fill is voided (a flush event,
-        ``cache_clear()``). O(1): entries of the old generation stay until evicted, keeping
-        their versions (an older fetch still cannot replace them) and their values for
-        ``stale_if_error`` only."""
-        self.suspect_all()
+        """Nothing stored so far is served any more, not even by ``stale_if_error``, and every
+        fill is voided (a flush event, ``cache_clear()``). O(1): entries of the old generation
+        stay until evicted, keeping their versions (an older fetch still cannot replace
+        them)."""
+        with self.lock:
+            self._flushed_below = self.gen.number + 1
+            self.suspect_all()
 
     def suspect_all(self) -> None:
         """Events may have been lost: nothing may be served as fresh any more, but values
         stay available to ``stale_if_error`` and versions stay known. Voids every fill. O(1)."""
         with self.lock:
             trusted = self.trusted
-            self.gen = Generation()
+            self.gen = Generation(self.gen.number + 1)
             if trusted:
                 self._serve(self.gen)
             self._void_all()

@@ -40,8 +40,8 @@ R_co = TypeVar("R_co", covariant=True)
 
 Mode = Literal["invalidate", "refresh"]
 VersionOf = Callable[[Any], int | None]
-Spawn = Callable[[Coroutine[Any, Any, None]], object]
-Submit = Callable[[Callable[[], None]], object]
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
+Submit = Callable[[Callable[[], None]], "concurrent.futures.Future[None] | None"]
 FetchObserver = Callable[[str, float, bool], None]
 """Told (namespace, seconds, ok) after each fetch from the owner."""
 
@@ -203,7 +203,10 @@ def wrap_async(
         # unretrieved.
         waiter.add_done_callback(_retrieve)
         flight = cache.begin_fill(key, waiter)
-        spawn(fill(flight, args, kwargs))
+        task = spawn(fill(flight, args, kwargs))
+        # A fill cancelled before it ran (stop(), a loop shutting down) never reaches its own
+        # cleanup: its readers would wait forever, and so would every later reader of the key.
+        task.add_done_callback(functools.partial(_fill_ended, cache, flight))
         return flight
 
     async def miss(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
@@ -228,7 +231,9 @@ def wrap_async(
         else:
             stats.bypassed += 1
         flight = flights.get(key)
-        if flight is None:
+        if flight is None or flight.waiter.get_loop() is not asyncio.get_running_loop():
+            # A fill on another event loop (another thread's, or one that has ended) cannot
+            # be awaited from this one: fetch here.
             flight = start_fill(key, args, kwargs)
         return await asyncio.shield(flight.waiter)
 
@@ -347,7 +352,18 @@ def wrap_sync(
                 if leader:
                     flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
             if leader:
-                submit(functools.partial(background_fill, flight, args, kwargs))
+                try:
+                    job = submit(functools.partial(background_fill, flight, args, kwargs))
+                    if job is not None:
+                        # Cancelled before it ran (the client stopped): release any reader
+                        # that joined it once the stale window was over.
+                        job.add_done_callback(functools.partial(_job_ended, cache, flight))
+                except BaseException:
+                    # Not refreshed after all (the executor is shut down): forget the flight,
+                    # which nobody would ever finish, and still serve the stale value.
+                    cache.abandon_fill(flight)
+                    flight.waiter.cancel()
+                    log.warning("could not start a background refresh", exc_info=True)
             return stale.value
         if cache.trusted:
             stats.misses += 1
@@ -431,11 +447,35 @@ def _version(version_of: VersionOf | None, value: Any, cache: LocalCache) -> int
     if version_of is None or value is None:
         return None
     try:
-        return version_of(value)
+        version = version_of(value)
     except Exception:
         cache.stats.errors += 1
         log.warning("version_of() failed; storing without a version", exc_info=True)
         return None
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        # Versions are compared with the events' (ints): anything else would raise there, in
+        # the listener, at every event for the key.
+        cache.stats.errors += 1
+        log.warning(
+            "version_of() returned %r, not an int; storing without a version",
+            version,
+            extra={"ns": cache.name},
+        )
+        return None
+    return version
+
+
+def _fill_ended(cache: LocalCache, flight: Flight, task: asyncio.Future[None]) -> None:
+    waiter: asyncio.Future[Any] = flight.waiter
+    if not waiter.done():  # the fill never ran: release its readers
+        cache.abandon_fill(flight)
+        waiter.cancel()
+
+
+def _job_ended(cache: LocalCache, flight: Flight, job: concurrent.futures.Future[None]) -> None:
+    if job.cancelled() and not flight.waiter.done():
+        cache.abandon_fill(flight)
+        flight.waiter.cancel()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -466,8 +506,13 @@ class CacheOptions:
         if self.mode not in ("invalidate", "refresh"):
             raise ValueError(f"mode must be 'invalidate' or 'refresh', got {self.mode!r}")
         for name in ("key", "from_event", "version_of"):
-            if getattr(self, name) is not None and not callable(getattr(self, name)):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
                 raise TypeError(f"{name}= must be a function")
+            if value is not None and is_async_callable(value):
+                # Called where nothing awaits (the listener, the hit path): the value cached
+                # would be a coroutine object.
+                raise TypeError(f"{name}= must be a plain function, not 'async def'")
         check_settings(
             ttl=self.ttl,
             maxsize=self.maxsize,
@@ -513,6 +558,11 @@ class Decorator:
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
+        if isinstance(fn, staticmethod | classmethod):
+            # Wrapped, it would be a plain function in the class body: called on an instance
+            # it would get the instance as its first argument.
+            kind = type(fn).__name__
+            raise TypeError(f"put @{kind} above @cached(), not below it")
         if not callable(fn):
             raise TypeError(f"cached() decorates functions, got {type(fn).__name__}")
         options = self.options

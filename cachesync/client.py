@@ -22,6 +22,7 @@ import contextlib
 import enum
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -52,6 +53,10 @@ HEARTBEAT_TIMEOUT_INTERVALS = 3.0
 # and how many silent ones it remembers, so that their events replayed later are known.
 MAX_SOURCES = 1024
 MAX_RETIRED_SOURCES = 4096
+
+# How many functions caching under one namespace are taken for a decoration per instance or
+# per call (each is kept for the client's life): the client says so, then at each doubling.
+MANY_FUNCTIONS = 128
 
 # Plain strings: comparing an event's op to these is cheaper than to enum members.
 _UPSERT = Op.UPSERT.value
@@ -116,6 +121,44 @@ class _Namespace:
     members: list[_Member]
     heard: set[str]
     silent: bool = False
+
+
+class _GuardedObserver:
+    """The user's observer, whose failures are logged, never raised: a metrics hook must not
+    stop the listener, leave a cache trusted, or leave a fetch's waiters waiting."""
+
+    __slots__ = ("_observer", "_warn")
+
+    def __init__(self, observer: Observer, warn: RateLimitedLogger) -> None:
+        self._observer = observer
+        self._warn = warn
+
+    def fetch_done(self, ns: str, seconds: float, ok: bool) -> None:
+        try:
+            self._observer.fetch_done(ns, seconds, ok)
+        except Exception:
+            self._failed("fetch_done")
+
+    def event_applied(self, ns: str, op: str, lag_seconds: float) -> None:
+        try:
+            self._observer.event_applied(ns, op, lag_seconds)
+        except Exception:
+            self._failed("event_applied")
+
+    def lost_events(self, cause: str) -> None:
+        try:
+            self._observer.lost_events(cause)
+        except Exception:
+            self._failed("lost_events")
+
+    def listener_state(self, up: bool) -> None:
+        try:
+            self._observer.listener_state(up)
+        except Exception:
+            self._failed("listener_state")
+
+    def _failed(self, hook: str) -> None:
+        self._warn.exception(f"observer.{hook}", "the observer's %s() failed; ignored", hook)
 
 
 class _ApplyFailed(Exception):
@@ -193,9 +236,10 @@ class CacheSync(Service):
         self._listener: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
-        self._observer = observer
+        self._observer = _GuardedObserver(observer, self._warn) if observer is not None else None
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._runner: BackgroundRunner | None = None
         self._async_functions: list[str] = []
@@ -274,9 +318,22 @@ class CacheSync(Service):
         namespace = self._namespaces.get(ns)
         if namespace is None:
             namespace = self._namespaces[ns] = _Namespace(ns, [], set())
+            if self._retired and not self._sources:
+                # Registered while every source is silent: not fed, so not served either.
+                self._silence(namespace, ns)
         if self._stats.listener_up and not namespace.silent:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
+        count = len(namespace.members)
+        if count >= MANY_FUNCTIONS and count & (count - 1) == 0:  # at 128, 256, 512...
+            log.warning(
+                "%d functions cache under namespace %r: each keeps its cache, and receives "
+                "every event, for the client's life. Decorate once (at import, or on the "
+                "class), not per instance or per call",
+                count,
+                ns,
+                extra={"ns": ns},
+            )
         return cache
 
     def caches(self, ns: str) -> list[LocalCache]:
@@ -540,13 +597,15 @@ class CacheSync(Service):
         log.info("cachesync listener up", extra={"resumed": resumed, "channel": self.channel})
 
     def _set_down(self) -> None:
-        if self._stats.listener_up and self._observer is not None:
-            self._observer.listener_state(False)
-        self._stats.listener_up = False
-        self._ready.clear()
+        # Distrust first: nothing after this may leave the caches trusted.
         for ns in self._namespaces.values():
             for member in ns.members:
                 member.cache.distrust()
+        was_up = self._stats.listener_up
+        self._stats.listener_up = False
+        self._ready.clear()
+        if was_up and self._observer is not None:
+            self._observer.listener_state(False)
 
     def handle_message(self, payload: bytes) -> None:
         """Decode one message and apply it.
@@ -599,6 +658,8 @@ class CacheSync(Service):
             return
         if event.source not in ns.heard:
             ns.heard.add(event.source)
+            if ns.silent:  # a live source names it: it is fed again
+                self._unsilence(ns)
         op = event.op
         if self._observer is not None:
             self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
@@ -653,7 +714,7 @@ class CacheSync(Service):
             at_start = seq == (last if heartbeat else last + 1)
             others = bool(self._sources)
             self._sources[event.source] = _Source(seq, now, timeout)
-            self._heard_again(event.source, new=retired is None)
+            self._heard_again(event.source)
             if retired is not None:
                 if not at_start:
                     self._stats.gaps += 1
@@ -665,6 +726,20 @@ class CacheSync(Service):
                     self._stats.source_changes += 1
                 self._lost("source" if others else "first message", event, quiet=quiet)
             return True
+        # A message older than the last applied (a replay, a redelivery) is a duplicate, and
+        # no sign of life either: replayed old messages must not keep a dead source trusted.
+        if seq < source.seq or (seq == source.seq and not heartbeat):
+            if heartbeat:
+                self._warn.warning(
+                    "old_heartbeat",
+                    "dropped a heartbeat of source %s at seq %d, below its last event %d: "
+                    "replayed, or a publisher reused a source id (each start must draw a new "
+                    "one)",
+                    event.source,
+                    seq,
+                    source.seq,
+                )
+            return False
         source.last_seen = now
         if heartbeat:
             timeout = self._timeout_for(event)
@@ -672,8 +747,6 @@ class CacheSync(Service):
                 source.timeout = timeout
             expected = source.seq
         else:
-            if seq <= source.seq:
-                return False
             expected = source.seq + 1
         if seq > expected:
             self._stats.gaps += 1
@@ -687,18 +760,39 @@ class CacheSync(Service):
         source = self._sources.pop(name)
         self._retired[name] = source.seq
         while len(self._retired) > MAX_RETIRED_SOURCES:
-            del self._retired[next(iter(self._retired))]
+            forgotten = next(iter(self._retired))
+            del self._retired[forgotten]
+            for ns in self._namespaces.values():  # what namespaces heard stays bounded too
+                ns.heard.discard(forgotten)
 
-    def _heard_again(self, name: str, *, new: bool) -> None:
+    def _heard_again(self, name: str) -> None:
         """A new or retired source speaks: namespaces silent for want of it serve again (they
-        were flushed when it fell silent)."""
+        were flushed when it fell silent). A source a namespace never heard does not end its
+        silence (it may feed other namespaces only: one channel carries every owner's
+        events) until it names the namespace (see :meth:`_apply`); a namespace that never
+        heard any source is fed by whichever speaks."""
         for ns in self._namespaces.values():
-            if ns.silent and (new or name in ns.heard or not ns.heard):
-                ns.silent = False
-                self._stats.silent_namespaces -= 1
-                if self._stats.listener_up:
-                    for member in ns.members:
-                        member.cache.trust()
+            if ns.silent and (name in ns.heard or not ns.heard):
+                self._unsilence(ns)
+
+    def _unsilence(self, ns: _Namespace) -> None:
+        ns.silent = False
+        self._stats.silent_namespaces -= 1
+        if self._stats.listener_up:
+            for member in ns.members:
+                member.cache.trust()
+
+    def _silence(self, ns: _Namespace, name: str) -> None:
+        ns.silent = True
+        self._stats.silent_namespaces += 1
+        log.warning(
+            "every source of namespace %r is silent; reads go to the owner until one is "
+            "heard again",
+            name,
+            extra={"ns": name},
+        )
+        for member in ns.members:
+            member.cache.distrust()
 
     def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
         if self.heartbeat_timeout is not None:
@@ -779,21 +873,12 @@ class CacheSync(Service):
 
     def _silence_orphans(self) -> None:
         live = self._sources
-        for ns in self._namespaces.values():
+        for name, ns in self._namespaces.items():
             if ns.silent:
                 continue
-            orphaned = not any(name in live for name in ns.heard) if ns.heard else not live
+            orphaned = not any(source in live for source in ns.heard) if ns.heard else not live
             if orphaned:
-                ns.silent = True
-                self._stats.silent_namespaces += 1
-                log.warning(
-                    "every source of namespace %r is silent; reads go to the owner until "
-                    "one is heard again",
-                    ns.name,
-                    extra={"ns": ns.name},
-                )
-                for member in ns.members:
-                    member.cache.distrust()
+                self._silence(ns, name)
 
     def _sources_heard_since(self, now: float) -> bool:
         return any(
@@ -815,9 +900,11 @@ class CacheSync(Service):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _submit(self, job: Callable[[], None]) -> None:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix="cachesync-refresh"
-            )
-        self._executor.submit(job)
+    def _submit(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
+        with self._executor_lock:  # two threads' first refreshes make one executor
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="cachesync-refresh"
+                )
+            executor = self._executor
+        return executor.submit(job)

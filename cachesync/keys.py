@@ -12,6 +12,12 @@ The rules, which an owner can follow to compute the key of any call:
   ``name=text``, by name.
   ``rate("a", "b:c")`` is ``a:b\\:c`` and ``rate("a:b", "c")`` is ``a\\:b:c``: distinct
   arguments never share a key. :func:`encode_key` does it for an owner in Python.
+- A function of **one parameter** takes the first rule whether its argument is passed
+  positionally or by name, keyword-only included: ``get(*, code)`` keys ``get(code="USD")``
+  as ``USD``.
+- A function with ``*args`` or ``**kwargs`` (or with no signature to read) escapes even a lone
+  argument, since it may be called with several: ``get("a:b")`` is ``a\\:b`` and
+  ``get("a", "b")`` is ``a:b``. Keys without ``\\``, ``:`` or ``=`` are the same either way.
 - Defaults are bound: ``get()`` and ``get("USD")`` name one entry when ``code="USD"`` is the
   default, and ``get(code="USD")`` is the same call.
 - A method's ``self`` or ``cls`` (a first parameter of that name) is not part of the key.
@@ -95,7 +101,7 @@ class KeyBuilder:
     no default, so that a ``str`` argument *is* the key (the wrappers' fastest path).
     """
 
-    __slots__ = ("_custom", "_signature", "_params", "_skip", "_fast", "lone_name")
+    __slots__ = ("_custom", "_signature", "_params", "_skip", "_fast", "_variadic", "lone_name")
 
     def __init__(self, fn: Callable[..., Any], custom: KeyFunc | None = None) -> None:
         if custom is not None and not callable(custom):
@@ -106,6 +112,7 @@ class KeyBuilder:
         self._params: tuple[inspect.Parameter, ...] = ()
         self._skip = 0
         self._fast = False
+        self._variadic = True  # until a signature says how many arguments a call has
         if custom is not None:
             return
         try:
@@ -117,6 +124,8 @@ class KeyBuilder:
             self._skip = 1
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         plain = all(p.kind in positional for p in self._params)
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        self._variadic = any(p.kind in variadic for p in self._params)
         # A call that passes every parameter positionally needs no binding.
         self._fast = plain
         if plain and len(self._params) == 1 and not self._skip:
@@ -132,7 +141,7 @@ class KeyBuilder:
             return key
         signature = self._signature
         if signature is None:
-            return encode_key(*args, **kwargs)
+            return _variadic_key(args, kwargs)
         if self._fast and not kwargs and len(args) == len(self._params):
             return encode_key(*args[self._skip :])
         try:
@@ -152,4 +161,16 @@ class KeyBuilder:
                 extra[param.name] = value
             else:
                 parts.append(value)
+        if self._variadic:
+            return _variadic_key(parts, extra)
+        if len(parts) + len(extra) == 1:  # one parameter, keyword-only included: its text
+            return encode_key(*parts, *extra.values())
         return encode_key(*parts, **extra)
+
+
+def _variadic_key(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """The key of a call of a function that may take any number of arguments: a lone one is
+    escaped too, so that it never reads as several."""
+    if len(args) == 1 and not kwargs:
+        return _part(args[0])
+    return encode_key(*args, **kwargs)
