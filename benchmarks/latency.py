@@ -86,7 +86,7 @@ PRELOAD = [
     "benchmarks.latency",
     "cachesync",
     "cachesync.transports.redis",
-    "cachesync.transports.redis_stream",
+    "cachesync.transports.redis.stream",
     "cachesync.transports.amqp",
     "redis",
     "redis.asyncio",
@@ -328,7 +328,7 @@ async def _raw_xread(url: str, channel: str, hit: Hit, ready: Callable[[], None]
     import redis.asyncio as aioredis
     import redis.exceptions
 
-    # RESP2: one reply shape. No socket_timeout (see cachesync.transports.redis, "Timeouts").
+    # RESP2: one reply shape. No socket_timeout (see cachesync.transports.redis.connection).
     client = aioredis.Redis.from_url(url, protocol=2)
     try:
         try:

@@ -49,7 +49,10 @@ URL options (query string; keyword arguments of the same name win):
 ``block_ms=1000``, ``batch=500``
     Longest blocking ``XREAD``, and most entries read per round trip.
 ``health_check_interval=15``, and everything redis-py takes
-    As for ``redis://``, see :mod:`cachesync.transports.redis`.
+    As for ``redis://``, see :mod:`cachesync.transports.redis.connection`.
+
+An entry larger than ``max_payload`` is skipped by its id and counted (``oversized``): the
+cursor moves past it, so it is never read again, after a reconnect either.
 """
 
 from __future__ import annotations
@@ -60,17 +63,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from ..errors import ConfigError, ConnectionLost, TransportError
-from .base import OnReady
-from .redis import (
-    _READ_FAILURES,
-    _REFUSALS,
-    RedisTransportBase,
-    _read_replies,
-    _RespError,
-    _streams,
-    open_connection,
-)
+from ...errors import ConnectionLost, TransportError
+from ..base import OnReady, Option, int_option
+from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase, read_replies
 
 try:
     import redis.exceptions as redis_errors
@@ -211,45 +206,25 @@ class RedisStreamTransport(RedisTransportBase):
     """
 
     schemes: Mapping[str, str] = {"redis+stream": "redis", "rediss+stream": "rediss"}
-    own_options = RedisTransportBase.own_options | {"maxlen", "block_ms", "batch"}
+    options: tuple[Option[Any], ...] = (
+        *RedisTransportBase.options,
+        int_option("maxlen", DEFAULT_MAXLEN),
+        int_option("block_ms", DEFAULT_BLOCK_MS),
+        int_option("batch", DEFAULT_BATCH),
+    )
 
     def __init__(
         self,
         url: str = "redis+stream://localhost:6379/0",
         *,
         connect_timeout: float = 10.0,
-        health_check_interval: float | None = None,
-        socket_timeout: float | None = None,
-        maxlen: int | None = None,
-        block_ms: int | None = None,
-        batch: int | None = None,
+        **keywords: Any,
     ) -> None:
-        super().__init__(
-            url,
-            connect_timeout=connect_timeout,
-            health_check_interval=health_check_interval,
-            socket_timeout=socket_timeout,
-        )
-        self.maxlen = maxlen if maxlen is not None else self._int_option("maxlen", DEFAULT_MAXLEN)
-        self.block_ms = (
-            block_ms if block_ms is not None else self._int_option("block_ms", DEFAULT_BLOCK_MS)
-        )
-        self.batch = batch if batch is not None else self._int_option("batch", DEFAULT_BATCH)
-        for name in ("maxlen", "block_ms", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        super().__init__(url, connect_timeout=connect_timeout, **keywords)
+        self.maxlen: int = self._values["maxlen"]
+        self.block_ms: int = self._values["block_ms"]
+        self.batch: int = self._values["batch"]
         self._cursors: dict[str, _Cursor] = {}
-
-    def _int_option(self, name: str, default: int) -> int:
-        value = self._options.get(name)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(
-                f"{self._scheme}:// option {name}={value!r} must be an integer"
-            ) from None
 
     @property
     def _read_timeout(self) -> float | None:
@@ -274,7 +249,7 @@ class RedisStreamTransport(RedisTransportBase):
         """
         key = channel.encode()
         what = f"stream subscription to {channel!r}"
-        conn = self._new_connection(protocol=2)
+        conn = self._new_connection()
 
         def report(resumed: bool) -> None:
             if on_ready is not None:
@@ -283,15 +258,13 @@ class RedisStreamTransport(RedisTransportBase):
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    await open_connection(conn)
-                    _streams(conn)[1].writelines(conn.pack_command(b"XINFO", b"STREAM", key))
-                    (raw_info,) = await _read_replies(_streams(conn)[0], 1)
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                    await conn.send_packed_command(conn.pack_command(b"XINFO", b"STREAM", key))
+                    (raw_info,), _ = await read_replies(conn, 1)
                     info = _info_from(raw_info)
-            except _REFUSALS as exc:
-                raise TransportError(
-                    f"Redis at {self.safe_url} refused the {what}: {self._describe(exc)}"
-                ) from exc
-            except _READ_FAILURES as exc:
+            except REFUSALS as exc:
+                raise self._refused(what, exc) from exc
+            except FAILURES_OR_TIMEOUT as exc:
                 raise self._lost(conn, what, exc) from exc
 
             # The end of the stream to replay up to before on_ready(True); None once on_ready
@@ -323,11 +296,11 @@ class RedisStreamTransport(RedisTransportBase):
                         f"{what} on {self.safe_url}: no reply within {self._read_timeout:g}s; "
                         "the network or server stalled"
                     ) from None
-                except _REFUSALS as exc:
+                except REFUSALS as exc:
                     raise TransportError(
                         f"Redis error on the {what}: {self._describe(exc)}"
                     ) from exc
-                except _READ_FAILURES as exc:
+                except FAILURES as exc:
                     raise self._lost(conn, what, exc) from exc
                 count = cursor.count
                 if entries:
@@ -349,11 +322,18 @@ class RedisStreamTransport(RedisTransportBase):
                     report(False)
                     continue
                 for entry_id, payload in entries:
+                    # The cursor moves past every entry, yielded or not: an oversized one is
+                    # skipped by its id, once, and never read again.
                     cursor.last_id = entry_id
                     if cursor.count is not None:
                         cursor.count += 1
-                    if payload is not None:
-                        yield payload
+                    if payload is None:
+                        continue
+                    if self.max_payload is not None and self.too_big(
+                        len(payload), f"stream entry {_format_id(entry_id).decode()} of {channel!r}"
+                    ):
+                        continue
+                    yield payload
                 if catch_up is not None and cursor.last_id >= catch_up.last_id:
                     resumed = cursor.count == catch_up.entries_added
                     catch_up = None
@@ -369,21 +349,21 @@ class RedisStreamTransport(RedisTransportBase):
         if block:
             args += [b"BLOCK", b"%d" % self.block_ms]
         args += [b"STREAMS", key, _format_id(cursor.last_id)]
-        # Straight to the socket: redis-py's send path may go through asyncio.wait_for (see
-        # "Timeouts" in cachesync.transports.redis).
-        _streams(conn)[1].writelines(conn.pack_commands([args, [b"XINFO", b"STREAM", key]]))
+        await conn.send_packed_command(
+            conn.pack_commands([args, [b"XINFO", b"STREAM", key]]), False
+        )
         # Both replies are read before either error is raised, so the connection stays in step.
-        reply, raw_info = await _read_replies(_streams(conn)[0], 2)
+        (reply, raw_info), _ = await read_replies(conn, 2)
         info = _info_from(raw_info)
-        if isinstance(reply, _RespError):
-            raise redis_errors.ResponseError(str(reply))
+        if isinstance(reply, redis_errors.ResponseError):
+            raise reply
         return _entries(reply, key), info
 
 
 def _info_from(raw: object) -> _Info | None:
     """An ``XINFO STREAM`` reply: None when the key does not exist."""
-    if isinstance(raw, _RespError):
-        if "no such key" in raw.lower():
+    if isinstance(raw, redis_errors.ResponseError):
+        if "no such key" in str(raw).lower():
             return None
-        raise redis_errors.ResponseError(str(raw))
+        raise raw
     return _parse_info(raw)
