@@ -12,14 +12,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cachesync import CacheSync, Publisher
 from cachesync.errors import TransportError
+from cachesync.outbox import Outbox, OutboxRelay
 
 from .helpers import eventually
 from .tcpproxy import TcpProxy, proxied_url
+from .test_outbox import Collector, _commit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,3 +158,35 @@ async def test_publish_timeout_bounds_a_publish_on_a_stalled_network(
             proxy.resume()
             await proxy.cut()
             await publish_until_it_works(pub, 4)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    made = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'owner.db'}")
+    await Outbox.create_table(made)
+    yield made
+    await made.dispose()
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis+stream"])
+async def test_the_outbox_relay_publishes_every_row_after_a_long_outage(
+    kind: str, request: pytest.FixtureRequest, unique: str, engine: AsyncEngine
+) -> None:
+    channel = f"relay-{unique}"
+    async with proxied(kind, request, unique) as (proxy, url):
+        direct = url.replace(f"127.0.0.1:{proxy.port}", "127.0.0.1:6379", 1)
+        publisher = Publisher(url, channel, heartbeat_interval=0.1, publish_timeout=TIMEOUT)
+        relay = OutboxRelay(engine, publisher, poll_interval=0.05, backoff_max=0.1)
+        async with Collector(direct, channel) as collector, publisher, relay:
+            await _commit(engine, ("items", "a", 1), channel=channel)
+            await collector.wait_changes(1)
+
+            proxy.refuse(True)
+            await proxy.cut()
+            await _commit(engine, ("items", "b", 1), ("items", "c", 1), channel=channel)
+            await eventually(lambda: relay.stats()["publish_errors"] >= 2, timeout=10)
+            await asyncio.sleep(OUTAGE)  # longer than every timeout
+
+            proxy.refuse(False)
+            changes = await collector.wait_changes(3, timeout=15)
+            assert [c.keys for c in changes] == [("a",), ("b",), ("c",)]

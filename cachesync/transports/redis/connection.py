@@ -120,9 +120,18 @@ class RedisTransportBase(Transport):
         url: str = "redis://localhost:6379/0",
         *,
         connect_timeout: float = 10.0,
+        health_check_interval: float | None = None,
+        socket_timeout: float | None = None,
         **keywords: Any,
     ) -> None:
+        """``keywords``: the options a subclass declares in ``options`` (a keyword wins over
+        the URL's query option of the same name)."""
         super().__init__(url, connect_timeout=connect_timeout)
+        keywords = {
+            **keywords,
+            "health_check_interval": health_check_interval,
+            "socket_timeout": socket_timeout,
+        }
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a bad port

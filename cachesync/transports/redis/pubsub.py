@@ -13,10 +13,11 @@ whole socket reads, so a burst costs one socket read, not one per message). redi
 would hide the events lost meanwhile, and builds a dict per message.
 
 Failure. A closed or reset socket, a protocol error, or silence ends the subscription with
-:class:`~cachesync.errors.ConnectionLost`. Silence: when nothing has arrived for
-``health_check_interval`` seconds the loop sends a PING, and when nothing arrives for another
-interval either, the network or the server has stalled. The iterator never reconnects: the
-caller calls ``connect()`` and ``subscribe()`` again.
+:class:`~cachesync.errors.ConnectionLost`. Silence is watched by a timer, not by a timeout
+around every read (that would cost more than the read): when nothing has arrived for
+``health_check_interval`` seconds the timer sends a PING, and when nothing arrives for another
+interval either, the network or the server has stalled and the connection is dropped. The
+iterator never reconnects: the caller calls ``connect()`` and ``subscribe()`` again.
 
 Oversized messages (over ``max_payload``) are dropped and counted. redis-py offers no way to
 skip a reply without reading it, so each is read once (linearly) and then dropped; Redis's own
@@ -26,13 +27,26 @@ skip a reply without reading it, so each is read once (linearly) and then droppe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from ...errors import ConnectionLost, TransportError
 from ..base import OnReady
-from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase
+from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase, disconnect
+
+try:
+    from redis.asyncio.connection import AbstractConnection
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "redis:// needs redis-py: pip install 'cachesync[redis]'", name=exc.name
+    ) from exc
 
 __all__ = ["RedisPubSubTransport"]
+
+# A read ended by the silence watch dropping the connection may also fail inside redis-py's
+# parser, whose state the drop reset (an AttributeError on its cleared reader).
+_READ_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, AttributeError)
 
 
 class RedisPubSubTransport(RedisTransportBase):
@@ -80,46 +94,92 @@ class RedisPubSubTransport(RedisTransportBase):
             if on_ready is not None:
                 on_ready(False)
 
-            idle = self.health_check_interval or None
-            ping_sent = False
+            # Silence is watched by a timer, not by a timeout around every read: that would
+            # cost more than the read itself (a timer handle per message).
+            watch = (
+                _SilenceWatch(conn, self.health_check_interval)
+                if self.health_check_interval
+                else None
+            )
             read = conn.read_response
-            while True:
-                try:
-                    # With a timeout, redis-py returns None on silence and keeps the connection
-                    # (a message is never None).
-                    reply = await read(timeout=idle)
-                except REFUSALS as exc:
-                    raise TransportError(
-                        f"Redis error on the {what}: {self._describe(exc)}"
-                    ) from exc
-                except FAILURES as exc:
-                    raise self._lost(conn, what, exc) from exc
-                if reply is None:
-                    if not conn.is_connected:
-                        raise self._lost(conn, what, None)
-                    if ping_sent:
-                        raise ConnectionLost(
-                            f"{what} on {self.safe_url}: no reply to PING within "
-                            f"{self.health_check_interval:g}s; the network or server stalled"
-                        )
-                    # Silence may be a quiet channel or a dead link; a PING tells them apart.
+            try:
+                while True:
                     try:
-                        async with asyncio.timeout(idle):
-                            await conn.send_packed_command(conn.pack_command(b"PING"), False)
-                    except FAILURES_OR_TIMEOUT as exc:
+                        reply = await read()
+                    except REFUSALS as exc:
+                        raise TransportError(
+                            f"Redis error on the {what}: {self._describe(exc)}"
+                        ) from exc
+                    except _READ_FAILURES as exc:
+                        if watch is not None and watch.stalled:
+                            raise ConnectionLost(
+                                f"{what} on {self.safe_url}: no reply to PING within "
+                                f"{self.health_check_interval:g}s; the network or server stalled"
+                            ) from None
                         raise self._lost(conn, what, exc) from exc
-                    ping_sent = True
-                    continue
-                ping_sent = False
-                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                    payload = reply[2]
-                    if not isinstance(payload, bytes):
-                        continue
-                    if self.max_payload is not None and self.too_big(
-                        len(payload), f"a message on {channel!r}"
-                    ):
-                        continue
-                    yield payload
-                # Anything else: a PING reply, a late (un)subscribe confirmation.
+                    if watch is not None:
+                        watch.received += 1
+                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                        payload = reply[2]
+                        if not isinstance(payload, bytes):
+                            continue
+                        if self.max_payload is not None and self.too_big(
+                            len(payload), f"a message on {channel!r}"
+                        ):
+                            continue
+                        yield payload
+                    # Anything else: a PING reply, a late (un)subscribe confirmation.
+            finally:
+                if watch is not None:
+                    await watch.stop()
         finally:
             await self._release_connection(conn)
+
+
+class _SilenceWatch:
+    """Every ``interval`` seconds: if nothing arrived since the last look, send a PING; if
+    nothing arrived after the PING either, mark the link stalled and drop the connection, which
+    ends the read in progress. The receive loop counts what arrives in ``received``."""
+
+    def __init__(self, conn: AbstractConnection, interval: float) -> None:
+        self.received = 0
+        self.stalled = False
+        self._conn = conn
+        self._interval = interval
+        self._seen = 0
+        self._pinged = False
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handle = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self.received != self._seen:
+            self._seen = self.received
+            self._pinged = False
+        elif not self._pinged:
+            # Silence may be a quiet channel or a dead link; a PING tells them apart.
+            self._pinged = True
+            self._spawn(self._ping())
+        else:
+            self.stalled = True
+            self._spawn(disconnect(self._conn))
+            return
+        self._handle = self._loop.call_later(self._interval, self._tick)
+
+    async def _ping(self) -> None:
+        conn = self._conn
+        with contextlib.suppress(Exception):
+            await conn.send_packed_command(conn.pack_command(b"PING"), False)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Stop watching (the subscription ended); the PING or drop in flight is awaited."""
+        self._handle.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

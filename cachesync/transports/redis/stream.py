@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from ...errors import ConnectionLost, TransportError
@@ -158,43 +157,57 @@ def _gap(position: StreamId, count: int | None, info: _Info | None) -> bool:
     return False  # cannot tell yet; a later snapshot will
 
 
-@dataclass
 class _Cursor:
-    """Where the subscriptions of one channel on one transport object have got to."""
+    """Where the subscriptions of one channel on one transport object have got to.
 
-    last_id: StreamId
-    count: int | None  # entries-added as of last_id, when known
-    lost: bool = False
+    The position is kept as the id Redis sent (``raw``), set once per entry read; it is parsed
+    only where it is compared, once per round trip.
+    """
+
+    __slots__ = ("raw", "count", "lost")
+
+    def __init__(self, raw: bytes, count: int | None, lost: bool = False) -> None:
+        self.raw = raw
+        self.count = count  # entries-added as of raw, when known
+        self.lost = lost
+
+    @property
+    def last_id(self) -> StreamId:
+        return _parse_id(self.raw)
 
     @classmethod
     def at_end(cls, info: _Info | None) -> _Cursor:
         if info is None:
-            return cls(_ZERO, 0)
-        return cls(info.last_id, info.entries_added)
+            return cls(_format_id(_ZERO), 0)
+        return cls(_format_id(info.last_id), info.entries_added)
 
     def jump_to_end(self, info: _Info | None) -> None:
         end = _Cursor.at_end(info)
-        self.last_id, self.count, self.lost = end.last_id, end.count, False
+        self.raw, self.count, self.lost = end.raw, end.count, False
 
 
-def _entries(reply: object, key: bytes) -> list[tuple[StreamId, bytes | None]]:
-    """``(id, payload)`` pairs from a RESP2 ``XREAD`` reply (payload None if no ``d`` field)."""
+def _entries(reply: object, key: bytes) -> list[tuple[bytes, bytes | None]]:
+    """``(raw id, payload)`` pairs from a RESP2 ``XREAD`` reply (payload None if no ``d``
+    field)."""
     if reply is None:
         return []
     if not isinstance(reply, list):
         raise ValueError(f"unexpected XREAD reply: {reply!r:.80}")
-    out: list[tuple[StreamId, bytes | None]] = []
+    out: list[tuple[bytes, bytes | None]] = []
     for stream_key, items in reply:
         if stream_key != key:
             continue
         for entry_id, values in items:
+            if values and values[0] == FIELD:  # the publisher's one field: the common case
+                out.append((entry_id, values[1]))
+                continue
             payload = None
             if values:
                 for name, value in zip(values[::2], values[1::2], strict=False):
                     if name == FIELD:
                         payload = value
                         break
-            out.append((_parse_id(entry_id), payload))
+            out.append((entry_id, payload))
     return out
 
 
@@ -218,9 +231,21 @@ class RedisStreamTransport(RedisTransportBase):
         url: str = "redis+stream://localhost:6379/0",
         *,
         connect_timeout: float = 10.0,
-        **keywords: Any,
+        health_check_interval: float | None = None,
+        socket_timeout: float | None = None,
+        maxlen: int | None = None,
+        block_ms: int | None = None,
+        batch: int | None = None,
     ) -> None:
-        super().__init__(url, connect_timeout=connect_timeout, **keywords)
+        super().__init__(
+            url,
+            connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            socket_timeout=socket_timeout,
+            maxlen=maxlen,
+            block_ms=block_ms,
+            batch=batch,
+        )
         self.maxlen: int = self._values["maxlen"]
         self.block_ms: int = self._values["block_ms"]
         self.batch: int = self._values["batch"]
@@ -306,7 +331,7 @@ class RedisStreamTransport(RedisTransportBase):
                 if entries:
                     if count is not None:
                         count += len(entries)
-                    lost = _gap(entries[-1][0], count, info)
+                    lost = _gap(_parse_id(entries[-1][0]), count, info)
                 else:
                     # Nothing after the position, though the backlog is not done: deleted.
                     lost = catch_up is not None
@@ -321,16 +346,18 @@ class RedisStreamTransport(RedisTransportBase):
                     catch_up = None
                     report(False)
                     continue
+                position = cursor.count
                 for entry_id, payload in entries:
                     # The cursor moves past every entry, yielded or not: an oversized one is
                     # skipped by its id, once, and never read again.
-                    cursor.last_id = entry_id
-                    if cursor.count is not None:
-                        cursor.count += 1
+                    cursor.raw = entry_id
+                    if position is not None:
+                        position += 1
+                        cursor.count = position
                     if payload is None:
                         continue
                     if self.max_payload is not None and self.too_big(
-                        len(payload), f"stream entry {_format_id(entry_id).decode()} of {channel!r}"
+                        len(payload), f"stream entry {entry_id.decode()} of {channel!r}"
                     ):
                         continue
                     yield payload
@@ -343,12 +370,12 @@ class RedisStreamTransport(RedisTransportBase):
 
     async def _read(
         self, conn: AbstractConnection, key: bytes, cursor: _Cursor, block: bool
-    ) -> tuple[list[tuple[StreamId, bytes | None]], _Info | None]:
+    ) -> tuple[list[tuple[bytes, bytes | None]], _Info | None]:
         """One round trip: XREAD from the cursor, and XINFO STREAM right after it."""
         args: list[bytes] = [b"XREAD", b"COUNT", b"%d" % self.batch]
         if block:
             args += [b"BLOCK", b"%d" % self.block_ms]
-        args += [b"STREAMS", key, _format_id(cursor.last_id)]
+        args += [b"STREAMS", key, cursor.raw]
         await conn.send_packed_command(
             conn.pack_commands([args, [b"XINFO", b"STREAM", key]]), False
         )
