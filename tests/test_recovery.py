@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cachesync import CacheSync, Publisher
-from cachesync.errors import TransportError
+from cachesync.errors import StateError, TransportError
 from cachesync.outbox import Outbox, OutboxRelay
+from cachesync.transports.memory import MemoryTransport
 
 from .helpers import eventually
 from .tcpproxy import TcpProxy, proxied_url
@@ -190,3 +191,43 @@ async def test_the_outbox_relay_publishes_every_row_after_a_long_outage(
             proxy.refuse(False)
             changes = await collector.wait_changes(3, timeout=15)
             assert [c.keys for c in changes] == [("a",), ("b",), ("c",)]
+
+
+class _Unreliable(MemoryTransport):
+    """The memory bus, failing publish (and close) on demand."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.error: Exception | None = None
+        self.attempts = 0
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        self.attempts += 1
+        if self.error is not None:
+            raise self.error
+        await super().publish(channel, payload)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.error is not None:
+            raise self.error
+
+
+async def test_the_heartbeat_outlives_any_error_and_stop_never_raises(unique: str) -> None:
+    url = f"memory://{unique}"
+    transport = _Unreliable(url)
+    pub = Publisher(url, transport=transport, heartbeat_interval=0.01, publish_timeout=0.05)
+    await pub.start()
+    heartbeat = pub._heartbeat_task  # noqa: SLF001
+    assert heartbeat is not None
+    for error in (TransportError("down"), RuntimeError("a bug in a transport"), StateError("x")):
+        transport.error = error
+        seen = transport.attempts
+        await eventually(lambda seen=seen: transport.attempts >= seen + 3)  # still beating
+        assert not heartbeat.done()
+    transport.error = None
+    seen = pub.published
+    await eventually(lambda: pub.published > seen)  # and beats go out again
+    transport.error = TransportError("close failed")
+    await pub.stop()  # logged, not raised
+    assert heartbeat.done()
