@@ -15,7 +15,7 @@ from .errors import StateError, TransportError
 from .events import ChangeEvent, Op
 from .lifecycle import Service
 from .signing import Signer
-from .transports.base import Transport, from_url, redact_url
+from .transports.base import Transport, from_url, redact_url, scrub
 
 __all__ = ["Change", "Publisher", "PublisherState"]
 
@@ -232,15 +232,16 @@ class Publisher(Service):
             except (TransportError, TimeoutError) as exc:
                 self.publish_errors += 1
                 delay = backoff.next_delay()
+                # A broker client's message may quote the URL, password and all.
+                detail = scrub(str(exc), self.url) or "no answer from the broker"
                 if loop.time() + delay >= deadline:
-                    detail = str(exc) or "no answer from the broker"
                     raise TransportError(
                         f"could not publish to {redact_url(self.url)} within "
                         f"{budget:g}s: {detail}; is the broker running?"
                     ) from exc
                 log.warning(
                     "publish failed, reconnecting",
-                    extra={"url": redact_url(self.url), "error": str(exc), "retry_in": delay},
+                    extra={"url": redact_url(self.url), "error": detail, "retry_in": delay},
                 )
                 await asyncio.sleep(delay)
                 # connect() is a no-op on a live connection and waits for a dead one to come
@@ -269,7 +270,8 @@ class Publisher(Service):
                 finally:
                     self._lock.release()
             except (TransportError, TimeoutError) as exc:
-                log.warning("heartbeat not sent", extra={"error": str(exc) or type(exc).__name__})
+                error = scrub(str(exc), self.url) or type(exc).__name__
+                log.warning("heartbeat not sent", extra={"error": error})
             except Exception:
                 log.exception("heartbeat failed; the next one goes out as usual")
             await asyncio.sleep(interval)

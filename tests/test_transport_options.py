@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from cachesync.transports.base import (
     redact_url,
     scrub,
 )
+
+from .helpers import eventually
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -119,31 +122,50 @@ async def test_no_password_in_errors_logs_reprs_or_stats(
 
 
 async def test_no_password_in_the_state_endpoint_or_relay_stats(
-    redis_url: str, unique: str
+    tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     pytest.importorskip("fastapi")
+    pytest.importorskip("sqlalchemy")
     import httpx
     from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     from cachesync.integrations.fastapi import state_router
+    from cachesync.outbox import Outbox, OutboxRelay
+    from cachesync.transports.memory import MemoryTransport
 
-    url = redis_url + "?password=s3cret"  # Redis without AUTH refuses the password: an error
-    pub = Publisher(url.replace(":6379", ":1"), f"state-{unique}", heartbeat_interval=None)
+    # A broker whose client quotes the URL, password and all, in its errors.
+    url = f"memory://user:s3cret@{unique}?max_backlog=10"
+
+    class Leaky(MemoryTransport):
+        async def publish(self, channel: str, payload: bytes) -> None:
+            raise TransportError(f"cannot reach {self.url}")
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'owner.db'}")
+    await Outbox.create_table(engine)
+    pub = Publisher(
+        url, "state", transport=Leaky(url), heartbeat_interval=0.05, publish_timeout=0.1
+    )
+    relay = OutboxRelay(engine, pub, poll_interval=0.05, backoff_max=0.05)
+    async with AsyncSession(engine) as session, session.begin():
+        Outbox.add(session, "items", "k", version=1, channel="state")
     app = FastAPI()
-    app.include_router(state_router(pub))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        response = await client.get("/cachesync/state")
-    assert response.status_code == 200
-    assert "s3cret" not in response.text
-    assert "s3cret" not in repr(pub._transport)  # noqa: SLF001
-
-
-def test_amqp_takes_the_password_in_the_user_info_only() -> None:
-    with pytest.raises(ConfigError, match="user-info") as caught:
-        from_url("amqp://guest@127.0.0.1/?password=s3cret")
-    assert "s3cret" not in str(caught.value)
+    app.include_router(state_router(relay))
+    try:
+        async with pub, relay:
+            await eventually(lambda: relay.stats()["publish_errors"] >= 1, timeout=10)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test"
+            ) as client:
+                response = await client.get("/cachesync/state")
+            assert response.status_code == 200
+            assert "last_error" in response.text  # the error is there, its password is not
+            assert "s3cret" not in response.text
+            assert "s3cret" not in repr(relay.stats())
+            assert "s3cret" not in caplog.text
+    finally:
+        await engine.dispose()
 
 
 # -- TLS against a plain port ----------------------------------------------------------------
