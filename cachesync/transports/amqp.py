@@ -27,12 +27,13 @@ ahead of the consumer (aiormq starts one task per delivery: the prefetch bounds 
 Acks are sent in batches (``multiple``) as the iterator takes messages. Deliveries are taken
 through aiormq's ``basic_consume`` (the channel aio-pika exposes via ``get_underlay_channel()``)
 rather than ``Queue.consume``, which skips building an ``IncomingMessage`` and one extra task
-per message.
+per message. A message over ``max_payload`` is dropped and counted (``oversized``) when the
+iterator reaches it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
 
-Measured with ``benchmarks/amqp_throughput.py`` on a local broker (2 CPUs): publish-to-receive
-p50/p99 0.55/1.6 ms with confirms and 0.47/1.4 ms without (raw aio-pika: 0.63/2.3 and
-0.53/2.6); consumer ceiling about 18k msg/s (raw aio-pika no-ack 12k, with acks 6k); a
-sequential ``await publish()`` loop about 1.7k msg/s with confirms, 6k without (same as raw).
+Measured with ``benchmarks/amqp_throughput.py`` on a local broker (2 CPUs, shared):
+publish-to-receive p50/p99 0.63/8.7 ms with confirms and 0.56/8.9 ms without (raw aio-pika:
+0.70/7.9 and 0.50/8.0); consumer ceiling about 6k msg/s with acks and a prefetch of 1000 (raw
+aio-pika no-ack 7.1k, with acks and a prefetch of 100 3.6k).
 
 URL options (query string; keyword arguments of the same meaning win):
 
