@@ -38,7 +38,7 @@ PRELOAD = [
     "cachesync",
     "cachesync.fetch",
     "cachesync.transports.redis",
-    "cachesync.transports.redis_stream",
+    "cachesync.transports.redis.stream",
     "cachesync.transports.amqp",
     "redis",
     "redis.asyncio",

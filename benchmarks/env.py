@@ -71,7 +71,7 @@ def down_message(service: Service, needed_by: str) -> str:
 
 TRANSPORT_MODULES = {
     "redis": "cachesync.transports.redis",
-    "redis+stream": "cachesync.transports.redis_stream",
+    "redis+stream": "cachesync.transports.redis.stream",
     "amqp": "cachesync.transports.amqp",
 }
 

@@ -8,6 +8,8 @@ in turns (raw, ours, raw, ours, ...), each in a process of its own:
 - **raw**: the broker's client alone, doing nothing with a message but noting it: redis-py's
   ``PubSub.listen()``, an ``XREAD COUNT 500 BLOCK`` loop (redis-py, RESP2), aio-pika's
   ``Queue.consume(no_ack=True)`` on an exclusive queue bound to the channel's fanout exchange;
+  redis-py parses with hiredis (the ``bench`` and ``redis`` extras install it), as cachesync's
+  Redis transports do, so both sides pay the same for parsing;
 - **ours**: :class:`~cachesync.CacheSync` on the same channel, with a namespace of
   ``keys`` entries; a message counts once ``CacheSync.handle_message`` has returned (the event
   is applied: the entry it names is invalidated, which is real work, as every event carries a
@@ -86,7 +88,7 @@ PRELOAD = [
     "benchmarks.latency",
     "cachesync",
     "cachesync.transports.redis",
-    "cachesync.transports.redis_stream",
+    "cachesync.transports.redis.stream",
     "cachesync.transports.amqp",
     "redis",
     "redis.asyncio",
@@ -328,7 +330,7 @@ async def _raw_xread(url: str, channel: str, hit: Hit, ready: Callable[[], None]
     import redis.asyncio as aioredis
     import redis.exceptions
 
-    # RESP2: one reply shape. No socket_timeout (see cachesync.transports.redis, "Timeouts").
+    # RESP2: one reply shape. No socket_timeout (see cachesync.transports.redis.connection).
     client = aioredis.Redis.from_url(url, protocol=2)
     try:
         try:

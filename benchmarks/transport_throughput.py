@@ -32,8 +32,7 @@ import redis
 import redis.asyncio as aioredis
 
 from cachesync.transports.base import Transport
-from cachesync.transports.redis import RedisPubSubTransport
-from cachesync.transports.redis_stream import RedisStreamTransport
+from cachesync.transports.redis import RedisPubSubTransport, RedisStreamTransport
 
 from .transport_common import percentile
 from .transport_common import plot as plot_figures

@@ -216,6 +216,8 @@ class CacheSync(Service):
         )
         self._signer = Signer(signing_keys) if signing_keys else None
         self._max_event_bytes = max_event_bytes
+        # The transport drops what is larger, where it can before buffering it whole.
+        self._transport.max_payload = max_event_bytes
         self._clock = clock
         # The async hit path's time (see cachesync.clock): refreshed by the loop for the real
         # clock; an injected clock is read at every hit, so tests see its moves at once.
@@ -516,6 +518,7 @@ class CacheSync(Service):
             namespaces[name] = totals
         listener = self._stats.snapshot()
         listener["last_event_lag"] = None
+        listener["oversized_dropped"] = self._transport.oversized  # by the transport
         if self._last_event is not None:  # the owner's commit to our apply, of the last event
             ts, applied = self._last_event
             listener["last_event_lag"] = self._wall_clock() - (self._clock() - applied) - ts

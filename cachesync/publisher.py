@@ -19,7 +19,7 @@ from .events import ChangeEvent, Op
 from .lifecycle import Service
 from .runner import INHERITED, LoopThread
 from .signing import Signer
-from .transports.base import Transport, from_url, redact_url
+from .transports.base import Transport, from_url, redact_url, scrub
 
 __all__ = ["BlockingPublisher", "Change", "Publisher", "PublisherState"]
 
@@ -68,7 +68,7 @@ class Publisher(Service):
     sending retries with backoff for up to ``publish_timeout`` seconds and then raises
     :class:`~cachesync.errors.TransportError`; the seq of an event that failed stays used, so
     consumers see a gap and flush rather than miss it. For changes that must never be lost, write
-    them to the outbox (:mod:`cachesync.outbox`) instead.
+    them to the outbox (:mod:`cachesync.owner.outbox`) instead.
     """
 
     def __init__(
@@ -123,14 +123,18 @@ class Publisher(Service):
         )
 
     async def stop(self) -> None:
-        """Stop the heartbeat and close the connection. Safe to call twice."""
+        """Stop the heartbeat and close the connection. Safe to call twice; never raises what
+        the heartbeat or the broker failed with (that was logged when it happened)."""
         self._running = False
         task, self._heartbeat_task = self._heartbeat_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._transport.close()
+        try:
+            await self._transport.close()
+        except Exception as exc:
+            log.warning("closing the publisher's connection failed", extra={"error": str(exc)})
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -225,42 +229,56 @@ class Publisher(Service):
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _send(self, events: Sequence[ChangeEvent]) -> None:
+    async def _send(self, events: Sequence[ChangeEvent], *, timeout: float | None = None) -> None:
+        """Publish ``events``, retrying (and reconnecting) for ``timeout`` seconds at most,
+        ``publish_timeout`` by default, from the first attempt to the last: a stalled network
+        or a broker that is down makes it raise TransportError in time, and the next call
+        tries again on a fresh connection, however long the outage lasts."""
         signer = self._signer
         payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
-        deadline = time.monotonic() + self.publish_timeout
+        budget = self.publish_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         backoff = Backoff(initial=0.05, maximum=1.0)
         while True:
             try:
-                if len(payloads) == 1:
-                    await self._transport.publish(self.channel, payloads[0])
-                else:
-                    await self._transport.publish_many(self.channel, payloads)
+                async with asyncio.timeout_at(deadline):
+                    if len(payloads) == 1:
+                        await self._transport.publish(self.channel, payloads[0])
+                    else:
+                        await self._transport.publish_many(self.channel, payloads)
                 self.published += len(payloads)
                 return
-            except TransportError as exc:
+            except (TransportError, TimeoutError) as exc:
                 self.publish_errors += 1
                 delay = backoff.next_delay()
-                if time.monotonic() + delay > deadline:
+                # A broker client's message may quote the URL, password and all.
+                detail = scrub(str(exc), self.url) or "no answer from the broker"
+                if loop.time() + delay >= deadline:
                     raise TransportError(
                         f"could not publish to {redact_url(self.url)} within "
-                        f"{self.publish_timeout:g}s: {exc}; is the broker running?"
+                        f"{budget:g}s: {detail}; is the broker running?"
                     ) from exc
                 log.warning(
                     "publish failed, reconnecting",
-                    extra={"url": redact_url(self.url), "error": str(exc), "retry_in": delay},
+                    extra={"url": redact_url(self.url), "error": detail, "retry_in": delay},
                 )
                 await asyncio.sleep(delay)
-                with contextlib.suppress(TransportError):
-                    await self._transport.close()
-                    await self._transport.connect()
+                # connect() is a no-op on a live connection and waits for a dead one to come
+                # back; bounded by what is left of the deadline.
+                with contextlib.suppress(TransportError, TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await self._transport.connect()
 
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
-        # source) right away rather than at its first change.
+        # source) right away rather than at its first change. A beat that cannot go out within
+        # the interval is skipped, not queued; whatever fails, the loop goes on until stop().
         while True:
             try:
-                async with self._lock:
+                async with asyncio.timeout(max(interval, 0.001)):
+                    await self._lock.acquire()
+                try:
                     beat = ChangeEvent(
                         source=self.source,
                         seq=self.seq,
@@ -268,9 +286,14 @@ class Publisher(Service):
                         value={"interval": interval},
                         ts=self._clock(),
                     )
-                    await self._send([beat])
-            except TransportError as exc:
-                log.warning("heartbeat not sent", extra={"error": str(exc)})
+                    await self._send([beat], timeout=min(interval, self.publish_timeout))
+                finally:
+                    self._lock.release()
+            except (TransportError, TimeoutError) as exc:
+                error = scrub(str(exc), self.url) or type(exc).__name__
+                log.warning("heartbeat not sent", extra={"error": error})
+            except Exception:
+                log.exception("heartbeat failed; the next one goes out as usual")
             await asyncio.sleep(interval)
 
 

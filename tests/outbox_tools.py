@@ -78,7 +78,7 @@ class FlakyTransport(MemoryTransport):
         self.attempts += 1
         # Like a real broker client (and unlike the bare memory bus): a closed or failed
         # connection is a TransportError, which makes the publisher reconnect.
-        if self.down or not self._connected:
+        if self.down or not self.connected:
             raise TransportError("broker down (test)")
         await super().publish(channel, payload)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +17,7 @@ import redis.asyncio as aioredis
 from cachesync.errors import ConfigError, ConnectionLost, TransportError
 from cachesync.transports.base import Transport, from_url
 from cachesync.transports.redis import RedisPubSubTransport
-from cachesync.transports.redis_stream import (
+from cachesync.transports.redis.stream import (
     RedisStreamTransport,
     StreamId,
     _gap,
@@ -259,6 +260,44 @@ async def test_stream_catch_up_cut_midway_resumes_from_where_it_was(rd: Redis) -
             assert third.log == [*missed[seen:], ("ready", True)]
         finally:
             await third.stop()
+
+
+# -- oversized payloads ------------------------------------------------------------------------
+
+BIG = 8 << 20
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_an_oversized_payload_is_dropped_counted_and_memory_stays_bounded(
+    rd: Redis, scheme: str
+) -> None:
+    async with (
+        from_url(rd.url(scheme, rd.pub_name)) as pub,
+        from_url(rd.url(scheme, rd.sub_name)) as transport,
+    ):
+        transport.max_payload = 1 << 20
+        async with subscribed(transport, rd.channel) as sub:
+            big = b"x" * BIG
+            tracemalloc.start()
+            try:
+                await pub.publish(rd.channel, big)
+                await pub.publish(rd.channel, b"small")
+                assert await sub.wait_for(1) == [b"small"]
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert transport.oversized == 1
+            # The publish's own frame plus one copy on the way in; a parser that buffered by
+            # concatenation needed hundreds of MB for this.
+            assert peak < 4 * BIG, peak
+        if scheme == "redis+stream":
+            # Skipped by its id: a new subscription (a reconnect) does not read it again.
+            async with subscribed(transport, rd.channel) as again:
+                await pub.publish(rd.channel, b"next")
+                assert await again.wait_for(1) == [b"next"]
+                assert again.log[0] == ("ready", True)
+            assert transport.oversized == 1
 
 
 # -- stalls and cuts through a proxy ---------------------------------------------------------

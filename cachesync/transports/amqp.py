@@ -18,18 +18,22 @@ raises :class:`~cachesync.errors.ConnectionLost`. The caller then calls ``connec
 if aio-pika has already reconnected, otherwise a fresh connection) and ``subscribe()`` again,
 which declares a new queue and calls ``on_ready(False)``.
 
-Consumption is ``no_ack``: the queue is exclusive, so an unacknowledged delivery could never be
-redelivered to anyone else, and a lost connection means a flush anyway. ``basic.qos`` prefetch
-does not apply to no-ack consumers, so the bound on memory is ours: a subscriber that falls more
-than ``max_backlog`` messages behind is cut with ``ConnectionLost`` (as Redis cuts a slow pub/sub
-client), and its queue is deleted. Deliveries are taken through aiormq's ``basic_consume`` (the
-channel aio-pika exposes via ``get_underlay_channel()``) rather than ``Queue.consume``, which
-skips building an ``IncomingMessage`` and one extra task per message.
+Backlog, bounded at the broker and in the client. Each subscription's queue is declared with
+``x-max-length=max_backlog`` and ``x-overflow=drop-head``: when a consumer stalls, the broker
+drops the oldest messages rather than grow without bound, and the consumer notices the loss as
+a sequence gap (and flushes) once it reads again. Consumption uses acknowledgements with a
+``basic.qos`` prefetch of ``prefetch`` messages, so the broker never pushes more than that
+ahead of the consumer (aiormq starts one task per delivery: the prefetch bounds those too).
+Acks are sent in batches (``multiple``) as the iterator takes messages. Deliveries are taken
+through aiormq's ``basic_consume`` (the channel aio-pika exposes via ``get_underlay_channel()``)
+rather than ``Queue.consume``, which skips building an ``IncomingMessage`` and one extra task
+per message. A message over ``max_payload`` is dropped and counted (``oversized``) when the
+iterator reaches it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
 
-Measured with ``benchmarks/amqp_throughput.py`` on a local broker (2 CPUs): publish-to-receive
-p50/p99 0.55/1.6 ms with confirms and 0.47/1.4 ms without (raw aio-pika: 0.63/2.3 and
-0.53/2.6); consumer ceiling about 18k msg/s (raw aio-pika no-ack 12k, with acks 6k); a
-sequential ``await publish()`` loop about 1.7k msg/s with confirms, 6k without (same as raw).
+Measured with ``benchmarks/amqp_throughput.py`` on a local broker (2 CPUs, shared):
+publish-to-receive p50/p99 0.63/8.7 ms with confirms and 0.56/8.9 ms without (raw aio-pika:
+0.70/7.9 and 0.50/8.0); consumer ceiling about 6k msg/s with acks and a prefetch of 1000 (raw
+aio-pika no-ack 7.1k, with acks and a prefetch of 100 3.6k).
 
 URL options (query string; keyword arguments of the same meaning win):
 
@@ -40,7 +44,10 @@ URL options (query string; keyword arguments of the same meaning win):
     publish-to-received latency (the broker routes before it confirms), but a message in flight
     when the connection drops is lost without an error (consumers still see the sequence gap).
 ``max_backlog=100000``
-    Messages a subscriber may have received but not yet consumed before it is cut.
+    Most messages a subscription's queue holds at the broker (``x-max-length``, dropping the
+    oldest); also the most a subscriber may have received but not consumed before it is cut.
+``prefetch=1000``
+    ``basic.qos`` prefetch: deliveries in flight to one subscriber (at most ``max_backlog``).
 ``name=…``, ``heartbeat=…``, ``reconnect_interval=…``, TLS options
     Passed to aio-pika unchanged. ``name`` sets the connection name shown by the management UI
     and ``rabbitmqctl list_connections client_properties`` (``connection_name=`` does the same
@@ -57,11 +64,20 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport
+from .base import (
+    ConnectionState,
+    Connector,
+    OnReady,
+    Transport,
+    bool_option,
+    describe,
+    int_option,
+    parse_options,
+    secret_key,
+)
 from .inbox import Inbox
 
 try:
@@ -88,10 +104,15 @@ __all__ = ["AmqpTransport", "DEFAULT_MAX_BACKLOG"]
 log = logging.getLogger("cachesync.transports.amqp")
 
 DEFAULT_MAX_BACKLOG = 100_000
+DEFAULT_PREFETCH = 1000
 DEFAULT_RECONNECT_INTERVAL = 1.0
 
 # Options this module reads from the query string; everything else goes to aio-pika.
-_OWN_OPTIONS = frozenset({"confirm", "max_backlog"})
+_OPTIONS = (
+    bool_option("confirm", True),
+    int_option("max_backlog", DEFAULT_MAX_BACKLOG),
+    int_option("prefetch", DEFAULT_PREFETCH),
+)
 
 _BROKER_HINT = "start it with `docker compose up -d rabbitmq`"
 
@@ -116,17 +137,9 @@ def _is_handshake_refusal(exc: BaseException) -> bool:
     return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
 
 
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"amqp:// option {name}={value!r} must be 0 or 1")
-
-
-class _Subscription(Inbox):
-    """The receiving end of one subscribe() call: an inbox the consumer callback fills."""
+class _Subscription(Inbox[tuple[int, bytes]]):
+    """The receiving end of one subscribe() call: an inbox the consumer callback fills with
+    ``(delivery tag, body)``."""
 
     __slots__ = ("connection",)
 
@@ -139,7 +152,9 @@ class _Subscription(Inbox):
         # so payloads enter the buffer in the order the broker sent them. Consuming through
         # aiormq's basic_consume rather than aio-pika's Queue.consume skips an IncomingMessage
         # and a second task per message: about 1.5x the consumer rate (benchmarks/).
-        self.deliver(message.body)
+        tag = message.delivery_tag
+        if tag is not None:
+            self.deliver((tag, message.body))
 
 
 class AmqpTransport(Transport):
@@ -160,6 +175,7 @@ class AmqpTransport(Transport):
         connection_name: str | None = None,
         publisher_confirms: bool | None = None,
         max_backlog: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
         try:
@@ -170,27 +186,29 @@ class AmqpTransport(Transport):
             raise ConfigError(
                 f"AmqpTransport needs an amqp:// or amqps:// URL, not {self.safe_url!r}"
             )
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        own = {key: value for key, value in query if key in _OWN_OPTIONS}
-        passed = [(key, value) for key, value in query if key not in _OWN_OPTIONS]
+        values, passed = parse_options(
+            url,
+            _OPTIONS,
+            passthrough=True,
+            keywords={
+                "confirm": publisher_confirms,
+                "max_backlog": max_backlog,
+                "prefetch": prefetch,
+            },
+        )
+        if any(secret_key(key) for key, _ in passed):
+            # aio-pika would not use it, and would log it with the URL.
+            raise ConfigError(
+                f"{self.safe_url!r}: amqp:// takes the password in the user-info "
+                "(amqp://user:password@host/), not as a query option"
+            )
         if not any(key == "reconnect_interval" for key, _ in passed):
             passed.append(("reconnect_interval", f"{DEFAULT_RECONNECT_INTERVAL:g}"))
         # The URL aio-pika sees: ours minus the options only this module understands.
         self._broker_url = urlunsplit(parts._replace(query=urlencode(passed)))
-
-        if publisher_confirms is None:
-            publisher_confirms = _parse_bool("confirm", own.get("confirm", "1"))
-        self.publisher_confirms = publisher_confirms
-        if max_backlog is None:
-            try:
-                max_backlog = int(own.get("max_backlog", DEFAULT_MAX_BACKLOG))
-            except ValueError:
-                raise ConfigError(
-                    f"amqp:// option max_backlog={own['max_backlog']!r} must be an integer"
-                ) from None
-        if max_backlog < 1:
-            raise ValueError("max_backlog must be at least 1")
-        self.max_backlog = max_backlog
+        self.publisher_confirms: bool = values["confirm"]
+        self.max_backlog: int = values["max_backlog"]
+        self.prefetch: int = min(values["prefetch"], self.max_backlog)
 
         url_name = dict(passed).get("name")
         # An explicit name (keyword, then URL) wins; the default still tells operators which
@@ -200,11 +218,9 @@ class AmqpTransport(Transport):
         self.reconnects = 0
         """How many times aio-pika restored the connection by itself (not counting connect())."""
         self._connection: AbstractRobustConnection | None = None
-        # "new" and "closed" make publish a lifecycle error (StateError); after a connect()
-        # attempt, a missing connection is a broker problem (TransportError), which is what the
-        # Publisher's retry loop (close(), connect(), publish again) expects to see.
-        self._state = "new"
-        self._epoch = 0  # bumped by close(), so a connect() in flight knows it lost the race
+        # NEW and CLOSED make publish a lifecycle error (StateError); after a connect() attempt,
+        # a missing connection is a broker problem (TransportError).
+        self._connector = Connector(repr(self), connect_timeout)
         self._connect_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
         self._pub_channel: AbstractChannel | None = None
@@ -225,74 +241,69 @@ class AmqpTransport(Transport):
             and not conn.transport.connection.is_closed
         )
 
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
+
     async def connect(self) -> None:
         """Open the connection, or make sure it is open.
 
         A no-op while the connection is up (including after aio-pika reconnected by itself).
         A connection that is down is closed and replaced. Failed attempts are retried with
-        :class:`~cachesync.backoff.Backoff` until ``connect_timeout``, then
-        :class:`~cachesync.errors.TransportError` names the redacted URL and says what to start.
-        Refused credentials or vhost access fail at once: retrying cannot fix them.
+        backoff until ``connect_timeout``, then :class:`~cachesync.errors.TransportError` names
+        the redacted URL and says what to start. Refused credentials or vhost access fail at
+        once: retrying cannot fix them.
         """
         async with self._connect_lock:
             if self.connected:
-                self._state = "open"
+                self._connector.state = ConnectionState.OPEN
                 return
-            epoch = self._epoch
-            self._state = "connecting"
             if self._connection is not None:
                 await self._drop_connection("the connection was replaced")
-            try:
-                conn = await self._open_connection(epoch)
-            except BaseException:
-                if self._epoch == epoch:
-                    self._state = "failed"
-                raise
+            conn = await self._open_connection()
+            conn.close_callbacks.add(self._on_connection_close)
+            conn.reconnect_callbacks.add(self._on_reconnect)
             self._connection = conn
-            self._state = "open"
 
-    async def _open_connection(self, epoch: int) -> AbstractRobustConnection:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-        backoff = Backoff(initial=0.05, maximum=1.0)
-        while True:
-            remaining = deadline - loop.time()
-            # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or cancelled
-            # attempt can be closed, so its reconnect task never outlives this call.
+    async def _open_connection(self) -> AbstractRobustConnection:
+
+        async def attempt() -> AbstractRobustConnection:
+            # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or
+            # cancelled attempt can be closed, so its reconnect task never outlives this call.
             conn = aio_pika.RobustConnection(
                 aio_pika.connection.make_url(self._broker_url),
                 client_properties={"connection_name": self.connection_name},
             )
             try:
-                await conn.connect(timeout=max(remaining, 0.001))
-            except BaseException as exc:
+                await conn.connect(timeout=self.connect_timeout)
+            except BaseException:
                 await self._close_quietly(conn)
-                if isinstance(exc, _REFUSALS) or _is_handshake_refusal(exc):
-                    raise TransportError(
-                        f"RabbitMQ at {self.safe_url} refused the connection ({exc}); "
-                        "check the user, password and vhost"
-                    ) from exc
-                if not isinstance(exc, _FAILURES):
-                    raise
-                delay = backoff.next_delay()
-                if loop.time() + delay >= deadline:
-                    raise TransportError(
-                        f"cannot connect to RabbitMQ at {self.safe_url} within "
-                        f"{self.connect_timeout:g}s ({type(exc).__name__}: {exc}); "
-                        f"is the broker running? {_BROKER_HINT}"
-                    ) from exc
-                log.debug("AMQP connect failed, retrying", extra={"url": self.safe_url})
-                await asyncio.sleep(delay)
-                if self._epoch != epoch:
-                    raise TransportError(f"{self!r} was closed while connecting") from exc
-                continue
-            if self._epoch != epoch:
-                # close() ran while this attempt was in flight: it must not leave a connection.
-                await self._close_quietly(conn)
-                raise TransportError(f"{self!r} was closed while connecting")
-            conn.close_callbacks.add(self._on_connection_close)
-            conn.reconnect_callbacks.add(self._on_reconnect)
+                raise
             return conn
+
+        def refused(exc: BaseException) -> TransportError | None:
+            if isinstance(exc, _REFUSALS) or _is_handshake_refusal(exc):
+                return TransportError(
+                    f"RabbitMQ at {self.safe_url} refused the connection "
+                    f"({describe(exc, self.url)}); check the user, password and vhost"
+                )
+            return None
+
+        def gave_up(exc: BaseException) -> TransportError:
+            return TransportError(
+                f"cannot connect to RabbitMQ at {self.safe_url} within "
+                f"{self.connect_timeout:g}s ({describe(exc, self.url)}); "
+                f"is the broker running? {_BROKER_HINT}"
+            )
+
+        return await self._connector.open(
+            attempt,
+            retryable=_FAILURES,
+            refused=refused,
+            gave_up=gave_up,
+            discard=self._close_quietly,
+        )
 
     def _on_connection_close(self, conn: Any, exc: BaseException | None) -> None:
         # The channel close callbacks normally cut the subscriptions first; this catches a
@@ -315,11 +326,9 @@ class AmqpTransport(Transport):
 
         Safe to call twice; ``connect()`` may open the transport again afterwards.
         """
-        # No lock: close() must not wait behind a connect() that is still retrying. Bumping the
-        # epoch makes that connect() throw away whatever it opens.
-        self._epoch += 1
-        if self._state != "new":
-            self._state = "closed"
+        # No lock: close() must not wait behind a connect() that is still retrying; the
+        # connector makes that connect() throw away whatever it opens.
+        self._connector.close()
         await self._drop_connection("the transport was closed")
 
     async def _drop_connection(self, reason: str) -> None:
@@ -344,8 +353,7 @@ class AmqpTransport(Transport):
 
     def _live_connection(self) -> AbstractRobustConnection:
         conn = self._connection
-        if self._state in ("new", "closed"):
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        self._connector.check_usable()
         if conn is None or not self.connected:
             raise TransportError(
                 f"not connected to RabbitMQ at {self.safe_url}; {_BROKER_HINT} if it is down"
@@ -374,7 +382,7 @@ class AmqpTransport(Transport):
                 )
         except _FAILURES as exc:
             raise TransportError(
-                f"publishing to {channel!r} on {self.safe_url} failed: {exc!r}"
+                f"publishing to {channel!r} on {self.safe_url} failed: {describe(exc, self.url)}"
             ) from exc
 
     async def _declare_for_publish(self, channel: str) -> AbstractExchange:
@@ -400,7 +408,8 @@ class AmqpTransport(Transport):
                     return exchange
             except _FAILURES as exc:
                 raise TransportError(
-                    f"cannot declare exchange {channel!r} on {self.safe_url}: {exc!r}"
+                    f"cannot declare exchange {channel!r} on {self.safe_url}: "
+                    f"{describe(exc, self.url)}"
                 ) from exc
 
     # -- subscribing -----------------------------------------------------------------------
@@ -432,14 +441,22 @@ class AmqpTransport(Transport):
                         lambda _ch, exc: sub.cut(f"channel closed ({exc!r})")
                     )
                     await sub_channel.initialize()
+                    await sub_channel.set_qos(prefetch_count=self.prefetch)
                     exchange = await sub_channel.declare_exchange(
                         channel, aio_pika.ExchangeType.FANOUT, durable=False
                     )
-                    queue = await sub_channel.declare_queue("", exclusive=True, auto_delete=True)
+                    queue = await sub_channel.declare_queue(
+                        "",
+                        exclusive=True,
+                        auto_delete=True,
+                        # Bounded at the broker: a stalled consumer loses the oldest messages
+                        # (a sequence gap it detects) instead of growing broker memory.
+                        arguments={"x-max-length": self.max_backlog, "x-overflow": "drop-head"},
+                    )
                     await queue.bind(exchange)
                     underlay = await sub_channel.get_underlay_channel()
                     consume_ok = await underlay.basic_consume(
-                        queue.name, sub.on_delivery, no_ack=True
+                        queue.name, sub.on_delivery, no_ack=False
                     )
                     tag = consume_ok.consumer_tag
             except _FAILURES as exc:
@@ -467,9 +484,25 @@ class AmqpTransport(Transport):
             if on_ready is not None:
                 on_ready(False)
             buffer = sub.buffer
+            # Acks go out in batches: as the iterator takes messages, and whenever it has
+            # taken all there is. They only pace the broker (the queue is exclusive, nothing
+            # is ever redelivered), so acking before the consumer handles a message is fine.
+            ack_every = max(1, self.prefetch // 4)
+            unacked = 0
+            last_tag = 0
+            limit = self.max_payload
             while True:
                 while buffer:
-                    yield buffer.popleft()
+                    last_tag, body = buffer.popleft()
+                    unacked += 1
+                    if unacked >= ack_every:
+                        await self._ack(underlay, last_tag, sub)
+                        unacked = 0
+                    if limit is None or not self.too_big(len(body), f"a message on {channel!r}"):
+                        yield body
+                if unacked:
+                    await self._ack(underlay, last_tag, sub)
+                    unacked = 0
                 await sub.refill(what)
         finally:
             self._subscriptions.discard(sub)
@@ -485,6 +518,12 @@ class AmqpTransport(Transport):
                 and not conn.close_called
             ):
                 await self._close_channel(sub_channel)
+
+    async def _ack(self, underlay: Any, tag: int, sub: _Subscription) -> None:
+        try:
+            await underlay.basic_ack(tag, multiple=True)
+        except _FAILURES as exc:
+            sub.cut(f"acknowledging failed ({describe(exc, self.url)})")
 
     async def _close_channel(self, channel: AbstractChannel) -> None:
         try:

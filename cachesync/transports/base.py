@@ -1,4 +1,4 @@
-"""The transport contract, and the choice of a transport by URL scheme.
+"""The transport contract, the choice of a transport by URL scheme, and what transports share.
 
 A transport moves opaque bytes on named channels and reports the state of its connection. It
 knows nothing of caches or events: the client decodes what it receives.
@@ -7,8 +7,12 @@ Contract every transport keeps (the contract tests in ``tests/test_transport_con
 over each one):
 
 - ``connect()`` opens the connection, retrying until ``connect_timeout`` passes, then raises
-  :class:`~cachesync.errors.TransportError`; ``close()`` is idempotent.
-- ``publish(channel, payload)`` sends one message, or raises ``TransportError``.
+  :class:`~cachesync.errors.TransportError`; ``close()`` is idempotent. A failed ``connect()``
+  is not a lifecycle error: ``publish`` then raises ``TransportError`` (and may reconnect by
+  itself), and calling ``connect()`` again is how a caller waits for the broker to come back,
+  however long it was gone.
+- ``publish(channel, payload)`` sends one message, or raises ``TransportError``; before the
+  first ``connect()`` and after ``close()`` it raises :class:`~cachesync.errors.StateError`.
 - ``subscribe(channel, on_ready)`` is an async iterator of payloads. ``on_ready(resumed)`` is
   called from within the iteration once the subscription is live: for a live-only transport,
   before the first payload; for a transport that replays a log, after it has yielded the
@@ -17,31 +21,70 @@ over each one):
   away from its cache until ``on_ready`` and flushes when ``resumed`` is false.
   When the connection breaks the iterator raises :class:`~cachesync.errors.ConnectionLost`;
   it never reconnects on its own. Calling ``subscribe`` again (after ``connect()``) starts over.
+- ``max_payload`` (set by the client to its ``max_event_bytes``): a transport drops a payload
+  larger than this instead of yielding it, without buffering it whole where its client library
+  allows, and counts it in ``oversized``. A transport that ignores it is still correct: the
+  client drops and counts oversized payloads itself.
+
+What a transport may use from here, so that every transport behaves alike:
+
+- :class:`ConnectionState` and :class:`Connector`: the lifecycle states, and the one
+  connect-with-retry loop (backoff, deadline, "closed while connecting", refusals that are not
+  retried);
+- :class:`Option` and :func:`parse_options`: URL query options declared once, with errors that
+  name the option and what it expects;
+- :func:`redact_url` and :func:`scrub`: passwords (in the user-info and in ``?password=``)
+  never reach an error, a log line or a repr.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import enum
 import importlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Generic, Self, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from ..errors import ConfigError
+from ..backoff import Backoff
+from ..errors import ConfigError, StateError, TransportError
 
-__all__ = ["Transport", "OnReady", "from_url", "redact_url", "register_scheme"]
+__all__ = [
+    "ConnectionState",
+    "Connector",
+    "OnReady",
+    "Option",
+    "Transport",
+    "bool_option",
+    "describe",
+    "float_option",
+    "int_option",
+    "from_url",
+    "parse_options",
+    "redact_url",
+    "register_scheme",
+    "scrub",
+    "secret_key",
+]
+
+log = logging.getLogger("cachesync.transports")
 
 OnReady = Callable[[bool], None]
 """Called with ``resumed`` once a subscription is live."""
 
+T = TypeVar("T")
+
 # scheme -> (module, class name, extra that provides its dependencies)
 _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "memory": ("cachesync.transports.memory", "MemoryTransport", None),
-    "redis": ("cachesync.transports.redis", "RedisPubSubTransport", "redis"),
-    "rediss": ("cachesync.transports.redis", "RedisPubSubTransport", "redis"),
-    "redis+stream": ("cachesync.transports.redis_stream", "RedisStreamTransport", "redis"),
-    "rediss+stream": ("cachesync.transports.redis_stream", "RedisStreamTransport", "redis"),
+    "redis": ("cachesync.transports.redis.pubsub", "RedisPubSubTransport", "redis"),
+    "rediss": ("cachesync.transports.redis.pubsub", "RedisPubSubTransport", "redis"),
+    "redis+stream": ("cachesync.transports.redis.stream", "RedisStreamTransport", "redis"),
+    "rediss+stream": ("cachesync.transports.redis.stream", "RedisStreamTransport", "redis"),
     "amqp": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
     "amqps": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
     "redis+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
@@ -55,11 +98,19 @@ class Transport(abc.ABC):
 
     url: str
 
+    oversized: int = 0
+    """Payloads dropped for being larger than ``max_payload``."""
+
+    max_payload: int | None = None
+    """Payloads larger than this many bytes are dropped (and counted in ``oversized``) rather
+    than yielded; ``None`` keeps them all. The client sets it to its ``max_event_bytes``."""
+
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive")
         self.url = url
         self.connect_timeout = connect_timeout
+        self.oversized = 0
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -88,6 +139,22 @@ class Transport(abc.ABC):
         """The URL with any password replaced by ``***``, fit for logs and errors."""
         return redact_url(self.url)
 
+    def too_big(self, size: int, what: str) -> bool:
+        """Whether a payload of ``size`` bytes passes ``max_payload``; counts and logs it if
+        not. ``what`` names it in the log (a channel, a stream entry id)."""
+        limit = self.max_payload
+        if limit is None or size <= limit:
+            return False
+        self.oversized += 1
+        log.warning(
+            "dropped a payload of %d bytes (max_payload is %d): %s",
+            size,
+            limit,
+            what,
+            extra={"url": self.safe_url},
+        )
+        return True
+
     async def __aenter__(self) -> Self:
         await self.connect()
         return self
@@ -104,17 +171,299 @@ class Transport(abc.ABC):
         return f"{type(self).__name__}({self.safe_url!r})"
 
 
+# -- connection state and the one connect loop ----------------------------------------------
+
+
+class ConnectionState(enum.Enum):
+    """Where a transport's connection is in its lifecycle."""
+
+    NEW = "new"
+    """Never connected: publishing is a lifecycle error (StateError)."""
+    CONNECTING = "connecting"
+    OPEN = "open"
+    FAILED = "failed"
+    """The last connect() gave up: publishing raises TransportError; connect() again retries."""
+    CLOSED = "closed"
+    """close() was called: publishing is a lifecycle error until connect() again."""
+
+
+class Connector:
+    """The connection state of one transport, and the loop that (re)connects it.
+
+    ``await connector.open(attempt, ...)`` runs ``attempt()`` until it succeeds, with capped
+    exponential backoff, for at most ``timeout`` seconds; a refusal (bad credentials) fails at
+    once. ``close()`` may run at any time, without waiting: a connect in flight notices it,
+    throws away what it opened and raises ``TransportError``. The state moves
+    ``NEW -> CONNECTING -> OPEN | FAILED``, and ``close()`` makes it ``CLOSED``.
+    """
+
+    def __init__(
+        self, name: str, timeout: float, *, initial: float = 0.05, maximum: float = 1.0
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.state = ConnectionState.NEW
+        self.epoch = 0
+        """Bumped by every close(): work started before it must not outlive it."""
+        self._initial = initial
+        self._maximum = maximum
+        self._lock = asyncio.Lock()
+
+    @property
+    def usable(self) -> bool:
+        """Whether publishing is allowed (connect() was called, close() was not since)."""
+        return self.state not in (ConnectionState.NEW, ConnectionState.CLOSED)
+
+    def check_usable(self) -> None:
+        """Raise StateError before the first connect() and after close()."""
+        if not self.usable:
+            raise StateError(f"{self.name} is not connected: call connect() first")
+
+    def close(self) -> None:
+        """Mark the transport closed; a connect() in flight gives up."""
+        self.epoch += 1
+        if self.state is not ConnectionState.NEW:
+            self.state = ConnectionState.CLOSED
+
+    def closed_since(self, epoch: int) -> bool:
+        """Whether close() ran after ``epoch`` was read."""
+        return self.epoch != epoch
+
+    async def open(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        retryable: tuple[type[BaseException], ...],
+        refused: Callable[[BaseException], TransportError | None],
+        gave_up: Callable[[BaseException], TransportError],
+        discard: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run ``attempt()`` until it returns, retrying ``retryable`` errors with backoff.
+
+        ``refused(exc)`` returns the error to raise at once for an answer retrying cannot
+        change (or None); ``gave_up(exc)`` the error to raise once ``timeout`` has passed.
+        ``discard(result)`` throws away what an attempt opened if close() ran meanwhile.
+        Concurrent calls run one at a time.
+        """
+        async with self._lock:
+            epoch = self.epoch
+            self.state = ConnectionState.CONNECTING
+            try:
+                result = await self._retry(attempt, epoch, retryable, refused, gave_up)
+            except BaseException:
+                if not self.closed_since(epoch):
+                    self.state = ConnectionState.FAILED
+                raise
+            if self.closed_since(epoch):
+                if discard is not None:
+                    await discard(result)
+                raise TransportError(f"{self.name} was closed while connecting")
+            self.state = ConnectionState.OPEN
+            return result
+
+    async def _retry(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        epoch: int,
+        retryable: tuple[type[BaseException], ...],
+        refused: Callable[[BaseException], TransportError | None],
+        gave_up: Callable[[BaseException], TransportError],
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = Backoff(initial=self._initial, maximum=self._maximum)
+        retry_on: tuple[type[BaseException], ...] = (*retryable, TimeoutError)
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                    return await attempt()
+            except retry_on as exc:
+                refusal = refused(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                delay = backoff.next_delay()
+                if loop.time() + delay >= deadline:
+                    raise gave_up(exc) from exc
+                log.debug("connect to %s failed, retrying in %.2fs", self.name, delay)
+                await asyncio.sleep(delay)
+                if self.closed_since(epoch):
+                    raise TransportError(f"{self.name} was closed while connecting") from exc
+            except Exception as exc:
+                refusal = refused(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                raise
+
+
+def describe(exc: BaseException, url: str) -> str:
+    """``Type: message`` for an error, never empty, with the URL's passwords scrubbed."""
+    text = str(exc).strip()
+    if not text:
+        cause = exc.__cause__ or exc.__context__
+        text = str(cause).strip() if cause is not None else ""
+    name = type(exc).__name__
+    return scrub(f"{name}: {text}" if text else f"{name} (no detail)", url)
+
+
+# -- URL options ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    """One query option of a transport URL: its name, default, how to read it, and what it
+    expects (said in the error when a value does not fit)."""
+
+    name: str
+    default: T
+    parse: Callable[[str], T]
+    expected: str
+    check: Callable[[T], bool] = lambda _value: True
+
+    def read(self, scheme: str, text: str) -> T:
+        """The value of ``text``, or a ConfigError naming the option and what it expects."""
+        try:
+            value = self.parse(text)
+            ok = self.check(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{scheme}:// option {self.name}={text!r} is not valid: expected {self.expected}"
+            )
+        return value
+
+    def validate(self, value: T) -> T:
+        """``value`` given as a keyword argument, checked like a URL value."""
+        if not self.check(value):
+            raise ConfigError(f"{self.name}={value!r} is not valid: expected {self.expected}")
+        return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def int_option(name: str, default: int, *, minimum: int = 1) -> Option[int]:
+    """An integer option of at least ``minimum``."""
+    return Option(name, default, int, f"an integer >= {minimum}", lambda v: v >= minimum)
+
+
+def float_option(
+    name: str, default: float | None, *, positive: bool = False, zero_means: str = ""
+) -> Option[Any]:
+    """A number of seconds: positive, or (with ``zero_means``) not negative."""
+    if positive:
+        return Option(name, default, float, "a positive number of seconds", lambda v: v > 0)
+    expected = "a number of seconds >= 0" + (f" (0 {zero_means})" if zero_means else "")
+    return Option(name, default, float, expected, lambda v: v >= 0)
+
+
+def bool_option(name: str, default: bool) -> Option[bool]:
+    """A flag: 1/0, true/false, yes/no, on/off."""
+    return Option(name, default, _parse_bool, "1 or 0 (true/false, yes/no, on/off)")
+
+
+def parse_options(
+    url: str,
+    options: Iterable[Option[Any]],
+    *,
+    passthrough: bool = False,
+    keywords: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Read the query options of ``url`` that ``options`` declare.
+
+    Returns their values (the keyword argument of the same name wins when not None, then the
+    URL, then the default) and the query pairs nobody declared. Those are an error naming the
+    option and the known ones unless ``passthrough`` (the broker's client takes them).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower() or "transport"
+    declared = {option.name: option for option in options}
+    values: dict[str, Any] = {}
+    rest: list[tuple[str, str]] = []
+    for key, text in parse_qsl(parts.query, keep_blank_values=True):
+        option = declared.get(key)
+        if option is None:
+            if not passthrough:
+                known = ", ".join(sorted(declared)) or "none"
+                raise ConfigError(
+                    f"unknown option {key!r} in {redact_url(url)!r}; {scheme}:// knows: {known}"
+                )
+            rest.append((key, text))
+            continue
+        values[key] = option.read(scheme, text)
+    for name, option in declared.items():
+        given = (keywords or {}).get(name)
+        if given is not None:
+            values[name] = option.validate(given)
+        elif name not in values:
+            values[name] = option.default
+    return values, rest
+
+
+# -- passwords --------------------------------------------------------------------------------
+
+
+def secret_key(key: str) -> bool:
+    """Whether a query option of this name holds a secret."""
+    lowered = key.lower()
+    return "password" in lowered or lowered in ("pass", "passwd", "secret", "token")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords ``url`` carries (user-info and ``?password=``-like options), as written
+    and decoded, longest first."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if secret_key(key):
+            found += [value, quote(value, safe=""), quote(value)]
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with every password of ``url`` replaced by ``***`` (an error message from a
+    broker client may quote it)."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``."""
+    """``url`` with its passwords (user-info and ``?password=``-like options) as ``***``."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "<unparseable url>"
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if password:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(secret_key(key) for key, _ in pairs):
+            query = urlencode(
+                [(key, "***" if secret_key(key) else value) for key, value in pairs], safe="*"
+            )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+# -- choosing a transport ---------------------------------------------------------------------
 
 
 def register_scheme(scheme: str, module: str, class_name: str, extra: str | None = None) -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Generic, TypeVar
 
 from ..errors import ConnectionLost
 
 __all__ = ["Inbox"]
 
+T = TypeVar("T")
 
-class Inbox:
+
+class Inbox(Generic[T]):
     """A bounded buffer between a delivering callback and one subscription's iterator.
 
     The iterator's loop::
@@ -30,13 +33,13 @@ class Inbox:
     __slots__ = ("buffer", "wakeup", "lost", "reason", "max_backlog")
 
     def __init__(self, max_backlog: int) -> None:
-        self.buffer: deque[bytes] = deque()
+        self.buffer: deque[T] = deque()
         self.wakeup = asyncio.Event()
         self.lost = False
         self.reason = ""
         self.max_backlog = max_backlog
 
-    def deliver(self, payload: bytes) -> None:
+    def deliver(self, payload: T) -> None:
         """Queue ``payload`` for the iterator; cut the subscription if it is too far behind."""
         if self.lost:
             return
@@ -57,9 +60,11 @@ class Inbox:
         self.wakeup.set()
 
     async def refill(self, what: str) -> None:
-        """Wait until there is something to read (the buffer is empty now); raise
+        """Wait until there is something to read; raise
         ConnectionLost, naming ``what`` and the reason, once the subscription was cut."""
         if self.lost:
             raise ConnectionLost(f"{what}: {self.reason}")
+        if self.buffer:  # filled while the iterator awaited something else (an ack)
+            return
         self.wakeup.clear()
         await self.wakeup.wait()

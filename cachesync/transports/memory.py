@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-from ..errors import ConnectionLost, StateError
-from .base import OnReady, Transport
+from ..errors import ConnectionLost
+from .base import ConnectionState, Connector, OnReady, Transport, int_option, parse_options
 from .inbox import Inbox
 
 __all__ = ["MemoryBus", "MemoryTransport"]
 
 DEFAULT_MAX_BACKLOG = 1_000_000
 
+_OPTIONS = (int_option("max_backlog", DEFAULT_MAX_BACKLOG),)
 
-class _Subscription(Inbox):
+
+class _Subscription(Inbox[bytes]):
     __slots__ = ("channel",)
 
     def __init__(self, channel: str, max_backlog: int) -> None:
@@ -97,34 +99,55 @@ def bus_for(url: str) -> MemoryBus:
 class MemoryTransport(Transport):
     """Transport over a :class:`MemoryBus` in this process. No server needed.
 
-    ``memory://NAME?max_backlog=N`` bounds how far a subscriber may fall behind.
+    ``memory://NAME?max_backlog=N`` (or ``max_backlog=`` as a keyword) bounds how far a
+    subscriber may fall behind.
     """
 
-    def __init__(self, url: str = "memory://", *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        connect_timeout: float = 10.0,
+        max_backlog: int | None = None,
+    ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
+        values, _ = parse_options(url, _OPTIONS, keywords={"max_backlog": max_backlog})
+        self.max_backlog: int = values["max_backlog"]
         self.bus = bus_for(url)
-        query = parse_qs(urlsplit(url).query)
-        self.max_backlog = int(query.get("max_backlog", [DEFAULT_MAX_BACKLOG])[0])
-        self._connected = False
+        self._connector = Connector(repr(self), connect_timeout)
         self._subscriptions: set[_Subscription] = set()
 
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
+
+    @property
+    def connected(self) -> bool:
+        """Whether ``connect()`` ran and ``close()`` has not since."""
+        return self._connector.state is ConnectionState.OPEN
+
     async def connect(self) -> None:
-        self._connected = True
+        """Join the bus (nothing can fail)."""
+        self._connector.state = ConnectionState.OPEN
 
     async def close(self) -> None:
-        self._connected = False
+        """Leave the bus; live subscriptions end with ConnectionLost."""
+        self._connector.close()
         for sub in list(self._subscriptions):
             sub.cut("the transport was closed")
 
     async def publish(self, channel: str, payload: bytes) -> None:
-        if not self._connected:
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        """Deliver ``payload`` to every live subscription of ``channel`` on the bus."""
+        self._connector.check_usable()
         self.bus.publish(channel, payload)
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None
     ) -> AsyncIterator[bytes]:
-        if not self._connected:
+        """Yield what is published on ``channel`` until the transport closes or the
+        subscriber falls ``max_backlog`` behind (then ConnectionLost)."""
+        if self._connector.state is not ConnectionState.OPEN:
             raise ConnectionLost(f"{self!r} is not connected")
         sub = _Subscription(channel, self.max_backlog)
         self.bus._add(sub)
@@ -136,6 +159,8 @@ class MemoryTransport(Transport):
             what = f"subscription to {channel!r} on {self!r}"
             while True:
                 while buffer:
+                    # No max_payload check: the payload is in memory already, and the client
+                    # counts and drops an oversized one itself.
                     yield buffer.popleft()
                 await sub.refill(what)
         finally:

@@ -49,7 +49,10 @@ URL options (query string; keyword arguments of the same name win):
 ``block_ms=1000``, ``batch=500``
     Longest blocking ``XREAD``, and most entries read per round trip.
 ``health_check_interval=15``, and everything redis-py takes
-    As for ``redis://``, see :mod:`cachesync.transports.redis`.
+    As for ``redis://``, see :mod:`cachesync.transports.redis.connection`.
+
+An entry larger than ``max_payload`` is skipped by its id and counted (``oversized``): the
+cursor moves past it, so it is never read again, after a reconnect either.
 """
 
 from __future__ import annotations
@@ -57,20 +60,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from ..errors import ConfigError, ConnectionLost, TransportError
-from .base import OnReady
-from .redis import (
-    _READ_FAILURES,
-    _REFUSALS,
-    RedisTransportBase,
-    _read_replies,
-    _RespError,
-    _streams,
-    open_connection,
-)
+from ...errors import ConnectionLost, TransportError
+from ..base import OnReady, Option, int_option
+from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase, read_replies
 
 try:
     import redis.exceptions as redis_errors
@@ -163,43 +157,57 @@ def _gap(position: StreamId, count: int | None, info: _Info | None) -> bool:
     return False  # cannot tell yet; a later snapshot will
 
 
-@dataclass
 class _Cursor:
-    """Where the subscriptions of one channel on one transport object have got to."""
+    """Where the subscriptions of one channel on one transport object have got to.
 
-    last_id: StreamId
-    count: int | None  # entries-added as of last_id, when known
-    lost: bool = False
+    The position is kept as the id Redis sent (``raw``), set once per entry read; it is parsed
+    only where it is compared, once per round trip.
+    """
+
+    __slots__ = ("raw", "count", "lost")
+
+    def __init__(self, raw: bytes, count: int | None, lost: bool = False) -> None:
+        self.raw = raw
+        self.count = count  # entries-added as of raw, when known
+        self.lost = lost
+
+    @property
+    def last_id(self) -> StreamId:
+        return _parse_id(self.raw)
 
     @classmethod
     def at_end(cls, info: _Info | None) -> _Cursor:
         if info is None:
-            return cls(_ZERO, 0)
-        return cls(info.last_id, info.entries_added)
+            return cls(_format_id(_ZERO), 0)
+        return cls(_format_id(info.last_id), info.entries_added)
 
     def jump_to_end(self, info: _Info | None) -> None:
         end = _Cursor.at_end(info)
-        self.last_id, self.count, self.lost = end.last_id, end.count, False
+        self.raw, self.count, self.lost = end.raw, end.count, False
 
 
-def _entries(reply: object, key: bytes) -> list[tuple[StreamId, bytes | None]]:
-    """``(id, payload)`` pairs from a RESP2 ``XREAD`` reply (payload None if no ``d`` field)."""
+def _entries(reply: object, key: bytes) -> list[tuple[bytes, bytes | None]]:
+    """``(raw id, payload)`` pairs from a RESP2 ``XREAD`` reply (payload None if no ``d``
+    field)."""
     if reply is None:
         return []
     if not isinstance(reply, list):
         raise ValueError(f"unexpected XREAD reply: {reply!r:.80}")
-    out: list[tuple[StreamId, bytes | None]] = []
+    out: list[tuple[bytes, bytes | None]] = []
     for stream_key, items in reply:
         if stream_key != key:
             continue
         for entry_id, values in items:
+            if values and values[0] == FIELD:  # the publisher's one field: the common case
+                out.append((entry_id, values[1]))
+                continue
             payload = None
             if values:
                 for name, value in zip(values[::2], values[1::2], strict=False):
                     if name == FIELD:
                         payload = value
                         break
-            out.append((_parse_id(entry_id), payload))
+            out.append((entry_id, payload))
     return out
 
 
@@ -211,7 +219,12 @@ class RedisStreamTransport(RedisTransportBase):
     """
 
     schemes: Mapping[str, str] = {"redis+stream": "redis", "rediss+stream": "rediss"}
-    own_options = RedisTransportBase.own_options | {"maxlen", "block_ms", "batch"}
+    options: tuple[Option[Any], ...] = (
+        *RedisTransportBase.options,
+        int_option("maxlen", DEFAULT_MAXLEN),
+        int_option("block_ms", DEFAULT_BLOCK_MS),
+        int_option("batch", DEFAULT_BATCH),
+    )
 
     def __init__(
         self,
@@ -229,27 +242,14 @@ class RedisStreamTransport(RedisTransportBase):
             connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
             socket_timeout=socket_timeout,
+            maxlen=maxlen,
+            block_ms=block_ms,
+            batch=batch,
         )
-        self.maxlen = maxlen if maxlen is not None else self._int_option("maxlen", DEFAULT_MAXLEN)
-        self.block_ms = (
-            block_ms if block_ms is not None else self._int_option("block_ms", DEFAULT_BLOCK_MS)
-        )
-        self.batch = batch if batch is not None else self._int_option("batch", DEFAULT_BATCH)
-        for name in ("maxlen", "block_ms", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        self.maxlen: int = self._values["maxlen"]
+        self.block_ms: int = self._values["block_ms"]
+        self.batch: int = self._values["batch"]
         self._cursors: dict[str, _Cursor] = {}
-
-    def _int_option(self, name: str, default: int) -> int:
-        value = self._options.get(name)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(
-                f"{self._scheme}:// option {name}={value!r} must be an integer"
-            ) from None
 
     @property
     def _read_timeout(self) -> float | None:
@@ -274,7 +274,7 @@ class RedisStreamTransport(RedisTransportBase):
         """
         key = channel.encode()
         what = f"stream subscription to {channel!r}"
-        conn = self._new_connection(protocol=2)
+        conn = self._new_connection()
 
         def report(resumed: bool) -> None:
             if on_ready is not None:
@@ -283,15 +283,13 @@ class RedisStreamTransport(RedisTransportBase):
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    await open_connection(conn)
-                    _streams(conn)[1].writelines(conn.pack_command(b"XINFO", b"STREAM", key))
-                    (raw_info,) = await _read_replies(_streams(conn)[0], 1)
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                    await conn.send_packed_command(conn.pack_command(b"XINFO", b"STREAM", key))
+                    (raw_info,), _ = await read_replies(conn, 1)
                     info = _info_from(raw_info)
-            except _REFUSALS as exc:
-                raise TransportError(
-                    f"Redis at {self.safe_url} refused the {what}: {self._describe(exc)}"
-                ) from exc
-            except _READ_FAILURES as exc:
+            except REFUSALS as exc:
+                raise self._refused(what, exc) from exc
+            except FAILURES_OR_TIMEOUT as exc:
                 raise self._lost(conn, what, exc) from exc
 
             # The end of the stream to replay up to before on_ready(True); None once on_ready
@@ -323,17 +321,17 @@ class RedisStreamTransport(RedisTransportBase):
                         f"{what} on {self.safe_url}: no reply within {self._read_timeout:g}s; "
                         "the network or server stalled"
                     ) from None
-                except _REFUSALS as exc:
+                except REFUSALS as exc:
                     raise TransportError(
                         f"Redis error on the {what}: {self._describe(exc)}"
                     ) from exc
-                except _READ_FAILURES as exc:
+                except FAILURES as exc:
                     raise self._lost(conn, what, exc) from exc
                 count = cursor.count
                 if entries:
                     if count is not None:
                         count += len(entries)
-                    lost = _gap(entries[-1][0], count, info)
+                    lost = _gap(_parse_id(entries[-1][0]), count, info)
                 else:
                     # Nothing after the position, though the backlog is not done: deleted.
                     lost = catch_up is not None
@@ -348,12 +346,21 @@ class RedisStreamTransport(RedisTransportBase):
                     catch_up = None
                     report(False)
                     continue
+                position = cursor.count
                 for entry_id, payload in entries:
-                    cursor.last_id = entry_id
-                    if cursor.count is not None:
-                        cursor.count += 1
-                    if payload is not None:
-                        yield payload
+                    # The cursor moves past every entry, yielded or not: an oversized one is
+                    # skipped by its id, once, and never read again.
+                    cursor.raw = entry_id
+                    if position is not None:
+                        position += 1
+                        cursor.count = position
+                    if payload is None:
+                        continue
+                    if self.max_payload is not None and self.too_big(
+                        len(payload), f"stream entry {entry_id.decode()} of {channel!r}"
+                    ):
+                        continue
+                    yield payload
                 if catch_up is not None and cursor.last_id >= catch_up.last_id:
                     resumed = cursor.count == catch_up.entries_added
                     catch_up = None
@@ -363,27 +370,27 @@ class RedisStreamTransport(RedisTransportBase):
 
     async def _read(
         self, conn: AbstractConnection, key: bytes, cursor: _Cursor, block: bool
-    ) -> tuple[list[tuple[StreamId, bytes | None]], _Info | None]:
+    ) -> tuple[list[tuple[bytes, bytes | None]], _Info | None]:
         """One round trip: XREAD from the cursor, and XINFO STREAM right after it."""
         args: list[bytes] = [b"XREAD", b"COUNT", b"%d" % self.batch]
         if block:
             args += [b"BLOCK", b"%d" % self.block_ms]
-        args += [b"STREAMS", key, _format_id(cursor.last_id)]
-        # Straight to the socket: redis-py's send path may go through asyncio.wait_for (see
-        # "Timeouts" in cachesync.transports.redis).
-        _streams(conn)[1].writelines(conn.pack_commands([args, [b"XINFO", b"STREAM", key]]))
+        args += [b"STREAMS", key, cursor.raw]
+        await conn.send_packed_command(
+            conn.pack_commands([args, [b"XINFO", b"STREAM", key]]), False
+        )
         # Both replies are read before either error is raised, so the connection stays in step.
-        reply, raw_info = await _read_replies(_streams(conn)[0], 2)
+        (reply, raw_info), _ = await read_replies(conn, 2)
         info = _info_from(raw_info)
-        if isinstance(reply, _RespError):
-            raise redis_errors.ResponseError(str(reply))
+        if isinstance(reply, redis_errors.ResponseError):
+            raise reply
         return _entries(reply, key), info
 
 
 def _info_from(raw: object) -> _Info | None:
     """An ``XINFO STREAM`` reply: None when the key does not exist."""
-    if isinstance(raw, _RespError):
-        if "no such key" in raw.lower():
+    if isinstance(raw, redis_errors.ResponseError):
+        if "no such key" in str(raw).lower():
             return None
-        raise redis_errors.ResponseError(str(raw))
+        raise raw
     return _parse_info(raw)
