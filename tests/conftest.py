@@ -17,11 +17,13 @@ AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5
 POSTGRES_DSN = os.environ.get(
     "CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
+MARIADB_DSN = os.environ.get("CACHESYNC_TEST_MARIADB", "mysql://root@127.0.0.1:3306/test")
 
 _SERVERS = {
     "redis": ("127.0.0.1", 6379),
     "rabbitmq": ("127.0.0.1", 5672),
     "postgres": ("127.0.0.1", 5432),
+    "mariadb": ("127.0.0.1", 3306),
 }
 
 
@@ -63,6 +65,12 @@ def amqp_url() -> str:
 def postgres_dsn() -> str:
     require_server("postgres")
     return POSTGRES_DSN
+
+
+@pytest.fixture
+def mariadb_dsn() -> str:
+    require_server("mariadb")
+    return MARIADB_DSN
 
 
 @pytest.fixture
