@@ -524,6 +524,11 @@ def make_source(dsn: str, tables: Sequence[Table], name: str) -> Source:
         from .postgres import PostgresSource
 
         return PostgresSource(dsn, tables, name)
+    if scheme in ("mysql", "mariadb"):
+        from .mysql import MySQLSource
+
+        return MySQLSource(dsn, tables, name)
     raise ConfigError(
-        f"no change feed for {scheme or 'a DSN without a scheme'!r}: use postgresql://..."
+        f"no change feed for {scheme or 'a DSN without a scheme'!r}: use postgresql://... "
+        "or mysql://... (mariadb://...)"
     )
