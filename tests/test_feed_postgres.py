@@ -294,3 +294,41 @@ def test_table_specs_parse_and_bad_ones_are_refused() -> None:
     for bad in ("currencies", "currencies:", "c:code:colour=red", "c;drop:code", "c:co de"):
         with pytest.raises(ValueError):
             Table.parse(bad)
+
+
+@pytest.mark.timeout(20)
+async def test_fastapi_lifespan_and_prometheus_metrics_show_the_feed(pg: Pg, unique: str) -> None:
+    from fastapi import FastAPI
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cachesync.integrations.fastapi import feed_lifespan
+    from cachesync.owner.feeds.prometheus import register_feed_metrics
+
+    url = f"memory://{unique}"
+    feed = _feed(pg, url)
+    registry = CollectorRegistry()
+    register_feed_metrics(registry, feed)
+    app = FastAPI()
+    with pytest.raises(TypeError):
+        feed_lifespan(object())  # type: ignore[arg-type]
+    async with Collector(url) as collector, feed_lifespan(feed)(app):
+        assert app.state.cachesync_feeds == (feed,)
+        pg.sql(f"INSERT INTO {pg.table} VALUES ('USD', 1, 1)")
+        await collector.wait_changes(1)
+        await eventually(lambda: feed.stats()["lag_bytes"] is not None, timeout=5)
+        text = generate_latest(registry).decode()
+    assert f'cachesync_feed_lag_bytes{{feed="{pg.name}"}}' in text
+    assert f'cachesync_feed_upserts_total{{feed="{pg.name}"}} 1.0' in text
+    assert not feed.stats()["running"]
+
+
+def test_the_cdc_command_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from cachesync.cli import main
+
+    assert main(["cdc", "postgresql://x@127.0.0.1/db"]) == 2
+    assert "--table" in capsys.readouterr().err
+    assert main(["cdc", "postgresql://x@127.0.0.1/db", "--table", "currencies:code"]) == 2
+    assert "--to" in capsys.readouterr().err
+    assert main(["cdc", "sqlite:///x.db", "--table", "c:code", "--to", "memory://"]) == 2
+    assert "no change feed for 'sqlite'" in capsys.readouterr().err
+    assert main(["cdc", "postgresql://x@h/db", "--table", "c", "--to", "memory://"]) == 2

@@ -378,6 +378,10 @@ class ChangeFeed(Service):
                     "change feed interrupted, resuming from the last confirmed position",
                     extra={"feed": self.name, "error": str(exc)},
                 )
+            except Exception as exc:  # a bug must not stop the feed for good: log and resume
+                self._stats["last_error"] = f"{type(exc).__name__}: {exc}"
+                self._caught_up.clear()
+                log.exception("change feed failed, resuming from the last confirmed position")
             opened = False
             await self.source.close()
             await asyncio.sleep(backoff.next_delay())
