@@ -332,3 +332,40 @@ def test_the_cdc_command_checks_its_arguments(capsys: pytest.CaptureFixture[str]
     assert main(["cdc", "sqlite:///x.db", "--table", "c:code", "--to", "memory://"]) == 2
     assert "no change feed for 'sqlite'" in capsys.readouterr().err
     assert main(["cdc", "postgresql://x@h/db", "--table", "c", "--to", "memory://"]) == 2
+
+
+@pytest.mark.timeout(20)
+async def test_the_example_feed_publishes_rows_a_consumer_model_accepts(
+    pg: Pg, unique: str
+) -> None:
+    import httpx
+
+    from examples.cdc_feed import create_app
+    from examples.models import Currency
+
+    schema = f"cs_example_{unique}"
+    pg.sql(f"CREATE SCHEMA {schema}")
+    try:
+        pg.sql(
+            f"CREATE TABLE {schema}.currencies (code text PRIMARY KEY, name text, "
+            "rate double precision, version integer)"
+        )
+        pg.sql(
+            f"CREATE TABLE {schema}.customers (id text PRIMARY KEY, name text, email text, "
+            "tier text, version integer)"
+        )
+        dsn = f"{pg.dsn}?options=-csearch_path%3D{schema}"
+        url = f"memory://{unique}"
+        app = create_app(database_url=dsn, cachesync_url=url, name=pg.name)
+        async with Collector(url) as collector, app.router.lifespan_context(app):
+            pg.sql(f"INSERT INTO {schema}.currencies VALUES ('USD', 'US dollar', 1.1, 1)")
+            (event,) = await collector.wait_changes(1)
+            assert Currency.model_validate(event.value) == Currency(
+                code="USD", name="US dollar", rate=1.1, version=1
+            )
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                stats = (await client.get("/feed")).json()
+            assert stats["upserts"] == 1 and stats["slot"] == pg.name
+    finally:
+        pg.sql(f"DROP SCHEMA {schema} CASCADE")
