@@ -87,6 +87,10 @@ def _json(value: Any) -> Any:
         return str(value)
 
 
+class FeedBusy(ConnectionError):
+    """Another feed of the same name holds the lock: this one retries until it is gone."""
+
+
 class MySQLSource(Source):
     """Reads the row binlog from a saved position; see the module docstring."""
 
@@ -159,6 +163,11 @@ class MySQLSource(Source):
             missing = sorted(table.columns() - columns)
             if missing:
                 raise FeedError(f"table {schema}.{name} has no column(s) {', '.join(missing)}")
+        # One running feed per name: a second one waits (its start retries) until the lock,
+        # held by this connection, is released with it.
+        (locked,) = self._query("SELECT GET_LOCK(%s, 0)", (f"cachesync_feed_{self.name}",))[0]
+        if locked != 1:
+            raise FeedBusy(f"feed {self.name} already runs against this server; waiting")
         self._query(
             f"CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (name VARCHAR(64) PRIMARY KEY, "
             "log_file VARCHAR(255) NOT NULL, log_pos BIGINT NOT NULL, "
