@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-full clean
+.PHONY: demo test lint typecheck unit bench bench-full bench-cdc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m benchmarks --full
+
+# The change feeds beside the outbox relay (PostgreSQL, MariaDB and Redis on this machine).
+bench-cdc: $(STAMP)
+	$(BIN)/python -m benchmarks.cdc
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ from .events import ChangeEvent, Op
 from .fetch import HttpFetcher
 from .metrics import PrometheusMetrics
 from .monitor import ConsistencyMonitor
+from .owner.feeds import ChangeFeed, FeedError
 from .publisher import BlockingPublisher, Change, Publisher
 from .transports.base import Transport, from_url
 
@@ -32,11 +33,13 @@ __all__ = [
     "CacheSync",
     "CacheSyncError",
     "Change",
+    "ChangeFeed",
     "ConsistencyMonitor",
     "ChangeEvent",
     "ConfigError",
     "ConnectionLost",
     "EventDecodeError",
+    "FeedError",
     "FetchError",
     "HttpFetcher",
     "LocalCache",

@@ -5,6 +5,7 @@
     cachesync publish  publish one event, as an owner would
     cachesync state    show an owner's publisher state (GET /cachesync/state)
     cachesync bench    run the benchmarks of a source checkout
+    cachesync cdc      publish a database's committed changes (PostgreSQL, MySQL/MariaDB)
 
 Exit status: 0 on success, 1 when the command failed (one line on stderr says why), 2 for a
 usage error, 130 when interrupted with Ctrl-C.
@@ -382,6 +383,53 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cachesync bench [-h] [-- ARGS ...]",
     )
     bench_.set_defaults(parser=bench_, handler=_cmd_bench)
+
+    cdc = commands.add_parser(
+        "cdc",
+        help="publish a database's committed changes (PostgreSQL, MySQL/MariaDB)",
+        description="Read the committed changes of the given tables from the database's own "
+        "log (PostgreSQL logical decoding with pgoutput, or the MySQL/MariaDB row binlog) and "
+        "publish them as cachesync events, until stopped with Ctrl-C or SIGTERM. Restarted, it "
+        "resumes where it stopped: nothing committed is lost. Prints one JSON line when "
+        "started, then its stats every --stats-interval seconds. Needs the cdc extra: "
+        "pip install 'cachesync[cdc]'.",
+    )
+    cdc.add_argument(
+        "dsn",
+        metavar="DSN",
+        help="postgresql://USER@HOST:PORT/DB or mysql://USER:PASS@HOST:PORT/DB",
+    )
+    cdc.add_argument(
+        "--table",
+        dest="tables",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="TABLE:KEY[,KEY...][:version=COL][:value=*|COL,...][:ns=NAME], e.g. "
+        "currencies:code or currencies:code:version=version:value=*; repeat for more tables",
+    )
+    cdc.add_argument("--to", dest="url", metavar="URL", help="broker URL, e.g. redis://HOST:6379/0")
+    cdc.add_argument("--channel", default=DEFAULT_CHANNEL, help="channel (default: %(default)s)")
+    cdc.add_argument(
+        "--name",
+        default="cachesync",
+        help="what the feed keeps on the server: PostgreSQL slot and publication, MySQL "
+        "position row (default: %(default)s); one running feed per name",
+    )
+    cdc.add_argument(
+        "--stats-interval",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="print the feed's stats (lag included) every SECONDS; 0: never (the default)",
+    )
+    cdc.add_argument(
+        "--drop-slot",
+        action="store_true",
+        help="remove what feed --name keeps on the server (slot and publication, stored "
+        "position) and exit; for a feed retired for good",
+    )
+    cdc.set_defaults(parser=cdc, handler=_cmd_cdc)
     return parser
 
 
@@ -478,6 +526,51 @@ def _cmd_state(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     return bench(args.extra)
+
+
+def _cmd_cdc(args: argparse.Namespace) -> int:
+    if not args.tables and not args.drop_slot:
+        raise UsageError("name at least one --table")
+    if not args.drop_slot and not args.url:
+        raise UsageError("--to URL is required")
+    try:
+        from .owner.feeds import ChangeFeed, Table
+    except ImportError as exc:  # pragma: no cover - only without the extra
+        raise CommandError(str(exc)) from None
+    try:
+        tables = [Table.parse(spec) for spec in args.tables] or [Table("unused", ("unused",))]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        feed = ChangeFeed(
+            args.dsn, tables, args.url or "memory://", channel=args.channel, name=args.name
+        )
+    except ImportError as exc:
+        raise CommandError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.drop_slot:
+        asyncio.run(feed.drop())
+        _write_line(sys.stdout, {"dropped": args.name})
+        return 0
+    _warn_if_in_process(args.url, "no subscriber outside this process will see the events")
+    return asyncio.run(_run_feed(feed, args.stats_interval))
+
+
+async def _run_feed(feed: Any, stats_interval: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    async with feed:
+        _write_line(sys.stdout, {"started": feed.name, **feed.stats()})
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), stats_interval or None)
+            if not stop.is_set():
+                _write_line(sys.stdout, feed.stats())
+    return 0
 
 
 def _warn_if_in_process(url: str, consequence: str) -> None:

@@ -23,12 +23,14 @@ NATS_URL = os.environ.get("CACHESYNC_TEST_NATS", "nats://127.0.0.1:4222")
 POSTGRES_DSN = os.environ.get(
     "CACHESYNC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
+MARIADB_DSN = os.environ.get("CACHESYNC_TEST_MARIADB", "mysql://root@127.0.0.1:3306/test")
 
 _SERVERS = {
     "redis": ("127.0.0.1", 6379),
     "rabbitmq": ("127.0.0.1", 5672),
     "postgres": ("127.0.0.1", 5432),
     "nats": ("127.0.0.1", 4222),
+    "mariadb": ("127.0.0.1", 3306),
 }
 
 
@@ -90,6 +92,12 @@ def sentinel() -> Iterator[SentinelDeployment]:
         yield deployment
     finally:
         deployment.group.stop()
+
+
+@pytest.fixture
+def mariadb_dsn() -> str:
+    require_server("mariadb")
+    return MARIADB_DSN
 
 
 @pytest.fixture

@@ -38,9 +38,10 @@ from ..publisher import Publisher
 if TYPE_CHECKING:
     # Only for types: importing the outbox needs SQLAlchemy (the ``outbox`` extra), which a
     # consumer does not install.
+    from ..owner.feeds import ChangeFeed
     from ..owner.outbox import OutboxRelay
 
-__all__ = ["Lifespan", "consumer_lifespan", "owner_lifespan", "state_router"]
+__all__ = ["Lifespan", "consumer_lifespan", "feed_lifespan", "owner_lifespan", "state_router"]
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 """What ``FastAPI(lifespan=...)`` takes."""
@@ -66,6 +67,36 @@ def owner_lifespan(
             for source in sources:
                 await stack.enter_async_context(source)
             app.state.cachesync_sources = sources
+            if app_lifespan is not None:
+                await stack.enter_async_context(app_lifespan(app))
+            yield
+
+    return lifespan
+
+
+def feed_lifespan(*feeds: ChangeFeed, app_lifespan: Lifespan | None = None) -> Lifespan:
+    """A lifespan that runs change feeds (:class:`~cachesync.owner.feeds.ChangeFeed`) beside
+    the app, started in the order given and stopped in reverse.
+
+    Startup raises :class:`~cachesync.owner.feeds.FeedError` when the database is not set up
+    for a feed (``wal_level``, binlog format, a missing table or column); a database that is
+    merely down is retried in the background. ``app.state.cachesync_feeds`` holds the feeds
+    (their ``stats()`` include the slot lag).
+    """
+    from ..owner.feeds import ChangeFeed
+
+    if not feeds:
+        raise ValueError("feed_lifespan needs at least one ChangeFeed")
+    for feed in feeds:
+        if not isinstance(feed, ChangeFeed):
+            raise TypeError(f"expected a ChangeFeed, got {type(feed).__name__}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for feed in feeds:
+                await stack.enter_async_context(feed)
+            app.state.cachesync_feeds = feeds
             if app_lifespan is not None:
                 await stack.enter_async_context(app_lifespan(app))
             yield

@@ -1,0 +1,234 @@
+"""The MySQL/MariaDB change feed against the real server: the row-based binlog."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+import pytest
+
+from cachesync import CacheSync
+from cachesync.events import Op
+from cachesync.owner.feeds import ChangeFeed, FeedError, Table
+from tests.feed_tools import Collector, FeedProcess, assert_none_lost, require_setting
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.mariadb
+
+
+@dataclass
+class My:
+    dsn: str
+    table: str
+    name: str
+    conn: Any
+
+    def sql(self, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(statement, args or None)
+            return list(cur.fetchall())
+
+
+@pytest.fixture
+def my(mariadb_dsn: str, unique: str) -> Iterator[My]:
+    conn = pymysql.connect(
+        host="127.0.0.1", port=3306, user="root", database="test", autocommit=True
+    )
+    env = My(mariadb_dsn, f"cdc_{unique}", f"cs_{unique}", conn)
+    try:
+        (log_bin, fmt) = env.sql("SELECT @@log_bin, @@binlog_format")[0]
+        require_setting(
+            log_bin == 1 and fmt == "ROW",
+            f"MariaDB runs with log_bin={log_bin}, binlog_format={fmt}; the feed needs the "
+            "row binlog",
+        )
+        env.sql(
+            f"CREATE TABLE {env.table} (code VARCHAR(8) PRIMARY KEY, rate DECIMAL(12, 4), "
+            "version INT NOT NULL)"
+        )
+        yield env
+    finally:
+        env.sql(f"DROP TABLE IF EXISTS {env.table}")
+        if env.sql("SHOW TABLES LIKE 'cachesync_feed_position'"):
+            env.sql("DELETE FROM cachesync_feed_position WHERE name = %s", env.name)
+        conn.close()
+
+
+def _feed(my: My, url: str, **table: Any) -> ChangeFeed:
+    options: dict[str, Any] = {"version": "version", "value": True, **table}
+    return ChangeFeed(
+        my.dsn,
+        [Table(my.table, ("code",), ns="fx", **options)],
+        url,
+        name=my.name,
+        lag_interval=0.1,
+    )
+
+
+@pytest.mark.timeout(20)
+async def test_each_operation_becomes_its_event_in_commit_order(my: My, unique: str) -> None:
+    url = f"memory://{unique}"
+    async with Collector(url) as collector, _feed(my, url):
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1.5, 1)")
+        my.sql(f"UPDATE {my.table} SET rate = 2, version = 2 WHERE code = 'USD'")
+        my.sql(f"UPDATE {my.table} SET code = 'EUR', version = 3 WHERE code = 'USD'")
+        my.conn.begin()
+        my.sql(f"INSERT INTO {my.table} VALUES ('GBP', 3, 1)")
+        my.sql(f"DELETE FROM {my.table} WHERE code = 'EUR'")
+        my.conn.commit()
+        my.sql(f"TRUNCATE TABLE {my.table}")
+        events = await collector.wait_changes(7)
+    assert [(e.op, e.keys, e.version) for e in events] == [
+        (Op.UPSERT, ("USD",), 1),
+        (Op.UPSERT, ("USD",), 2),
+        (Op.DELETE, ("USD",), None),  # the key changed: the old key is gone
+        (Op.UPSERT, ("EUR",), 3),
+        (Op.UPSERT, ("GBP",), 1),
+        (Op.DELETE, ("EUR",), 3),
+        (Op.FLUSH, (), None),
+    ]
+    assert all(e.ns == "fx" for e in events)
+    assert events[0].value == {"code": "USD", "rate": "1.5000", "version": 1}
+
+
+@pytest.mark.timeout(20)
+async def test_a_refresh_mode_consumer_ends_on_the_committed_value(my: My, unique: str) -> None:
+    url = f"memory://{unique}"
+    my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+    fetches = 0
+
+    async def fetch(code: str) -> Any:
+        nonlocal fetches
+        fetches += 1
+        rows = my.sql(f"SELECT code, rate, version FROM {my.table} WHERE code = %s", code)
+        return {"code": rows[0][0], "rate": str(rows[0][1]), "version": rows[0][2]}
+
+    sync = CacheSync(url)
+    get = sync.cached("fx", ttl=3600, mode="refresh")(fetch)
+    async with sync, _feed(my, url):
+        assert (await get("USD"))["version"] == 1
+        for version in range(2, 22):
+            my.sql(
+                f"UPDATE {my.table} SET rate = %s, version = %s WHERE code = 'USD'",
+                version,
+                version,
+            )
+        await eventually(lambda: sync.stats()["namespaces"]["fx"]["refreshes"] >= 20, timeout=10)
+        assert await get("USD") == {"code": "USD", "rate": "21.0000", "version": 21}
+    assert fetches == 1
+
+
+@pytest.mark.timeout(45)
+async def test_a_feed_killed_mid_stream_and_restarted_loses_nothing(
+    my: My, redis_url: str, unique: str
+) -> None:
+    args = [
+        my.dsn,
+        "--table",
+        f"{my.table}:code:version=version:value=*:ns=fx",
+        "--to",
+        redis_url,
+        "--channel",
+        unique,
+        "--name",
+        my.name,
+    ]
+    keys = [f"K{i}" for i in range(10)]
+    committed: dict[str, list[int]] = {key: [] for key in keys}
+    writer = pymysql.connect(
+        host="127.0.0.1", port=3306, user="root", database="test", autocommit=True
+    )
+    feed = FeedProcess(args)
+
+    def write(first: int, last: int) -> None:
+        with writer.cursor() as cur:
+            for version in range(first, last):
+                key = keys[version % len(keys)]
+                cur.execute(
+                    f"INSERT INTO {my.table} (code, version) VALUES (%s, %s) "
+                    "ON DUPLICATE KEY UPDATE version = VALUES(version)",
+                    (key, version),
+                )
+                committed[key].append(version)
+
+    try:
+        async with Collector(redis_url, unique) as collector:
+            await feed.start()
+            writing = asyncio.create_task(asyncio.to_thread(write, 1, 401))
+            await collector.wait_for(lambda: len(collector.changes) >= 100)
+            feed.kill()  # SIGKILL mid-stream: no chance to save anything more
+            await feed.proc.wait()  # type: ignore[union-attr]
+            await writing  # commits go on while the feed is dead
+            await feed.start()
+            await asyncio.to_thread(write, 401, 501)
+            last = {key: versions[-1] for key, versions in committed.items()}
+
+            def caught_up() -> bool:
+                newest: dict[str, int] = {}
+                for event in collector.changes:
+                    if event.version is not None:
+                        newest[event.keys[0]] = max(newest.get(event.keys[0], 0), event.version)
+                return newest == last
+
+            await collector.wait_for(caught_up, timeout=20)
+            assert_none_lost(collector.changes, committed, "fx")
+            assert len({e.source for e in collector.changes}) == 2
+            assert await feed.stop() == 0
+    finally:
+        await feed.reap()
+        writer.close()
+
+
+@pytest.mark.timeout(20)
+async def test_schema_changes_keep_working_or_flush_with_a_clear_error(my: My, unique: str) -> None:
+    url = f"memory://{unique}"
+    feed = _feed(my, url)
+    async with Collector(url) as collector, feed:
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        await collector.wait_changes(1)
+        my.sql(f"ALTER TABLE {my.table} ADD COLUMN symbol VARCHAR(4)")
+        my.sql(f"UPDATE {my.table} SET symbol = '$', version = 2")
+        events = await collector.wait_changes(2)
+        assert events[1].value["symbol"] == "$" and events[1].version == 2
+        my.sql(f"ALTER TABLE {my.table} RENAME COLUMN code TO iso")
+        my.sql(f"UPDATE {my.table} SET version = 3")
+        events = await collector.wait_changes(3)
+        # the key column is gone: the namespace is flushed, never left stale
+        assert (events[2].op, events[2].ns) == (Op.FLUSH, "fx")
+        stats = feed.stats()
+    assert stats["schema_errors"] >= 1
+    assert "key column 'code'" in stats["last_error"]
+
+
+@pytest.mark.timeout(30)
+async def test_lag_is_reported_and_a_restart_resumes_from_the_saved_position(
+    my: My, unique: str
+) -> None:
+    url = f"memory://{unique}"
+    async with Collector(url) as collector:
+        feed = _feed(my, url)
+        async with feed:
+            await eventually(lambda: feed.stats()["lag_bytes"] is not None, timeout=5)
+        for version in range(1, 51):
+            my.sql(f"INSERT INTO {my.table} VALUES (%s, 1, %s)", f"C{version}", version)
+        feed = _feed(my, url)
+        async with feed:
+            await collector.wait_changes(50)
+            await eventually(lambda: feed.stats()["transactions"] >= 50, timeout=10)
+            stats = feed.stats()
+            assert stats["upserts"] == 50 and stats["lag_bytes"] is not None
+            assert stats["position"].startswith("mariadb-bin.")
+        await feed.drop()
+    assert not my.sql("SELECT 1 FROM cachesync_feed_position WHERE name = %s", my.name)
+
+
+@pytest.mark.timeout(20)
+async def test_settings_the_feed_cannot_work_with_are_clear_errors(my: My, unique: str) -> None:
+    url = f"memory://{unique}"
+    with pytest.raises(FeedError, match="does not exist"):
+        await ChangeFeed(my.dsn, [f"{my.table}_nope:code"], url, name=my.name).start()
+    with pytest.raises(FeedError, match="no column"):
+        await ChangeFeed(my.dsn, [f"{my.table}:code:version=rev"], url, name=my.name).start()
