@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .backoff import Backoff
+from .batch import ManyDecorator
 from .cache import LocalCache
 from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
@@ -228,10 +229,7 @@ class CacheSync(Service):
         fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
         Works on coroutine functions and on plain functions (callable from any thread).
         """
-        if not isinstance(ns, str) or not ns:
-            raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
-        if len(ns) > 256:
-            raise ValueError("ns must be at most 256 characters (what an event can name)")
+        self._check_ns(ns)
         options = CacheOptions(
             ttl=ttl,
             maxsize=maxsize,
@@ -252,6 +250,44 @@ class CacheSync(Service):
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
         )
+
+    def cached_many(self, ns: str, *, shares: Any = None, **options: Any) -> ManyDecorator:
+        """Cache a *batch* fetch function in namespace ``ns``: it takes a list of keys and
+        returns a mapping of the keys found to their values (async or plain).
+
+        A call serves the keys cached here and makes one owner call for the others; a key
+        another read is fetching is joined, not fetched again; a key an event invalidates
+        while the batch is on its way is not stored; a key the mapping leaves out is absent
+        (cached for ``negative_ttl`` if set, and left out of the result).
+        ``shares=get_one`` (a ``@sync.cached`` function of ``ns``) makes batch and single
+        reads share its entries, options and single-flight; otherwise ``options`` are those
+        of :meth:`cached` (``key`` excepted: batch keys are the owner's keys), and the wrapped
+        function gets ``.one(key)``, a single-key reader over the same entries.
+        """
+        self._check_ns(ns)
+        if shares is not None and options:
+            raise ValueError(
+                "cached_many(shares=...) uses the options of the shared function; "
+                f"remove {sorted(options)}"
+            )
+        if "key" in options:
+            raise ValueError("cached_many() takes no key=: batch keys are the owner's keys")
+        return ManyDecorator(
+            ns,
+            CacheOptions(**options),
+            shares=shares,
+            make_cache=self._make_cache,
+            spawn=self._spawn,
+            submit=self._submit,
+            observe=self._observer.fetch_done if self._observer is not None else None,
+        )
+
+    @staticmethod
+    def _check_ns(ns: object) -> None:
+        if not isinstance(ns, str) or not ns:
+            raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
+        if len(ns) > 256:
+            raise ValueError("ns must be at most 256 characters (what an event can name)")
 
     def _make_cache(self, ns: str, options: CacheOptions) -> LocalCache:
         cache = LocalCache(
