@@ -32,7 +32,7 @@ from .batch import ManyDecorator
 from .cache import LocalCache
 from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
-from .errors import EventDecodeError, StateError, TransportError
+from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -85,6 +85,7 @@ class ClientStats:
     duplicates: int = 0
     apply_failures: int = 0
     silent_namespaces: int = 0
+    unknown_schema: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a dict."""
@@ -523,6 +524,10 @@ class CacheSync(Service):
         now = self._clock()
         try:
             event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+        except UnknownSchemaError as exc:
+            stats.unknown_schema += 1
+            self._unknown_schema(exc)
+            return
         except EventDecodeError as exc:
             stats.bad_events += 1
             self._warn.warning("bad_event", "dropped a malformed event: %s", exc)
@@ -554,6 +559,28 @@ class CacheSync(Service):
             self._warn.exception("apply_failed", "could not apply an event; restarting")
             raise _ApplyFailed(f"could not apply an event: {exc!r}") from exc
 
+    def _unknown_schema(self, exc: UnknownSchemaError) -> None:
+        """An event this consumer cannot read (a newer owner's schema) may have changed
+        anything in its namespace: flush that namespace, or every one when it cannot be told.
+        Its seq is not tracked (it cannot be trusted), so the next event of its source shows
+        a gap and flushes again: upgrade consumers before owners write a newer schema."""
+        self._warn.warning(
+            "unknown_schema",
+            "flushed %s: %s; upgrade this consumer",
+            f"namespace {exc.ns!r}" if exc.ns is not None else "every namespace",
+            exc,
+        )
+        if exc.ns is None:
+            self._lost("schema", version=exc.version)
+            return
+        ns = self._namespaces.get(exc.ns)
+        if ns is None:
+            return
+        for member in ns.members:
+            member.cache.suspect_all()
+        if self._observer is not None:
+            self._observer.lost_events("schema")
+
     def _apply(self, event: ChangeEvent, now: float) -> None:
         self._last_event = (event.ts, now)
         ns = self._namespaces.get(event.ns)
@@ -568,10 +595,11 @@ class CacheSync(Service):
         version = event.version
         keys = event.keys
         refresh = op == _UPSERT and event.value is not None and len(keys) == 1
+        flush = op == _FLUSH or event.tags is not None
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1
-            if op == _FLUSH:
+            if flush:
                 cache.clear()
             elif refresh and member.mode == "refresh":
                 self._refresh(member, keys[0], event.value, version)
