@@ -36,6 +36,7 @@ from .cached import (
     Submit,
     VersionOf,
     _fetch_failed,
+    _name_of,
     _retrieve,
     _version,
     is_async_callable,
@@ -372,6 +373,7 @@ class ManyDecorator:
             one: Any = self._shares
         else:
             cache = self._make_cache(self.ns, self.options)
+            cache.function = _name_of(fn)
             version_of = self.options.version_of
             if is_async:
                 one = wrap_async(

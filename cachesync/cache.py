@@ -78,7 +78,7 @@ class Entry:
     revalidating until ``stale_until``; servable when the owner fails until ``error_until``
     (monotonic seconds); served at all only while its ``gen`` is the cache's ``serving``."""
 
-    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen")
+    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen", "stored")
 
     def __init__(
         self,
@@ -88,6 +88,7 @@ class Entry:
         error_until: float,
         version: int | None,
         gen: Generation,
+        stored: float = _NEVER,
     ) -> None:
         self.value = value
         self.expires = expires
@@ -95,6 +96,7 @@ class Entry:
         self.error_until = error_until
         self.version = version
         self.gen = gen
+        self.stored = stored  # when it was stored (monotonic), for explain()
 
     def __repr__(self) -> str:
         return f"Entry({self.value!r}, expires={self.expires}, version={self.version})"
@@ -195,6 +197,7 @@ class LocalCache:
             stale_if_error=stale_if_error,
         )
         self.name = name
+        self.function = ""  # the qualified name of the function cached here, for explain()
         self.ttl = float(ttl)
         self.maxsize = maxsize
         self.negative_ttl = negative_ttl
@@ -364,7 +367,9 @@ class LocalCache:
             if known is None:
                 del self.data[key]
             elif entry.value is not TOMBSTONE or entry.version != known:
-                self.data[key] = Entry(TOMBSTONE, _NEVER, _NEVER, _NEVER, known, entry.gen)
+                self.data[key] = Entry(
+                    TOMBSTONE, _NEVER, _NEVER, _NEVER, known, entry.gen, self.clock()
+                )
             self.stats.invalidations += 1
             return True
 
@@ -439,6 +444,7 @@ class LocalCache:
             expires + self.stale_if_error,
             version,
             self.gen,
+            now,
         )
         data.move_to_end(key)
         while len(data) > self.maxsize:

@@ -398,6 +398,12 @@ def wrap_sync(
     return chosen  # type: ignore[return-value]
 
 
+def _name_of(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
 def _close(awaitable: object) -> None:
     close = getattr(awaitable, "close", None)
     if callable(close):
@@ -517,6 +523,7 @@ class Decorator:
         # Checked before the cache is registered: a key that cannot be built fails here.
         KeyBuilder(fn, options.key)
         cache = self._make_cache(self.ns, options)
+        cache.function = _name_of(fn)
         if is_async_callable(fn):
             return wrap_async(
                 fn,

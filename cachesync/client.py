@@ -34,6 +34,7 @@ from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .explain import History, as_dict, describe_entry
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
@@ -197,6 +198,7 @@ class CacheSync(Service):
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = observer
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._history = History()
 
     # -- decorating ------------------------------------------------------------------------
 
@@ -438,6 +440,44 @@ class CacheSync(Service):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
 
+    def explain(self, ns: str, key: str) -> dict[str, Any]:
+        """Why ``key`` of ``ns`` is (or is not) served from this instance's cache.
+
+        For each function cached under ``ns``: whether the key is cached and fresh, its state
+        (fresh, expired, invalidated, flushed, not cached, not served), version, age, time
+        to expiry, and whether a fill is in flight. For the key: the last event applied to it
+        (op, source, seq, version, when). For the namespace: the last flush and its cause
+        (flush event, tags, gap, reconnect, new source, heartbeat, silence, schema), whether
+        it is served at all, and every source heard with its last seq, liveness and lag.
+        A JSON-ready dict (KeyError if nothing is cached under ``ns`` here).
+        """
+        namespace = self._namespaces[ns]
+        wall = self._wall_clock()
+        now = self._clock()
+        sources = []
+        for name in sorted(namespace.heard):
+            live = self._sources.get(name)
+            lag = self._history.source_lag.get(name)
+            info: dict[str, Any] = {
+                "source": name,
+                "live": live is not None,
+                "last_seq": live.seq if live is not None else self._retired.get(name),
+                "last_heard_ago": round(now - live.last_seen, 6) if live is not None else None,
+                "heartbeat_timeout": live.timeout if live is not None else None,
+                "lag": round(lag[0], 6) if lag is not None else None,
+            }
+            sources.append(info)
+        return {
+            "ns": ns,
+            "key": key,
+            "listener_up": self._stats.listener_up,
+            "namespace_silent": namespace.silent,
+            "functions": [describe_entry(m.cache, key) for m in namespace.members],
+            "last_event": as_dict(self._history.last_event(ns, key), wall),
+            "last_flush": as_dict(self._history.last_flush(ns), wall),
+            "sources": sources,
+        }
+
     # -- the listener ----------------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -488,6 +528,8 @@ class CacheSync(Service):
     def _on_ready(self, resumed: bool) -> None:
         if self._suspect_on_ready:
             resumed, self._suspect_on_ready = False, False
+        if not resumed:
+            self._history.flush(None, "reconnect", self._wall_clock(), channel=self.channel)
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -549,6 +591,8 @@ class CacheSync(Service):
                 return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
+                wall = self._wall_clock()
+                self._history.heard(event.source, wall - event.ts, wall)
             else:
                 self._apply(event, now)
         except Exception as exc:
@@ -576,6 +620,7 @@ class CacheSync(Service):
         ns = self._namespaces.get(exc.ns)
         if ns is None:
             return
+        self._history.flush(exc.ns, "schema", self._wall_clock(), version=exc.version)
         for member in ns.members:
             member.cache.suspect_all()
         if self._observer is not None:
@@ -590,8 +635,10 @@ class CacheSync(Service):
         if event.source not in ns.heard:
             ns.heard.add(event.source)
         op = event.op
+        wall = self._wall_clock()
+        self._history.applied(event, wall)
         if self._observer is not None:
-            self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
+            self._observer.event_applied(event.ns, str(op), wall - event.ts)
         version = event.version
         keys = event.keys
         refresh = op == _UPSERT and event.value is not None and len(keys) == 1
@@ -713,6 +760,9 @@ class CacheSync(Service):
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
+        self._history.flush(
+            None, cause, self._wall_clock(), **{k: v for k, v in extra.items() if k != "cause"}
+        )
         if quiet:
             log.debug("flushed an empty cache (%s)", cause, extra=extra)
             return
@@ -777,6 +827,8 @@ class CacheSync(Service):
             if orphaned:
                 ns.silent = True
                 self._stats.silent_namespaces += 1
+                for member in ns.members[:1]:
+                    self._history.flush(member.cache.name, "silent", self._wall_clock())
                 log.warning(
                     "every source of namespace %r is silent; reads go to the owner until "
                     "one is heard again",
