@@ -297,8 +297,13 @@ def _attach_many(wrapper: Any, fn: Callable[..., Any], cache: LocalCache) -> Non
         """Drop every entry of this function in this instance."""
         cache.clear()
 
+    def invalidate_tags(*tags: str) -> int:
+        """Drop the entries stored with one of ``tags`` in this instance."""
+        return cache.invalidate_tags(tags)
+
     wrapper.invalidate = invalidate
     wrapper.cache_clear = cache_clear
+    wrapper.invalidate_tags = invalidate_tags
 
 
 def one_of_async(

@@ -39,6 +39,7 @@ from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
 from .signing import Signer
+from .tags import TagFunc
 from .transports.base import Transport, from_url, redact_url
 
 __all__ = ["CacheSync", "ClientState", "ClientStats", "Decorator"]
@@ -207,7 +208,7 @@ class CacheSync(Service):
         ns: str,
         *,
         ttl: float = 3600.0,
-        maxsize: int = 10_000,
+        maxsize: int | None = None,
         key: KeyFunc | None = None,
         mode: Mode = "invalidate",
         stale_while_revalidate: float = 0.0,
@@ -216,6 +217,9 @@ class CacheSync(Service):
         jitter: float = 0.1,
         from_event: Callable[[Any], Any] | None = None,
         version_of: VersionOf | None = None,
+        tags: TagFunc | None = None,
+        max_bytes: int | None = None,
+        weigher: Callable[[Any], int] | None = None,
     ) -> Decorator:
         """Cache the results of a fetch function in namespace ``ns`` of this instance.
 
@@ -230,6 +234,11 @@ class CacheSync(Service):
         while one fetch refreshes it; ``stale_if_error`` serves the last value when the fetch
         fails. ``version_of(value)`` gives the owner's version of a fetched value, so an older
         fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
+        ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
+        invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
+        ``maxsize`` bounds the entries (10,000 by default); ``max_bytes`` bounds their weight
+        instead (``weigher(value)``, by default a cheap estimate; ``maxsize`` is then
+        unbounded unless given). Both evict the least recently used.
         Works on coroutine functions and on plain functions (callable from any thread).
         """
         self._check_ns(ns)
@@ -244,6 +253,9 @@ class CacheSync(Service):
             jitter=jitter,
             from_event=from_event,
             version_of=version_of,
+            tags=tags,
+            max_bytes=max_bytes,
+            weigher=weigher,
         )
         return Decorator(
             ns,
@@ -296,7 +308,7 @@ class CacheSync(Service):
         cache = LocalCache(
             ns,
             ttl=options.ttl,
-            maxsize=options.maxsize,
+            maxsize=options.max_entries,
             negative_ttl=options.negative_ttl,
             jitter=options.jitter,
             stale_while_revalidate=options.stale_while_revalidate,
@@ -304,6 +316,9 @@ class CacheSync(Service):
             clock=self._clock,
             hit_clock=self._hit_clock,
             rng=self._rng,
+            tags=options.tags,
+            max_bytes=options.max_bytes,
+            weigher=options.weigher,
         )
         namespace = self._namespaces.get(ns)
         if namespace is None:
@@ -439,6 +454,12 @@ class CacheSync(Service):
         if name in ("listener", "namespaces"):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
+
+    def invalidate_tags(self, ns: str, *tags: str) -> int:
+        """Drop, in this instance, every entry of ``ns`` stored with one of ``tags`` (every
+        function cached under it); how many were dropped. Other instances hear of it through
+        ``Publisher.changed(ns, tags=[...])``."""
+        return sum(member.cache.invalidate_tags(tags) for member in self._namespaces[ns].members)
 
     def explain(self, ns: str, key: str) -> dict[str, Any]:
         """Why ``key`` of ``ns`` is (or is not) served from this instance's cache.
@@ -642,11 +663,13 @@ class CacheSync(Service):
         version = event.version
         keys = event.keys
         refresh = op == _UPSERT and event.value is not None and len(keys) == 1
-        flush = op == _FLUSH or event.tags is not None
+        tags = event.tags
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1
-            if flush:
+            if tags is not None:
+                cache.invalidate_tags(tags)
+            if op == _FLUSH:
                 cache.clear()
             elif refresh and member.mode == "refresh":
                 self._refresh(member, keys[0], event.value, version)

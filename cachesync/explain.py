@@ -140,6 +140,8 @@ def describe_entry(cache: LocalCache, key: str) -> dict[str, Any]:
         else None,
         absent=entry.value is None,
     )
+    if cache.tag_index is not None:
+        info["tags"] = list(cache.tag_index.tags_of(key))
     return info
 
 

@@ -314,6 +314,17 @@ class _StatsCollector:
                 size.add_metric([ns], value)
         yield size
 
+        held = core.GaugeMetricFamily(
+            f"{p}_cache_bytes",
+            "Estimated bytes held per namespace, by the functions cached with max_bytes.",
+            labels=["namespace"],
+        )
+        for ns, counters in namespaces.items():
+            value = counters.get("bytes")
+            if isinstance(value, int):
+                held.add_metric([ns], value)
+        yield held
+
         for field, suffix, doc in _LISTENER_COUNTERS:
             family = core.CounterMetricFamily(f"{p}_{suffix}", doc)
             value = listener.get(field)

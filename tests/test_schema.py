@@ -89,7 +89,7 @@ async def consumer(unique: str) -> AsyncIterator[tuple[CacheSync, dict[str, int]
             calls[code] = calls.get(code, 0) + 1
             return f"{code}-{calls[code]}"
 
-        @sync.cached("products", ttl=3600)
+        @sync.cached("products", ttl=3600, tags=lambda value: ["supplier:42"])
         async def get_product(sku: str) -> str:
             calls[sku] = calls.get(sku, 0) + 1
             return f"{sku}-{calls[sku]}"
