@@ -350,6 +350,7 @@ class ManyDecorator:
         spawn: Spawn,
         submit: Submit,
         observe: FetchObserver | None = None,
+        wrap_fetch: Callable[..., Any] | None = None,
     ) -> None:
         if shares is not None:
             cache = getattr(shares, "cache", None)
@@ -367,18 +368,22 @@ class ManyDecorator:
         self._spawn = spawn
         self._submit = submit
         self._observe = observe
+        self._wrap_fetch = wrap_fetch
 
     def __call__(self, fn: Callable[[list[str]], Any]) -> Any:
         if not callable(fn):
             raise TypeError(f"cached_many() decorates functions, got {type(fn).__name__}")
         is_async = is_async_callable(fn)
+        name = _name_of(fn)
+        if self._wrap_fetch is not None:  # tracing: a span around each owner call
+            fn = self._wrap_fetch(fn, self.ns, batch=True)
         if self._shares is not None:
             cache: LocalCache = self._shares.cache
             version_of = self.options.version_of
             one: Any = self._shares
         else:
             cache = self._make_cache(self.ns, self.options)
-            cache.function = _name_of(fn)
+            cache.function = name
             version_of = self.options.version_of
             if is_async:
                 one = wrap_async(

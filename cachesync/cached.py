@@ -506,6 +506,9 @@ class CacheOptions:
         )
 
 
+WrapFetch = Callable[[Callable[..., Any], str], Callable[..., Any]]
+"""Wraps a fetch function of a namespace (tracing's spans); never on the hit path."""
+
 MakeCache = Callable[[str, CacheOptions], LocalCache]
 """Builds the cache of one function and registers it under its namespace (the client's)."""
 
@@ -524,6 +527,7 @@ class Decorator:
         spawn: Spawn,
         submit: Submit,
         observe: FetchObserver | None = None,
+        wrap_fetch: WrapFetch | None = None,
     ) -> None:
         self.ns = ns
         self.options = options
@@ -531,6 +535,7 @@ class Decorator:
         self._spawn = spawn
         self._submit = submit
         self._observe = observe
+        self._wrap_fetch = wrap_fetch
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> CachedCoroutine[P, R]: ...
@@ -546,7 +551,10 @@ class Decorator:
         KeyBuilder(fn, options.key)
         cache = self._make_cache(self.ns, options)
         cache.function = _name_of(fn)
-        if is_async_callable(fn):
+        is_async = is_async_callable(fn)
+        if self._wrap_fetch is not None:  # tracing: a span around each owner call
+            fn = self._wrap_fetch(fn, self.ns)
+        if is_async:
             return wrap_async(
                 fn,
                 cache,

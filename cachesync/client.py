@@ -40,6 +40,7 @@ from .logutil import RateLimitedLogger
 from .observe import Observer
 from .signing import Signer
 from .tags import TagFunc
+from .tracing import Tracing
 from .transports.base import Transport, from_url, redact_url
 
 __all__ = ["CacheSync", "ClientState", "ClientStats", "Decorator"]
@@ -137,7 +138,9 @@ class CacheSync(Service):
     ``heartbeat_timeout`` is how long a publisher may stay silent before its events are taken as
     lost; by default it is three times the interval its heartbeats announce. ``signing_keys``
     makes the client accept only events signed with one of them. ``clock`` is the monotonic
-    clock every cache uses (inject a fake one in tests).
+    clock every cache uses (inject a fake one in tests). ``tracing=True`` (the global
+    OpenTelemetry tracer provider) or ``tracing=provider`` makes spans for owner fetches,
+    events and flushes (see :mod:`cachesync.tracing`; the ``otel`` extra); hits make none.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class CacheSync(Service):
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         observer: Observer | None = None,
+        tracing: Any = False,
     ) -> None:
         if not channel:
             raise ValueError("channel must be a non-empty string")
@@ -200,6 +204,11 @@ class CacheSync(Service):
         self._observer = observer
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._history = History()
+        self._tracing: Tracing | None = None
+        if tracing is True:
+            self._tracing = Tracing()
+        elif tracing is not False and tracing is not None:
+            self._tracing = Tracing(tracing)  # a TracerProvider
 
     # -- decorating ------------------------------------------------------------------------
 
@@ -264,6 +273,7 @@ class CacheSync(Service):
             spawn=self._spawn,
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
+            wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
         )
 
     def cached_many(self, ns: str, *, shares: Any = None, **options: Any) -> ManyDecorator:
@@ -295,6 +305,7 @@ class CacheSync(Service):
             spawn=self._spawn,
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
+            wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
         )
 
     @staticmethod
@@ -550,7 +561,7 @@ class CacheSync(Service):
         if self._suspect_on_ready:
             resumed, self._suspect_on_ready = False, False
         if not resumed:
-            self._history.flush(None, "reconnect", self._wall_clock(), channel=self.channel)
+            self._flushed(None, "reconnect", self._wall_clock(), channel=self.channel)
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -606,6 +617,14 @@ class CacheSync(Service):
             stats.bad_signatures += 1
             self._warn.exception("bad_signature", "could not verify an event's signature")
             return
+        if self._tracing is not None:
+            with self._tracing.event(event, self._wall_clock() - event.ts):
+                self._handle(event, now)
+        else:
+            self._handle(event, now)
+
+    def _handle(self, event: ChangeEvent, now: float) -> None:
+        stats = self._stats
         try:
             if not self._track(event, now):
                 stats.duplicates += 1
@@ -641,7 +660,7 @@ class CacheSync(Service):
         ns = self._namespaces.get(exc.ns)
         if ns is None:
             return
-        self._history.flush(exc.ns, "schema", self._wall_clock(), version=exc.version)
+        self._flushed(exc.ns, "schema", self._wall_clock(), version=exc.version)
         for member in ns.members:
             member.cache.suspect_all()
         if self._observer is not None:
@@ -783,7 +802,7 @@ class CacheSync(Service):
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
-        self._history.flush(
+        self._flushed(
             None, cause, self._wall_clock(), **{k: v for k, v in extra.items() if k != "cause"}
         )
         if quiet:
@@ -792,6 +811,12 @@ class CacheSync(Service):
         if self._observer is not None:
             self._observer.lost_events(cause)
         log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
+
+    def _flushed(self, ns: str | None, cause: str, wall: float, **details: Any) -> None:
+        """Remember a flush of ``ns`` (None: every namespace) for explain() and tracing."""
+        self._history.flush(ns, cause, wall, **details)
+        if self._tracing is not None:
+            self._tracing.flush(cause, ns, details)
 
     def _had_entries(self) -> bool:
         """Whether any cache holds an entry (a flush would change something)."""
@@ -851,7 +876,7 @@ class CacheSync(Service):
                 ns.silent = True
                 self._stats.silent_namespaces += 1
                 for member in ns.members[:1]:
-                    self._history.flush(member.cache.name, "silent", self._wall_clock())
+                    self._flushed(member.cache.name, "silent", self._wall_clock())
                 log.warning(
                     "every source of namespace %r is silent; reads go to the owner until "
                     "one is heard again",
