@@ -654,15 +654,17 @@ class CacheSync(Service):
             f"namespace {exc.ns!r}" if exc.ns is not None else "every namespace",
             exc,
         )
+        # Logged above at most once per 10 s: a flood of such events must not flood the log.
         if exc.ns is None:
-            self._lost("schema", version=exc.version)
+            flushed = list(self._namespaces.values())
+        elif exc.ns in self._namespaces:
+            flushed = [self._namespaces[exc.ns]]
+        else:
             return
-        ns = self._namespaces.get(exc.ns)
-        if ns is None:
-            return
-        self._flushed(exc.ns, "schema", self._wall_clock(), version=exc.version)
-        for member in ns.members:
-            member.cache.suspect_all()
+        self._flushed(exc.ns, "schema", self._wall_clock(), version=str(exc.version))
+        for ns in flushed:
+            for member in ns.members:
+                member.cache.suspect_all()
         if self._observer is not None:
             self._observer.lost_events("schema")
 
