@@ -10,7 +10,9 @@ do, through the same reservations (:class:`~cachesync.cache.Flight`), one per mi
 - **a batch fill racing an invalidation** of one of its keys does not store that key (its flight
   was voided), while the other keys of the batch are stored;
 - **absent keys**: a key the mapping leaves out (or maps to ``None``) is "absent": cached for
-  ``negative_ttl`` if set, and left out of the result.
+  ``negative_ttl`` if set, and left out of the result;
+- ``stale_while_revalidate`` serves expired keys as they are while one background batch
+  refreshes them, and ``stale_if_error`` serves the last values when the owner call fails.
 
 A batch function may share the entries of a single-key function (``shares=get_currency``), so
 both kinds of read are served from one cache; otherwise it has a cache of its own and ``.one``,
@@ -23,6 +25,7 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
@@ -35,7 +38,6 @@ from .cached import (
     Spawn,
     Submit,
     VersionOf,
-    _fetch_failed,
     _name_of,
     _retrieve,
     _version,
@@ -51,6 +53,8 @@ __all__ = [
     "wrap_many_async",
     "wrap_many_sync",
 ]
+
+log = logging.getLogger("cachesync.cache")
 
 V = TypeVar("V")
 
@@ -118,6 +122,13 @@ def wrap_many_async(
         serving = gen
 
     cache.watch_serving(set_serving)
+    swr = cache.stale_while_revalidate > 0
+
+    def _future() -> asyncio.Future[Any]:
+        waiter = asyncio.get_running_loop().create_future()
+        # A fill nobody waits for (a revalidation) must not leave its exception unretrieved.
+        waiter.add_done_callback(_retrieve)
+        return waiter
 
     async def fill(reserved: list[Flight]) -> None:
         stats.fetches += 1
@@ -125,12 +136,7 @@ def wrap_many_async(
         try:
             mapping = _check_mapping(fn, await fn([flight.key for flight in reserved]))
         except Exception as exc:
-            for flight in reserved:
-                stale = _fetch_failed(cache, flight, exc, observe, started)
-                if stale is None:
-                    flight.waiter.set_exception(exc)
-                else:
-                    flight.waiter.set_result(stale.value)
+            _failed(cache, reserved, exc, observe, started)
             return
         except BaseException:
             for flight in reserved:
@@ -150,6 +156,7 @@ def wrap_many_async(
         found: dict[str, Any] = {}
         joined: list[tuple[str, Flight]] = []
         missing: list[str] = []
+        revalidate: list[str] = []
         now = clock()  # once per batch: the hit clock may be paused while idle
         for key in wanted:
             entry = get(key)
@@ -159,21 +166,27 @@ def wrap_many_async(
                     found[key] = entry.value
                 continue
             flight = flights.get(key)
-            if flight is not None:
+            stale = cache.get_stale(key, for_error=False) if swr else None
+            if stale is not None:  # served as is while one fetch refreshes it
+                stats.stale_serves += 1
+                if stale.value is not None:
+                    found[key] = stale.value
+                if flight is None:
+                    revalidate.append(key)
+            elif flight is not None:
                 joined.append((key, flight))
             else:
                 missing.append(key)
+        if revalidate:
+            spawn(fill([cache.begin_fill(key, _future()) for key in revalidate]))
         if missing:
             if cache.trusted:
                 stats.misses += len(missing)
             else:
                 stats.bypassed += len(missing)
-            loop = asyncio.get_running_loop()
             reserved = []
             for key in missing:
-                waiter = loop.create_future()
-                waiter.add_done_callback(_retrieve)
-                flight = cache.begin_fill(key, waiter)
+                flight = cache.begin_fill(key, _future())
                 reserved.append(flight)
                 joined.append((key, flight))
             spawn(fill(reserved))
@@ -193,6 +206,7 @@ def wrap_many_sync(
     cache: LocalCache,
     *,
     version_of: VersionOf | None,
+    submit: Submit,
     observe: FetchObserver | None = None,
 ) -> CachedMany[Any]:
     """Wrap batch plain function ``fn`` so that its results are cached in ``cache``.
@@ -212,6 +226,7 @@ def wrap_many_sync(
         serving = gen
 
     cache.watch_serving(set_serving)
+    swr = cache.stale_while_revalidate > 0
 
     def fill(reserved: list[Flight]) -> None:
         stats.fetches += 1
@@ -228,12 +243,7 @@ def wrap_many_sync(
                 )
             mapping = _check_mapping(fn, result)
         except Exception as exc:
-            for flight in reserved:
-                stale = _fetch_failed(cache, flight, exc, observe, started)
-                if stale is None:
-                    flight.waiter.set_exception(exc)
-                else:
-                    flight.waiter.set_result(stale.value)
+            _failed(cache, reserved, exc, observe, started)
             return
         except BaseException as exc:
             for flight in reserved:
@@ -253,6 +263,7 @@ def wrap_many_sync(
         found: dict[str, Any] = {}
         joined: list[tuple[str, Flight]] = []
         reserved: list[Flight] = []
+        revalidate: list[Flight] = []
         now = clock()
         for key in wanted:
             entry = get(key)
@@ -261,12 +272,20 @@ def wrap_many_sync(
                 if entry.value is not None:
                     found[key] = entry.value
                 continue
+            stale = cache.get_stale(key, for_error=False) if swr else None
             with lock:
                 flight = flights.get(key)
                 if flight is None:
                     flight = cache.begin_fill(key, concurrent.futures.Future(), threaded=True)
-                    reserved.append(flight)
+                    (revalidate if stale is not None else reserved).append(flight)
+            if stale is not None:  # served as is while one fetch refreshes it
+                stats.stale_serves += 1
+                if stale.value is not None:
+                    found[key] = stale.value
+                continue
             joined.append((key, flight))
+        if revalidate:
+            submit(functools.partial(fill, revalidate))
         if reserved:
             if cache.trusted:
                 stats.misses += len(reserved)
@@ -281,6 +300,35 @@ def wrap_many_sync(
 
     _attach_many(wrapper, fn, cache)
     return wrapper  # type: ignore[return-value]
+
+
+def _failed(
+    cache: LocalCache,
+    reserved: list[Flight],
+    exc: Exception,
+    observe: FetchObserver | None,
+    started: float,
+) -> None:
+    """One owner call failed: counted once; each key gets its ``stale_if_error`` value if it
+    has one (guarantee 7), else the error."""
+    cache.stats.fetch_errors += 1
+    if observe is not None:
+        observe(cache.name, time.perf_counter() - started, False)
+    served = 0
+    for flight in reserved:
+        cache.abandon_fill(flight)
+        stale = cache.get_stale(flight.key, for_error=True)
+        if stale is None:
+            flight.waiter.set_exception(exc)
+        else:
+            served += 1
+            flight.waiter.set_result(stale.value)
+    if served:
+        cache.stats.stale_serves += served
+        log.warning(
+            "serving stale values: the batch fetch failed",
+            extra={"ns": cache.name, "keys": served, "error": repr(exc)},
+        )
 
 
 def _attach_many(wrapper: Any, fn: Callable[..., Any], cache: LocalCache) -> None:
@@ -408,6 +456,8 @@ class ManyDecorator:
                 fn, cache, version_of=version_of, spawn=self._spawn, observe=self._observe
             )
         else:
-            wrapped = wrap_many_sync(fn, cache, version_of=version_of, observe=self._observe)
+            wrapped = wrap_many_sync(
+                fn, cache, version_of=version_of, submit=self._submit, observe=self._observe
+            )
         wrapped.one = one
         return wrapped

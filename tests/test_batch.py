@@ -384,3 +384,52 @@ async def test_http_fetcher_batch_array_chunks_and_errors() -> None:
     with pytest.raises(ValueError, match="{keys}"):
         HttpFetcher("http://owner", many_path="/currencies")
     await client.aclose()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+async def test_stale_while_revalidate_and_stale_if_error(unique: str, plain: bool) -> None:
+    clock = FakeClock()
+    values = {"A": 1, "B": 2}
+    calls: list[list[str]] = []
+    fail = False
+
+    def answer(keys: list[str]) -> dict[str, int]:
+        calls.append(list(keys))
+        if fail:
+            raise RuntimeError("owner down")
+        return {key: values[key] for key in keys}
+
+    async with CacheSync(f"memory://{unique}", clock=clock) as sync:
+        options: dict[str, Any] = {
+            "ttl": 10, "jitter": 0, "stale_while_revalidate": 5, "stale_if_error": 60,
+        }  # fmt: skip
+        if plain:
+            get_many: Any = sync.cached_many("items", **options)(answer)
+
+            async def read(keys: list[str]) -> dict[str, int]:
+                return await asyncio.to_thread(get_many, keys)
+        else:
+
+            async def fetch(keys: list[str]) -> dict[str, int]:
+                return answer(keys)
+
+            get_many = sync.cached_many("items", **options)(fetch)
+
+            async def read(keys: list[str]) -> dict[str, int]:
+                return await get_many(keys)  # type: ignore[no-any-return]
+
+        assert await read(["A", "B"]) == {"A": 1, "B": 2}
+        values.update(A=10, B=20)
+        clock.advance(12)  # expired, within stale_while_revalidate
+        assert await read(["A", "B"]) == {"A": 1, "B": 2}  # served stale ...
+        cache = get_many.cache
+        flight = (cache.thread_flights if plain else cache.flights).get("A")
+        if flight is not None:  # ... while one background batch refreshes both
+            await (asyncio.wrap_future(flight.waiter) if plain else flight.waiter)
+        assert cache.get_fresh("A") is not None
+        assert calls == [["A", "B"], ["A", "B"]]
+        assert await read(["A", "B"]) == {"A": 10, "B": 20}
+        fail = True
+        clock.advance(20)  # past stale_while_revalidate: a fetch, which fails
+        assert await read(["A", "B"]) == {"A": 10, "B": 20}  # stale_if_error
+        assert sync.stats()["namespaces"]["items"]["fetch_errors"] == 1
