@@ -22,6 +22,7 @@ from typing import Any
 import cachetools
 
 from cachesync import CacheSync, ChangeEvent, Op
+from cachesync.events import SCHEMA_VERSION
 from cachesync.transports.memory import bus_for
 
 
@@ -246,11 +247,11 @@ def _events(source: str, first_seq: int, n: int, n_keys: int) -> list[bytes]:
     first one): building 10^5 pydantic models would take longer than applying them."""
     ts = time.time()
     template = (
-        '{"v":1,"source":"%s","seq":%d,"ns":"items","op":"upsert","keys":["k%d"],'
+        '{"v":%d,"source":"%s","seq":%d,"ns":"items","op":"upsert","keys":["k%d"],'
         '"version":%d,"ts":%r}'
     )
     out = [
-        (template % (source, seq, seq % n_keys, 2 + seq // n_keys, ts)).encode()
+        (template % (SCHEMA_VERSION, source, seq, seq % n_keys, 2 + seq // n_keys, ts)).encode()
         for seq in range(first_seq, first_seq + n)
     ]
     expected = ChangeEvent(

@@ -28,15 +28,18 @@ entry takes none (a dict lookup and two comparisons).
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from .clock import ExactClock, HitClock
+from .tags import TagFunc, TagIndex, tagger_of
+from .weight import ENTRY_OVERHEAD, TOMBSTONE_WEIGHT, estimate_size
 
 __all__ = [
     "BulkFill",
@@ -48,6 +51,9 @@ __all__ = [
     "TOMBSTONE",
     "check_settings",
 ]
+
+
+log = logging.getLogger("cachesync.cache")
 
 
 class _Tombstone:
@@ -82,7 +88,7 @@ class Entry:
     revalidating until ``stale_until``; servable when the owner fails until ``error_until``
     (monotonic seconds); served at all only while its ``gen`` is the cache's ``serving``."""
 
-    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen")
+    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen", "stored")
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class Entry:
         error_until: float,
         version: int | None,
         gen: Generation,
+        stored: float = _NEVER,
     ) -> None:
         self.value = value
         self.expires = expires
@@ -99,6 +106,7 @@ class Entry:
         self.error_until = error_until
         self.version = version
         self.gen = gen
+        self.stored = stored  # when it was stored (monotonic), for explain()
 
     def __repr__(self) -> str:
         return f"Entry({self.value!r}, expires={self.expires}, version={self.version})"
@@ -174,6 +182,13 @@ class LocalCache:
     included), evicting the least recently used. ``clock`` is the monotonic clock, injectable
     for tests; ``hit_clock`` is what the async hit path compares expiries with (see
     :mod:`cachesync.clock`; by default it reads ``clock`` at every hit).
+
+    ``tags(value)`` (or ``tags(key, value)``) gives the tags of each value stored, for
+    :meth:`invalidate_tags` (see :mod:`cachesync.tags`). ``max_bytes`` bounds the weight of
+    the entries, evicting the least recently used, with ``weigher(value)`` (default
+    :func:`~cachesync.weight.estimate_size`) plus the key and a per-entry overhead; a value
+    heavier than ``max_bytes`` on its own is not stored. Both run when a value is stored,
+    never on a hit; a value whose tags or weight cannot be computed is not stored.
     """
 
     def __init__(
@@ -189,16 +204,21 @@ class LocalCache:
         clock: Callable[[], float] = time.monotonic,
         hit_clock: HitClock | None = None,
         rng: random.Random | None = None,
+        tags: TagFunc | None = None,
+        max_bytes: int | None = None,
+        weigher: Callable[[Any], int] | None = None,
     ) -> None:
         check_settings(
             ttl=ttl,
             maxsize=maxsize,
+            max_bytes=max_bytes,
             negative_ttl=negative_ttl,
             jitter=jitter,
             stale_while_revalidate=stale_while_revalidate,
             stale_if_error=stale_if_error,
         )
         self.name = name
+        self.function = ""  # the qualified name of the function cached here, for explain()
         self.ttl = float(ttl)
         self.maxsize = maxsize
         self.negative_ttl = negative_ttl
@@ -224,6 +244,14 @@ class LocalCache:
         # report them.
         self.hit_counters: list[Callable[[], int]] = []
         self._random = (rng or random.Random()).random
+        self._tagger = tagger_of(tags) if tags is not None else None
+        self.tag_index: TagIndex | None = TagIndex() if tags is not None else None
+        self.max_bytes = max_bytes
+        if weigher is not None and not callable(weigher):
+            raise TypeError("weigher= must be a function of the value returning its bytes")
+        self._weigher = weigher if weigher is not None else estimate_size
+        self._weights: dict[str, int] | None = {} if max_bytes is not None else None
+        self.bytes = 0
 
     @property
     def trusted(self) -> bool:
@@ -244,6 +272,8 @@ class LocalCache:
     def snapshot(self) -> dict[str, int]:
         """Every counter of this cache, hits included, and its size."""
         counters = {"hits": self.hits(), **self.stats.snapshot(), "size": len(self.data)}
+        if self._weights is not None:
+            counters["bytes"] = self.bytes
         return counters
 
     def keys(self) -> list[str]:
@@ -319,8 +349,7 @@ class LocalCache:
                 version = known.version
             ttl = self.negative_ttl if value is None else self.ttl
             assert ttl is not None  # checked above; narrows the type
-            self._store(flight.key, value, ttl, version)
-            return True
+            return self._store(flight.key, value, ttl, version)
 
     def abandon_fill(self, flight: Flight) -> None:
         """Forget ``flight`` after its fetch failed; nothing is stored."""
@@ -339,8 +368,7 @@ class LocalCache:
             if not self.trusted or _is_older(version, self.data.get(key)):
                 return False
             self._void_key(key)
-            self._store(key, value, self.ttl, version)
-            return True
+            return self._store(key, value, self.ttl, version)
 
     def begin_bulk(self) -> BulkFill:
         """Reserve a fill of many keys; read their values after this call, then ``put`` them."""
@@ -380,10 +408,29 @@ class LocalCache:
             known = version if version is not None else entry.version
             if known is None:
                 del self.data[key]
+                self._forgotten(key)
             elif entry.value is not TOMBSTONE or entry.version != known:
-                self.data[key] = Entry(TOMBSTONE, _NEVER, _NEVER, _NEVER, known, entry.gen)
+                self.data[key] = Entry(
+                    TOMBSTONE, _NEVER, _NEVER, _NEVER, known, entry.gen, self.clock()
+                )
+                if self.tag_index is not None:
+                    self.tag_index.discard(key)
+                if self._weights is not None:
+                    self._weigh(key, TOMBSTONE_WEIGHT + len(key))
             self.stats.invalidations += 1
             return True
+
+    def invalidate_tags(self, tags: Iterable[str]) -> int:
+        """Drop every entry stored with one of ``tags``, and void every fill in flight (its
+        value, not known yet, might carry one). Returns how many entries were dropped."""
+        if isinstance(tags, str):
+            raise TypeError("tags must be a list of strings, not one str: pass [tag]")
+        with self.lock:
+            if self.tag_index is None:
+                return 0  # nothing here is tagged, nor can a fill be
+            dropped = sum(1 for key in self.tag_index.keys_for(tags) if self.invalidate(key))
+            self._void_all()
+            return dropped
 
     def apply_value(self, key: str, value: Any, version: int | None) -> bool:
         """Replace the entry of ``key`` with ``value`` carried by an event (refresh mode).
@@ -413,7 +460,8 @@ class LocalCache:
                     )
                 self.stats.invalidations += 1
                 return False
-            self._store(key, value, self.ttl, version)
+            if not self._store(key, value, self.ttl, version):
+                return False
             self.stats.refreshes += 1
             return True
 
@@ -456,7 +504,30 @@ class LocalCache:
         for watcher in self._serving_watchers:
             watcher(gen)
 
-    def _store(self, key: str, value: Any, ttl: float, version: int | None) -> None:
+    def _store(self, key: str, value: Any, ttl: float, version: int | None) -> bool:
+        tags: tuple[str, ...] = ()
+        weight = 0
+        if self._tagger is not None or self._weights is not None:
+            try:
+                if self._tagger is not None and value is not None:
+                    tags = tuple(self._tagger(key, value))
+                    if any(type(tag) is not str for tag in tags):
+                        raise TypeError(f"tags must be strings, got {tags!r}")
+                if self._weights is not None:
+                    weight = int(self._weigher(value)) + len(key) + ENTRY_OVERHEAD
+            except Exception:
+                self.stats.errors += 1
+                log.warning(
+                    "tags= or weigher= failed; the value is not stored",
+                    extra={"ns": self.name, "key": key},
+                    exc_info=True,
+                )
+                self.invalidate(key)
+                return False
+            if self.max_bytes is not None and weight > self.max_bytes:
+                self.stats.evictions += 1
+                self.invalidate(key)
+                return False
         now = self.clock()
         if self.jitter:
             ttl *= 1.0 + self.jitter * (2.0 * self._random() - 1.0)
@@ -469,11 +540,35 @@ class LocalCache:
             expires + self.stale_if_error,
             version,
             self.gen,
+            now,
         )
         data.move_to_end(key)
+        if self.tag_index is not None:
+            self.tag_index.assign(key, tags)
+        if self._weights is not None:
+            self._weigh(key, weight)
+            while self.bytes > self.max_bytes and len(data) > 1:  # type: ignore[operator]
+                evicted, _ = data.popitem(last=False)
+                self._forgotten(evicted)
+                self.stats.evictions += 1
         while len(data) > self.maxsize:
-            data.popitem(last=False)
+            evicted, _ = data.popitem(last=False)
+            self._forgotten(evicted)
             self.stats.evictions += 1
+        return True
+
+    def _weigh(self, key: str, weight: int) -> None:
+        weights = self._weights
+        assert weights is not None
+        self.bytes += weight - weights.get(key, 0)
+        weights[key] = weight
+
+    def _forgotten(self, key: str) -> None:
+        """``key`` left ``data``: forget its tags and weight."""
+        if self.tag_index is not None:
+            self.tag_index.discard(key)
+        if self._weights is not None:
+            self.bytes -= self._weights.pop(key, 0)
 
     def _detach(self, flight: Flight) -> None:
         for flights in (self.flights, self.thread_flights):
@@ -517,6 +612,7 @@ def check_settings(
     ttl: object,
     maxsize: object,
     negative_ttl: object,
+    max_bytes: object = None,
     jitter: object,
     stale_while_revalidate: object,
     stale_if_error: object,
@@ -525,6 +621,10 @@ def check_settings(
     _check_positive("ttl", ttl)
     if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
         raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
+    if max_bytes is not None and (
+        not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1
+    ):
+        raise ValueError(f"max_bytes must be a positive integer (bytes), got {max_bytes!r}")
     if negative_ttl is not None:
         _check_positive("negative_ttl", negative_ttl)
     if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from .cache import BulkFill, Entry, Flight, Generation, LocalCache, check_settings
 from .keys import KeyBuilder, KeyFunc
+from .tags import TagFunc
 
 __all__ = [
     "CacheOptions",
@@ -62,6 +64,7 @@ class _Handle(Protocol):
     def cache_clear(self) -> None: ...
     def prime(self, key: str, value: Any, *, version: int | None = None) -> bool: ...
     def bulk(self) -> contextlib.AbstractContextManager[BulkFill]: ...
+    def invalidate_tags(self, *tags: str) -> int: ...
 
 
 class CachedCoroutine(_Handle, Protocol, Generic[P, R_co]):
@@ -114,6 +117,12 @@ def _attach(
         finally:
             reservation.close()
 
+    def invalidate_tags(*tags: str) -> int:
+        """Drop the entries stored with one of ``tags`` in this instance (and void the fills
+        in flight); how many were dropped."""
+        return cache.invalidate_tags(tags)
+
+    wrapper.invalidate_tags = invalidate_tags
     wrapper.key_for = key_for
     wrapper.invalidate = invalidate
     wrapper.cache_clear = cache_clear
@@ -414,6 +423,12 @@ def wrap_sync(
     return chosen  # type: ignore[return-value]
 
 
+def _name_of(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
 def _close(awaitable: object) -> None:
     close = getattr(awaitable, "close", None)
     if callable(close):
@@ -492,7 +507,7 @@ class CacheOptions:
     """
 
     ttl: float = 3600.0
-    maxsize: int = 10_000
+    maxsize: int | None = None
     key: KeyFunc | None = None
     mode: Mode = "invalidate"
     stale_while_revalidate: float = 0.0
@@ -501,11 +516,21 @@ class CacheOptions:
     jitter: float = 0.1
     from_event: Callable[[Any], Any] | None = None
     version_of: VersionOf | None = None
+    tags: TagFunc | None = None
+    max_bytes: int | None = None
+    weigher: Callable[[Any], int] | None = None
+
+    @property
+    def max_entries(self) -> int:
+        """``maxsize``, or its default: 10,000 entries, unbounded when ``max_bytes`` is set."""
+        if self.maxsize is not None:
+            return self.maxsize
+        return 10_000 if self.max_bytes is None else sys.maxsize
 
     def __post_init__(self) -> None:
         if self.mode not in ("invalidate", "refresh"):
             raise ValueError(f"mode must be 'invalidate' or 'refresh', got {self.mode!r}")
-        for name in ("key", "from_event", "version_of"):
+        for name in ("key", "from_event", "version_of", "tags", "weigher"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"{name}= must be a function")
@@ -513,15 +538,21 @@ class CacheOptions:
                 # Called where nothing awaits (the listener, the hit path): the value cached
                 # would be a coroutine object.
                 raise TypeError(f"{name}= must be a plain function, not 'async def'")
+        if self.weigher is not None and self.max_bytes is None:
+            raise ValueError("weigher= needs max_bytes=: it weighs entries against that budget")
         check_settings(
             ttl=self.ttl,
-            maxsize=self.maxsize,
+            maxsize=self.max_entries,
+            max_bytes=self.max_bytes,
             negative_ttl=self.negative_ttl,
             jitter=self.jitter,
             stale_while_revalidate=self.stale_while_revalidate,
             stale_if_error=self.stale_if_error,
         )
 
+
+WrapFetch = Callable[[Callable[..., Any], str], Callable[..., Any]]
+"""Wraps a fetch function of a namespace (tracing's spans); never on the hit path."""
 
 MakeCache = Callable[[str, CacheOptions], LocalCache]
 """Builds the cache of one function and registers it under its namespace (the client's)."""
@@ -542,6 +573,7 @@ class Decorator:
         submit: Submit,
         observe: FetchObserver | None = None,
         on_async: Callable[[Callable[..., Any]], None] | None = None,
+        wrap_fetch: WrapFetch | None = None,
     ) -> None:
         self.ns = ns
         self.options = options
@@ -550,6 +582,7 @@ class Decorator:
         self._submit = submit
         self._observe = observe
         self._on_async = on_async
+        self._wrap_fetch = wrap_fetch
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> CachedCoroutine[P, R]: ...
@@ -572,6 +605,9 @@ class Decorator:
         if is_async and self._on_async is not None:
             self._on_async(fn)  # may refuse it (a client running on a background thread)
         cache = self._make_cache(self.ns, options)
+        cache.function = _name_of(fn)
+        if self._wrap_fetch is not None:  # tracing: a span around each owner call
+            fn = self._wrap_fetch(fn, self.ns)
         if is_async:
             return wrap_async(
                 fn,

@@ -178,6 +178,43 @@ async def fetch_state(owner_url: str, *, timeout: float = 5.0) -> Any:
         raise CommandError(f"{shown} did not answer JSON") from None
 
 
+async def fetch_explain(url: str, ns: str, key: str, *, timeout: float = 5.0) -> Any:
+    """``GET {url}/cachesync/explain?ns=NS&key=KEY`` of a running consumer instance (one that
+    mounts ``consumer_router``); ``url`` may also be the full explain URL."""
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"give the instance's base URL, like http://127.0.0.1:8001 (got {url!r})")
+    base = url.rstrip("/")
+    target = base if base.endswith("/explain") else base + "/cachesync/explain"
+    shown = redact_url(target)
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(target, params={"ns": ns, "key": key})
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise CommandError(f"could not reach the instance at {shown}: {reason}") from None
+    if response.status_code == 404:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        raise CommandError(
+            f"{shown} answered 404: "
+            + (
+                str(detail)
+                if detail and detail != "Not Found"
+                else "does the instance mount consumer_router(sync)?"
+            )
+        )
+    if response.status_code != 200:
+        raise CommandError(f"{shown} answered {response.status_code}")
+    try:
+        return response.json()
+    except ValueError:
+        raise CommandError(f"{shown} did not answer JSON") from None
+
+
 def bench(args: Sequence[str], *, root: Path | None = None) -> int:
     """Run ``python -m benchmarks ARGS`` in the source checkout at ``root`` (by default the
     directory that holds this package) and return its exit status."""
@@ -375,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     state.set_defaults(parser=state, handler=_cmd_state)
 
+    explain = commands.add_parser(
+        "explain",
+        help="ask a running consumer why a key is or is not served from its cache",
+        description="GET URL/cachesync/explain?ns=NS&key=KEY of a consumer instance that "
+        "mounts consumer_router(sync), and print its answer: per function whether the key "
+        "is cached, its version, age and expiry; the last event applied to it; the last "
+        "flush of its namespace and why; the sources heard, their last seq and lag.",
+    )
+    explain.add_argument("url", metavar="URL", help="the instance's base URL")
+    explain.add_argument("ns", metavar="NS", help="the namespace")
+    explain.add_argument("key", metavar="KEY", help="the key")
+    explain.set_defaults(parser=explain, handler=_cmd_explain)
+
     bench_ = commands.add_parser(
         "bench",
         help="run the benchmarks (python -m benchmarks) of a source checkout",
@@ -521,6 +571,12 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 def _cmd_state(args: argparse.Namespace) -> int:
     state = asyncio.run(fetch_state(args.owner_url))
     print(json.dumps(state, indent=2))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    answer = asyncio.run(fetch_explain(args.url, args.ns, args.key))
+    print(json.dumps(answer, indent=2))
     return 0
 
 

@@ -29,16 +29,20 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .backoff import Backoff
+from .batch import ManyDecorator
 from .cache import LocalCache
 from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
-from .errors import EventDecodeError, StateError, TransportError
+from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .explain import History, as_dict, describe_entry
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
 from .runner import BackgroundRunner
 from .signing import Signer
+from .tags import TagFunc
+from .tracing import Tracing
 from .transports.base import Transport, from_url, redact_url
 
 __all__ = ["CacheSync", "ClientState", "ClientStats", "Decorator"]
@@ -90,6 +94,7 @@ class ClientStats:
     duplicates: int = 0
     apply_failures: int = 0
     silent_namespaces: int = 0
+    unknown_schema: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a dict."""
@@ -178,7 +183,9 @@ class CacheSync(Service):
     ``heartbeat_timeout`` is how long a publisher may stay silent before its events are taken as
     lost; by default it is three times the interval its heartbeats announce. ``signing_keys``
     makes the client accept only events signed with one of them. ``clock`` is the monotonic
-    clock every cache uses (inject a fake one in tests).
+    clock every cache uses (inject a fake one in tests). ``tracing=True`` (the global
+    OpenTelemetry tracer provider) or ``tracing=provider`` makes spans for owner fetches,
+    events and flushes (see :mod:`cachesync.tracing`; the ``otel`` extra); hits make none.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class CacheSync(Service):
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         observer: Observer | None = None,
+        tracing: Any = False,
     ) -> None:
         if not channel:
             raise ValueError("channel must be a non-empty string")
@@ -245,6 +253,12 @@ class CacheSync(Service):
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._runner: BackgroundRunner | None = None
         self._async_functions: list[str] = []
+        self._history = History()
+        self._tracing: Tracing | None = None
+        if tracing is True:
+            self._tracing = Tracing()
+        elif tracing is not False and tracing is not None:
+            self._tracing = Tracing(tracing)  # a TracerProvider
 
     # -- decorating ------------------------------------------------------------------------
 
@@ -253,7 +267,7 @@ class CacheSync(Service):
         ns: str,
         *,
         ttl: float = 3600.0,
-        maxsize: int = 10_000,
+        maxsize: int | None = None,
         key: KeyFunc | None = None,
         mode: Mode = "invalidate",
         stale_while_revalidate: float = 0.0,
@@ -262,6 +276,9 @@ class CacheSync(Service):
         jitter: float = 0.1,
         from_event: Callable[[Any], Any] | None = None,
         version_of: VersionOf | None = None,
+        tags: TagFunc | None = None,
+        max_bytes: int | None = None,
+        weigher: Callable[[Any], int] | None = None,
     ) -> Decorator:
         """Cache the results of a fetch function in namespace ``ns`` of this instance.
 
@@ -276,12 +293,14 @@ class CacheSync(Service):
         while one fetch refreshes it; ``stale_if_error`` serves the last value when the fetch
         fails. ``version_of(value)`` gives the owner's version of a fetched value, so an older
         fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
+        ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
+        invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
+        ``maxsize`` bounds the entries (10,000 by default); ``max_bytes`` bounds their weight
+        instead (``weigher(value)``, by default a cheap estimate; ``maxsize`` is then
+        unbounded unless given). Both evict the least recently used.
         Works on coroutine functions and on plain functions (callable from any thread).
         """
-        if not isinstance(ns, str) or not ns:
-            raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
-        if len(ns) > 256:
-            raise ValueError("ns must be at most 256 characters (what an event can name)")
+        self._check_ns(ns)
         options = CacheOptions(
             ttl=ttl,
             maxsize=maxsize,
@@ -293,6 +312,9 @@ class CacheSync(Service):
             jitter=jitter,
             from_event=from_event,
             version_of=version_of,
+            tags=tags,
+            max_bytes=max_bytes,
+            weigher=weigher,
         )
         return Decorator(
             ns,
@@ -302,13 +324,53 @@ class CacheSync(Service):
             submit=self._submit,
             observe=self._observer.fetch_done if self._observer is not None else None,
             on_async=self._decorated_async,
+            wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
         )
+
+    def cached_many(self, ns: str, *, shares: Any = None, **options: Any) -> ManyDecorator:
+        """Cache a *batch* fetch function in namespace ``ns``: it takes a list of keys and
+        returns a mapping of the keys found to their values (async or plain).
+
+        A call serves the keys cached here and makes one owner call for the others; a key
+        another read is fetching is joined, not fetched again; a key an event invalidates
+        while the batch is on its way is not stored; a key the mapping leaves out is absent
+        (cached for ``negative_ttl`` if set, and left out of the result).
+        ``shares=get_one`` (a ``@sync.cached`` function of ``ns``) makes batch and single
+        reads share its entries, options and single-flight; otherwise ``options`` are those
+        of :meth:`cached` (``key`` excepted: batch keys are the owner's keys), and the wrapped
+        function gets ``.one(key)``, a single-key reader over the same entries.
+        """
+        self._check_ns(ns)
+        if shares is not None and options:
+            raise ValueError(
+                "cached_many(shares=...) uses the options of the shared function; "
+                f"remove {sorted(options)}"
+            )
+        if "key" in options:
+            raise ValueError("cached_many() takes no key=: batch keys are the owner's keys")
+        return ManyDecorator(
+            ns,
+            CacheOptions(**options),
+            shares=shares,
+            make_cache=self._make_cache,
+            spawn=self._spawn,
+            submit=self._submit,
+            observe=self._observer.fetch_done if self._observer is not None else None,
+            wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
+        )
+
+    @staticmethod
+    def _check_ns(ns: object) -> None:
+        if not isinstance(ns, str) or not ns:
+            raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
+        if len(ns) > 256:
+            raise ValueError("ns must be at most 256 characters (what an event can name)")
 
     def _make_cache(self, ns: str, options: CacheOptions) -> LocalCache:
         cache = LocalCache(
             ns,
             ttl=options.ttl,
-            maxsize=options.maxsize,
+            maxsize=options.max_entries,
             negative_ttl=options.negative_ttl,
             jitter=options.jitter,
             stale_while_revalidate=options.stale_while_revalidate,
@@ -316,6 +378,9 @@ class CacheSync(Service):
             clock=self._clock,
             hit_clock=self._hit_clock,
             rng=self._rng,
+            tags=options.tags,
+            max_bytes=options.max_bytes,
+            weigher=options.weigher,
         )
         namespace = self._namespaces.get(ns)
         if namespace is None:
@@ -534,6 +599,50 @@ class CacheSync(Service):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
 
+    def invalidate_tags(self, ns: str, *tags: str) -> int:
+        """Drop, in this instance, every entry of ``ns`` stored with one of ``tags`` (every
+        function cached under it); how many were dropped. Other instances hear of it through
+        ``Publisher.changed(ns, tags=[...])``."""
+        return sum(member.cache.invalidate_tags(tags) for member in self._namespaces[ns].members)
+
+    def explain(self, ns: str, key: str) -> dict[str, Any]:
+        """Why ``key`` of ``ns`` is (or is not) served from this instance's cache.
+
+        For each function cached under ``ns``: whether the key is cached and fresh, its state
+        (fresh, expired, invalidated, flushed, not cached, not served), version, age, time
+        to expiry, and whether a fill is in flight. For the key: the last event applied to it
+        (op, source, seq, version, when). For the namespace: the last flush and its cause
+        (flush event, tags, gap, reconnect, new source, heartbeat, silence, schema), whether
+        it is served at all, and every source heard with its last seq, liveness and lag.
+        A JSON-ready dict (KeyError if nothing is cached under ``ns`` here).
+        """
+        namespace = self._namespaces[ns]
+        wall = self._wall_clock()
+        now = self._clock()
+        sources = []
+        for name in sorted(namespace.heard):
+            live = self._sources.get(name)
+            lag = self._history.source_lag.get(name)
+            info: dict[str, Any] = {
+                "source": name,
+                "live": live is not None,
+                "last_seq": live.seq if live is not None else self._retired.get(name),
+                "last_heard_ago": round(now - live.last_seen, 6) if live is not None else None,
+                "heartbeat_timeout": live.timeout if live is not None else None,
+                "lag": round(lag[0], 6) if lag is not None else None,
+            }
+            sources.append(info)
+        return {
+            "ns": ns,
+            "key": key,
+            "listener_up": self._stats.listener_up,
+            "namespace_silent": namespace.silent,
+            "functions": [describe_entry(m.cache, key) for m in namespace.members],
+            "last_event": as_dict(self._history.last_event(ns, key), wall),
+            "last_flush": as_dict(self._history.last_flush(ns), wall),
+            "sources": sources,
+        }
+
     # -- the listener ----------------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -584,6 +693,8 @@ class CacheSync(Service):
     def _on_ready(self, resumed: bool) -> None:
         if self._suspect_on_ready:
             resumed, self._suspect_on_ready = False, False
+        if not resumed:
+            self._flushed(None, "reconnect", self._wall_clock(), channel=self.channel)
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -622,6 +733,10 @@ class CacheSync(Service):
         now = self._clock()
         try:
             event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+        except UnknownSchemaError as exc:
+            stats.unknown_schema += 1
+            self._unknown_schema(exc)
+            return
         except EventDecodeError as exc:
             stats.bad_events += 1
             self._warn.warning("bad_event", "dropped a malformed event: %s", exc)
@@ -637,12 +752,22 @@ class CacheSync(Service):
             stats.bad_signatures += 1
             self._warn.exception("bad_signature", "could not verify an event's signature")
             return
+        if self._tracing is not None:
+            with self._tracing.event(event, self._wall_clock() - event.ts):
+                self._handle(event, now)
+        else:
+            self._handle(event, now)
+
+    def _handle(self, event: ChangeEvent, now: float) -> None:
+        stats = self._stats
         try:
             if not self._track(event, now):
                 stats.duplicates += 1
                 return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
+                wall = self._wall_clock()
+                self._history.heard(event.source, wall - event.ts, wall)
             else:
                 self._apply(event, now)
         except Exception as exc:
@@ -652,6 +777,31 @@ class CacheSync(Service):
             self._set_down()
             self._warn.exception("apply_failed", "could not apply an event; restarting")
             raise _ApplyFailed(f"could not apply an event: {exc!r}") from exc
+
+    def _unknown_schema(self, exc: UnknownSchemaError) -> None:
+        """An event this consumer cannot read (a newer owner's schema) may have changed
+        anything in its namespace: flush that namespace, or every one when it cannot be told.
+        Its seq is not tracked (it cannot be trusted), so the next event of its source shows
+        a gap and flushes again: upgrade consumers before owners write a newer schema."""
+        self._warn.warning(
+            "unknown_schema",
+            "flushed %s: %s; upgrade this consumer",
+            f"namespace {exc.ns!r}" if exc.ns is not None else "every namespace",
+            exc,
+        )
+        # Logged above at most once per 10 s: a flood of such events must not flood the log.
+        if exc.ns is None:
+            flushed = list(self._namespaces.values())
+        elif exc.ns in self._namespaces:
+            flushed = [self._namespaces[exc.ns]]
+        else:
+            return
+        self._flushed(exc.ns, "schema", self._wall_clock(), version=str(exc.version))
+        for ns in flushed:
+            for member in ns.members:
+                member.cache.suspect_all()
+        if self._observer is not None:
+            self._observer.lost_events("schema")
 
     def _apply(self, event: ChangeEvent, now: float) -> None:
         self._last_event = (event.ts, now)
@@ -664,14 +814,19 @@ class CacheSync(Service):
             if ns.silent:  # a live source names it: it is fed again
                 self._unsilence(ns)
         op = event.op
+        wall = self._wall_clock()
+        self._history.applied(event, wall)
         if self._observer is not None:
-            self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
+            self._observer.event_applied(event.ns, str(op), wall - event.ts)
         version = event.version
         keys = event.keys
         refresh = op == _UPSERT and event.value is not None and len(keys) == 1
+        tags = event.tags
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1
+            if tags is not None:
+                cache.invalidate_tags(tags)
             if op == _FLUSH:
                 cache.clear()
             elif refresh and member.mode == "refresh":
@@ -788,6 +943,7 @@ class CacheSync(Service):
     def _silence(self, ns: _Namespace, name: str) -> None:
         ns.silent = True
         self._stats.silent_namespaces += 1
+        self._flushed(name, "silent", self._wall_clock())
         log.warning(
             "every source of namespace %r is silent; reads go to the owner until one is "
             "heard again",
@@ -819,12 +975,21 @@ class CacheSync(Service):
         extra: dict[str, Any] = {"cause": cause, "channel": self.channel, **details}
         if event is not None:
             extra.update(source=event.source, seq=event.seq)
+        self._flushed(
+            None, cause, self._wall_clock(), **{k: v for k, v in extra.items() if k != "cause"}
+        )
         if quiet:
             log.debug("flushed an empty cache (%s)", cause, extra=extra)
             return
         if self._observer is not None:
             self._observer.lost_events(cause)
         log.warning("cachesync flushed: events may have been lost (%s)", cause, extra=extra)
+
+    def _flushed(self, ns: str | None, cause: str, wall: float, **details: Any) -> None:
+        """Remember a flush of ``ns`` (None: every namespace) for explain() and tracing."""
+        self._history.flush(ns, cause, wall, **details)
+        if self._tracing is not None:
+            self._tracing.flush(cause, ns, details)
 
     def _had_entries(self) -> bool:
         """Whether any cache holds an entry (a flush would change something)."""

@@ -3,6 +3,7 @@
     CacheSyncError
     ├── ConfigError           a bad URL, an unknown scheme, a missing extra
     ├── EventDecodeError      a message that is not a valid ChangeEvent (also a ValueError)
+    │   └── UnknownSchemaError  an event of a schema version this consumer does not read
     ├── FetchError            the owner could not answer a fetch (carries url and status)
     ├── StateError            a lifecycle misuse: reopening a closed client, publishing before start
     └── TransportError        the broker could not be reached or the connection broke
@@ -21,6 +22,7 @@ __all__ = [
     "FetchError",
     "StateError",
     "TransportError",
+    "UnknownSchemaError",
 ]
 
 
@@ -34,6 +36,18 @@ class ConfigError(CacheSyncError, ValueError):
 
 class EventDecodeError(CacheSyncError, ValueError):
     """A broker message that is not a valid :class:`~cachesync.events.ChangeEvent`."""
+
+
+class UnknownSchemaError(EventDecodeError):
+    """An event written in a schema version this consumer does not read (a newer owner).
+
+    ``version`` is the version it names; ``ns`` its namespace if it could be read (else
+    None). The consumer treats it as a possible loss, never as nothing."""
+
+    def __init__(self, message: str, *, version: object = None, ns: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+        self.ns = ns
 
 
 class StateError(CacheSyncError, RuntimeError):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, overload
 from urllib.parse import quote
@@ -83,6 +83,9 @@ class HttpFetcher(Generic[T]):
         headers: dict[str, str] | None = ...,
         etag_cache_size: int = ...,
         client: httpx.AsyncClient | None = ...,
+        many_path: str | None = ...,
+        many_key: Callable[[Any], str] | None = ...,
+        many_max: int = ...,
     ) -> None: ...
 
     @overload
@@ -99,6 +102,9 @@ class HttpFetcher(Generic[T]):
         headers: dict[str, str] | None = ...,
         etag_cache_size: int = ...,
         client: httpx.AsyncClient | None = ...,
+        many_path: str | None = ...,
+        many_key: Callable[[Any], str] | None = ...,
+        many_max: int = ...,
     ) -> None: ...
 
     def __init__(
@@ -114,6 +120,9 @@ class HttpFetcher(Generic[T]):
         headers: dict[str, str] | None = None,
         etag_cache_size: int = 10_000,
         client: httpx.AsyncClient | None = None,
+        many_path: str | None = None,
+        many_key: Callable[[Any], str] | None = None,
+        many_max: int = 100,
     ) -> None:
         if not isinstance(base_url, str) or not base_url:
             raise ValueError("base_url must be a non-empty URL string")
@@ -125,6 +134,15 @@ class HttpFetcher(Generic[T]):
             raise ValueError("retries must be >= 0")
         if etag_cache_size < 0:
             raise ValueError("etag_cache_size must be >= 0")
+        if many_path is not None and "{keys}" not in many_path:
+            raise ValueError(
+                "many_path must contain the '{keys}' placeholder, e.g. '/currencies?codes={keys}'"
+            )
+        if many_max < 1:
+            raise ValueError("many_max must be >= 1")
+        self.many_path = many_path
+        self._many_key = many_key
+        self.many_max = many_max
         self.base_url = base_url.rstrip("/")
         self.path = path
         self.timeout = timeout
@@ -215,6 +233,72 @@ class HttpFetcher(Generic[T]):
     async def __call__(self, key: str) -> T | None:
         """Same as :meth:`get`, so the fetcher itself can be the body of a cached function."""
         return await self.get(key)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, T]:
+        """The owner's current values of ``keys`` from its batch endpoint (``many_path``):
+        a mapping of the keys found; a key the owner does not return is absent.
+
+        The keys are URL-quoted and joined by ``,`` into ``{keys}``, at most ``many_max`` per
+        request. The body is a JSON object ``{key: item}``, or a JSON array of items whose key
+        ``many_key(item)`` gives. Raises :class:`FetchError` as :meth:`get` does, and for a
+        body of another shape; a 404 means none of the keys exists.
+        """
+        if self.many_path is None:
+            raise FetchError(
+                "this HttpFetcher has no batch endpoint: pass many_path='/items?ids={keys}'"
+            )
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, T] = {}
+        for start in range(0, len(wanted), self.many_max):
+            chunk = wanted[start : start + self.many_max]
+            found.update(await self._get_chunk(chunk))
+        return found
+
+    async def _get_chunk(self, keys: list[str]) -> dict[str, T]:
+        assert self.many_path is not None  # checked by get_many
+        joined = ",".join(quote(str(key), safe="") for key in keys)
+        url = self.base_url + self.many_path.format(keys=joined)
+        response = await self._request(url, None)
+        if response.status_code == 404:
+            return {}
+        raw = self._parse_json(url, response)
+        if isinstance(raw, dict):
+            pairs = list(raw.items())
+        elif isinstance(raw, list) and self._many_key is not None:
+            pairs = [(None, item) for item in raw]
+        else:
+            self.errors += 1
+            shape = "an object {key: item}" + (" or an array" if self._many_key else "")
+            raise FetchError(
+                f"GET {url} returned {type(raw).__name__}, not {shape}"
+                + ("" if self._many_key else " (pass many_key= to read an array)"),
+                url=url,
+                status=response.status_code,
+            )
+        asked = set(keys)
+        found: dict[str, T] = {}
+        for key, item in pairs:
+            if item is None:
+                continue
+            try:
+                value: T = (
+                    item
+                    if self._adapter is None
+                    else self._adapter.validate_python(item, strict=False)
+                )
+                if key is None:
+                    assert self._many_key is not None
+                    key = self._many_key(value)
+            except ValidationError as exc:
+                self.errors += 1
+                raise FetchError(
+                    f"GET {url}: an item does not fit the model: {_first_error(exc)}",
+                    url=url,
+                    status=response.status_code,
+                ) from exc
+            if key in asked:  # an answer for a key not asked for is not ours to cache
+                found[key] = value
+        return found
 
     async def fetch_all(self, list_path: str) -> list[T]:
         """Every item of the JSON array at ``list_path``, each validated into ``model``."""

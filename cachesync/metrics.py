@@ -41,7 +41,7 @@ __all__ = [
     "PrometheusMetrics",
 ]
 
-LOST_CAUSES = ("gap", "source", "reconnect", "heartbeat")
+LOST_CAUSES = ("gap", "source", "reconnect", "heartbeat", "schema")
 """The causes :meth:`~cachesync.observe.Observer.lost_events` reports; pre-set to 0 so a rate
 over them exists before the first detection."""
 
@@ -100,6 +100,7 @@ _LISTENER_COUNTERS = (
     ("bad_events", "bad_events", "Messages dropped as malformed (or that failed to apply)."),
     ("bad_signatures", "bad_signatures", "Events dropped for a missing or bad signature."),
     ("unknown_namespace", "unknown_namespace_events", "Events for namespaces not cached here."),
+    ("unknown_schema", "unknown_schema_events", "Events of a schema this consumer cannot read."),
     ("replays", "replays", "Reconnects after which the transport replayed what was missed."),
 )
 
@@ -312,6 +313,17 @@ class _StatsCollector:
             if isinstance(value, int):
                 size.add_metric([ns], value)
         yield size
+
+        held = core.GaugeMetricFamily(
+            f"{p}_cache_bytes",
+            "Estimated bytes held per namespace, by the functions cached with max_bytes.",
+            labels=["namespace"],
+        )
+        for ns, counters in namespaces.items():
+            value = counters.get("bytes")
+            if isinstance(value, int):
+                held.add_metric([ns], value)
+        yield held
 
         for field, suffix, doc in _LISTENER_COUNTERS:
             family = core.CounterMetricFamily(f"{p}_{suffix}", doc)

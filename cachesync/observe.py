@@ -23,7 +23,8 @@ class Observer(Protocol):
         """An event was applied ``lag_seconds`` after the owner's commit (its ``ts``)."""
 
     def lost_events(self, cause: str) -> None:
-        """Events may have been lost: ``gap``, ``source``, ``reconnect`` or ``heartbeat``."""
+        """Events may have been lost: ``gap``, ``source``, ``reconnect``, ``heartbeat`` or
+        ``schema`` (an event of a schema this consumer does not read)."""
 
     def listener_state(self, up: bool) -> None:
         """The listener went up (subscribed, caches trusted) or down."""

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
-from .events import ChangeEvent, Op
+from .events import READABLE_SCHEMAS, SCHEMA_VERSION, ChangeEvent, Op
 from .lifecycle import Service
 from .runner import INHERITED, LoopThread
 from .signing import Signer
@@ -37,16 +37,17 @@ class Change(NamedTuple):
     version: int | None = None
     value: Any = None
     ts: float | None = None
+    tags: tuple[str, ...] = ()
 
 
 def _check(change: Change) -> None:
     if change.op is not Op.HEARTBEAT and not change.ns:
         raise ValueError("ns must be a non-empty namespace name")
-    for key in change.keys:
+    for key in (*change.keys, *change.tags):
         if not isinstance(key, str):
-            raise TypeError(f"event keys must be strings, got {type(key).__name__}")
-    if change.op in (Op.UPSERT, Op.DELETE) and not change.keys:
-        raise ValueError(f"a {change.op.value} event needs at least one key")
+            raise TypeError(f"event keys and tags must be strings, got {type(key).__name__}")
+    if change.op in (Op.UPSERT, Op.DELETE) and not change.keys and not change.tags:
+        raise ValueError(f"a {change.op.value} event needs at least one key or tag")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -69,6 +70,11 @@ class Publisher(Service):
     :class:`~cachesync.errors.TransportError`; the seq of an event that failed stays used, so
     consumers see a gap and flush rather than miss it. For changes that must never be lost, write
     them to the outbox (:mod:`cachesync.owner.outbox`) instead.
+
+    ``schema_version`` is the event schema written (default: the current one). During a
+    rolling deploy, write the previous one (``schema_version=1``) until every consumer runs a
+    version that reads the current one: consumers read both. Schema 1 has no ``tags``, so a
+    change that names tags goes out as a flush of its namespace (coarser, never stale).
     """
 
     def __init__(
@@ -81,7 +87,12 @@ class Publisher(Service):
         signing_key: bytes | str | None = None,
         transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
+        schema_version: int = SCHEMA_VERSION,
     ) -> None:
+        if schema_version not in READABLE_SCHEMAS:
+            raise ValueError(
+                f"schema_version must be one of {list(READABLE_SCHEMAS)}, got {schema_version!r}"
+            )
         if heartbeat_interval is not None and heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive, or None to turn it off")
         if publish_timeout <= 0:
@@ -95,6 +106,7 @@ class Publisher(Service):
         self._transport = transport if transport is not None else from_url(url)
         self._signer = Signer([signing_key]) if signing_key is not None else None
         self._clock = clock
+        self.schema_version = schema_version
         self._lock = asyncio.Lock()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._running = False
@@ -145,17 +157,24 @@ class Publisher(Service):
         version: int | None = None,
         value: Any = None,
         ts: float | None = None,
+        tags: Iterable[str] = (),
     ) -> ChangeEvent:
         """Announce that ``keys`` of namespace ``ns`` changed.
 
         Without ``value`` consumers drop their entries (and fetch again on the next read); with
         ``value`` (one key only) consumers in refresh mode store it in place of a fetch.
         ``version`` is the owner's row version: consumers never let an older version replace a
-        newer one. ``ts`` is the commit time (defaults to now).
+        newer one. ``ts`` is the commit time (defaults to now). ``tags`` drop, in every
+        consumer, every entry of ``ns`` that was filled with one of those tags (see
+        ``cached(tags=...)``); keys may then be left out.
         """
         if value is not None and len(keys) != 1:
             raise ValueError("an event that carries a value must name exactly one key")
-        return await self.send(Op.UPSERT, ns, keys, version=version, value=value, ts=ts)
+        if isinstance(tags, str):
+            raise TypeError("tags must be a list of strings, not one str: pass [tag]")
+        return await self.send(
+            Op.UPSERT, ns, keys, version=version, value=value, ts=ts, tags=tuple(tags)
+        )
 
     async def deleted(
         self, ns: str, *keys: str, version: int | None = None, ts: float | None = None
@@ -176,9 +195,10 @@ class Publisher(Service):
         version: int | None = None,
         value: Any = None,
         ts: float | None = None,
+        tags: tuple[str, ...] = (),
     ) -> ChangeEvent:
         """Publish one event with the next ``seq``; the building block of the methods above."""
-        (event,) = await self.send_many([Change(op, ns, tuple(keys), version, value, ts)])
+        (event,) = await self.send_many([Change(op, ns, tuple(keys), version, value, ts, tags)])
         return event
 
     async def send_many(self, changes: Sequence[Change]) -> list[ChangeEvent]:
@@ -197,16 +217,7 @@ class Publisher(Service):
             events = []
             for offset, change in enumerate(changes):
                 try:
-                    event = ChangeEvent(
-                        source=self.source,
-                        seq=first + offset,
-                        ns=change.ns,
-                        op=change.op,
-                        keys=tuple(change.keys),
-                        version=change.version,
-                        value=change.value,
-                        ts=self._clock() if change.ts is None else change.ts,
-                    )
+                    event = self._event(first + offset, change)
                     event.encode()
                 except (ValueError, TypeError) as exc:
                     raise ValueError(
@@ -225,9 +236,31 @@ class Publisher(Service):
             channel=self.channel,
             seq=self.seq,
             heartbeat_interval=self.heartbeat_interval,
+            schema_version=self.schema_version,
         )
 
     # -- internals -------------------------------------------------------------------------
+
+    def _event(self, seq: int, change: Change) -> ChangeEvent:
+        ts = self._clock() if change.ts is None else change.ts
+        if change.tags and self.schema_version < 2:
+            # Schema 1 cannot name tags: drop the whole namespace instead (coarser, still safe).
+            return ChangeEvent(
+                v=self.schema_version, source=self.source, seq=seq, ns=change.ns,
+                op=Op.FLUSH, ts=ts,
+            )  # fmt: skip
+        return ChangeEvent(
+            v=self.schema_version,
+            source=self.source,
+            seq=seq,
+            ns=change.ns,
+            op=change.op,
+            keys=tuple(change.keys),
+            version=change.version,
+            value=change.value,
+            ts=ts,
+            tags=tuple(change.tags) if change.tags else None,
+        )
 
     async def _send(self, events: Sequence[ChangeEvent], *, timeout: float | None = None) -> None:
         """Publish ``events``, retrying (and reconnecting) for ``timeout`` seconds at most,
@@ -280,6 +313,7 @@ class Publisher(Service):
                     await self._lock.acquire()
                 try:
                     beat = ChangeEvent(
+                        v=self.schema_version,
                         source=self.source,
                         seq=self.seq,
                         op=Op.HEARTBEAT,

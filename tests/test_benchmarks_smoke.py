@@ -174,3 +174,11 @@ def test_latency_benchmark_runs(scheme: str) -> None:
         assert result.drain[side][0] > 0
     assert "300 invalidations" in result.notes["ours"]
     assert all(c.verdict in ("PASS", "FAIL") for c in result.checks())
+
+
+async def test_batch_benchmark_runs() -> None:
+    from benchmarks import batch
+
+    results = await batch.run(0.0, 2)
+    assert results["batch (1 call) owner calls"] == 1.0
+    assert results["100 singles, sequential owner calls"] == 10.0

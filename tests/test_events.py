@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachesync.events import ChangeEvent, EventDecodeError, Op
+from cachesync.events import SCHEMA_VERSION, ChangeEvent, EventDecodeError, Op
 
 
 def event(**overrides: object) -> ChangeEvent:
@@ -24,7 +24,8 @@ def test_round_trip_keeps_every_field() -> None:
 
 def test_encoding_is_compact_json_with_schema_version() -> None:
     data = json.loads(event().encode())
-    assert data["v"] == 1
+    assert data["v"] == SCHEMA_VERSION == 2
+    assert "tags" not in data
     assert "version" not in data and "value" not in data
 
 
@@ -33,7 +34,7 @@ def test_encoding_is_compact_json_with_schema_version() -> None:
     [
         (b"not json", "not valid JSON"),
         (b"[]", "object"),
-        (b'{"v":2,"source":"a","seq":1,"op":"upsert","ts":1}', "schema version"),
+        (b'{"v":3,"source":"a","seq":1,"op":"upsert","ts":1}', "schema version"),
         (b'{"source":"a","seq":1,"op":"explode","ts":1}', "unknown op"),
         (b'{"source":"a","seq":"1","op":"upsert","ts":1}', "seq"),
         (b'{"source":"a","seq":-1,"op":"upsert","ts":1}', "seq"),

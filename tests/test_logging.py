@@ -146,7 +146,7 @@ def malformed(i: int) -> bytes:
         b"null",
         b"[1, 2]",
         b'{"v": 1}',
-        b'{"v": 2, "source": "s", "seq": 1, "op": "upsert", "ts": 0}',
+        b'{"v": 2, "source": "", "seq": 1, "op": "upsert", "ts": 0}',
         b'{"v": 1, "source": "s", "seq": -1, "op": "upsert", "ts": 0}',
         b'{"v": 1, "source": "s", "seq": 1, "op": "explode", "ts": 0}',
         b'{"v": 1, "source": "s", "seq": "1", "op": "upsert", "ts": 0}',
@@ -219,3 +219,16 @@ def test_rate_limited_logger_reports_what_it_suppressed(
         ("other", 0),
         ("bad_event", 999),
     ]
+
+
+async def test_a_flood_of_unknown_schema_events_logs_a_handful(
+    logs: pytest.LogCaptureFixture, unique: str
+) -> None:
+    async with CacheSync(f"memory://{unique}") as sync:
+        logs.clear()
+        for i in range(1000):
+            ns = '"fx"' if i % 2 else "7"
+            sync.handle_message(b'{"v": 99, "seq": 1, "ns": %s}' % ns.encode())
+        assert sync.stats()["listener"]["unknown_schema"] == 1000
+        assert sync.listener_up
+    assert len(cachesync_records(logs)) <= HANDFUL

@@ -11,6 +11,7 @@ Consumer::
     sync = CacheSync("redis://redis:6379/0")
     owner = HttpFetcher("http://owner:8000", "/currencies/{key}", model=Currency)
     app = FastAPI(lifespan=consumer_lifespan(sync, fetchers=[owner]))
+    app.include_router(consumer_router(sync))        # GET /cachesync/explain?ns=..&key=..
 
 Each lifespan starts its objects before the app serves its first request and stops them, in
 reverse order, after the last one; ``app_lifespan`` nests the app's own lifespan inside, so it
@@ -25,7 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 try:
-    from fastapi import APIRouter, FastAPI
+    from fastapi import APIRouter, FastAPI, HTTPException
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "cachesync.integrations.fastapi needs FastAPI: pip install 'cachesync[fastapi]'"
@@ -41,7 +42,14 @@ if TYPE_CHECKING:
     from ..owner.feeds import ChangeFeed
     from ..owner.outbox import OutboxRelay
 
-__all__ = ["Lifespan", "consumer_lifespan", "feed_lifespan", "owner_lifespan", "state_router"]
+__all__ = [
+    "Lifespan",
+    "consumer_lifespan",
+    "consumer_router",
+    "feed_lifespan",
+    "owner_lifespan",
+    "state_router",
+]
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 """What ``FastAPI(lifespan=...)`` takes."""
@@ -166,6 +174,31 @@ def state_router(*sources: Publisher | OutboxRelay, prefix: str = "/cachesync") 
             "channels": channels,
             "outbox": outbox,
         }
+
+    return router
+
+
+def consumer_router(sync: CacheSync, prefix: str = "/cachesync") -> APIRouter:
+    """A router for a consumer instance: ``GET {prefix}/explain?ns=NS&key=KEY`` answers
+    :meth:`CacheSync.explain` (why a key is or is not served from this instance's cache), and
+    ``GET {prefix}/stats`` answers :meth:`CacheSync.stats`. ``cachesync explain URL NS KEY``
+    asks the first. Mount it where only operators reach it: it names keys and sources."""
+    if not isinstance(sync, CacheSync):
+        raise TypeError(f"expected a CacheSync, got {type(sync).__name__}")
+    router = APIRouter(prefix=prefix, tags=["cachesync"])
+
+    @router.get("/explain", summary="why a key is or is not served from this instance's cache")
+    async def cachesync_explain(ns: str, key: str) -> dict[str, Any]:
+        try:
+            return sync.explain(ns, key)
+        except KeyError:
+            raise HTTPException(
+                status_code=404, detail=f"nothing is cached under namespace {ns!r} here"
+            ) from None
+
+    @router.get("/stats", summary="cachesync consumer counters")
+    async def cachesync_stats() -> dict[str, Any]:
+        return sync.stats()
 
     return router
 
