@@ -444,3 +444,65 @@ async def test_a_namespace_whose_sources_fell_silent_is_not_served(unique: str) 
         assert get("USD") == 4
         assert calls == 1
         assert sync.stats()["namespaces"]["fx"]["silent"] == 0
+
+
+# The listener never dies -------------------------------------------------------------------
+
+
+class FailingObserver:
+    """An observer whose ``event_applied`` raises while ``fail`` is set: any exception while
+    an event is applied."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def fetch_done(self, ns: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def event_applied(self, ns: str, op: str, lag_seconds: float) -> None:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("a bug while applying an event")
+
+    def lost_events(self, cause: str) -> None:
+        pass
+
+    def listener_state(self, up: bool) -> None:
+        pass
+
+
+async def test_a_failure_while_applying_distrusts_then_restarts_the_listener(
+    unique: str,
+) -> None:
+    url = f"memory://{unique}"
+    observer = FailingObserver()
+    calls = 0
+
+    def fetch(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    async with (
+        Publisher(url, heartbeat_interval=None) as pub,
+        CacheSync(url, observer=observer, reconnect_initial=1.0) as sync,
+    ):
+        get = sync.cached("fx")(fetch)
+        await pub.changed("fx", "EUR")
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 1)
+        assert get("USD") == 1
+        assert get("USD") == 1
+        observer.fail = True
+        await pub.changed("fx", "EUR")
+        await eventually(lambda: sync.stats()["listener"]["apply_failures"] == 1)
+        # Down for the backoff (at least 0.5 s): nothing is served from the cache meanwhile.
+        assert not sync.listener_up
+        assert not get.cache.trusted
+        assert get("USD") == 2
+        assert get("USD") == 3
+        await sync.wait_ready(5)
+        # Back: the cache, which may hold a half-applied event, was flushed.
+        assert get("USD") == 4
+        assert get("USD") == 4
+        listener = sync.stats()["listener"]
+        assert listener["listener_up"] and listener["reconnects"] >= 1
