@@ -14,6 +14,9 @@ The rules, which an owner can follow to compute the key of any call:
   arguments never share a key. :func:`encode_key` does it for an owner in Python.
 - Defaults are bound: ``get()`` and ``get("USD")`` name one entry when ``code="USD"`` is the
   default, and ``get(code="USD")`` is the same call.
+- A function that takes ``*args`` or ``**kwargs`` may be called with one argument or with
+  several, so its keys are always escaped, a lone argument too: ``tags("a:b")`` is ``a\\:b``
+  and ``tags("a", "b")`` is ``a:b`` (a key without ``\\``, ``:`` or ``=`` reads the same).
 - A method's ``self`` or ``cls`` (a first parameter of that name) is not part of the key.
 - Anything else (a list, a dict, an arbitrary object) has no key text: the call raises a
   ``TypeError`` that says to pass ``key=`` to ``cached()``.
@@ -95,7 +98,7 @@ class KeyBuilder:
     no default, so that a ``str`` argument *is* the key (the wrappers' fastest path).
     """
 
-    __slots__ = ("_custom", "_signature", "_params", "_skip", "_fast", "lone_name")
+    __slots__ = ("_custom", "_signature", "_params", "_skip", "_fast", "_variadic", "lone_name")
 
     def __init__(self, fn: Callable[..., Any], custom: KeyFunc | None = None) -> None:
         if custom is not None and not callable(custom):
@@ -106,6 +109,7 @@ class KeyBuilder:
         self._params: tuple[inspect.Parameter, ...] = ()
         self._skip = 0
         self._fast = False
+        self._variadic = False
         if custom is not None:
             return
         try:
@@ -117,6 +121,8 @@ class KeyBuilder:
             self._skip = 1
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         plain = all(p.kind in positional for p in self._params)
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        self._variadic = any(p.kind in variadic for p in self._params)
         # A call that passes every parameter positionally needs no binding.
         self._fast = plain
         if plain and len(self._params) == 1 and not self._skip:
@@ -152,4 +158,7 @@ class KeyBuilder:
                 extra[param.name] = value
             else:
                 parts.append(value)
+        if self._variadic and len(parts) == 1 and not extra:
+            # Escaped all the same: unescaped, it could read as the key of several arguments.
+            return _part(parts[0])
         return encode_key(*parts, **extra)

@@ -170,6 +170,18 @@ async def test_different_arguments_never_share_a_key(sync: CacheSync) -> None:
     assert len(calls) == 2
 
 
+async def test_a_variadic_function_never_shares_a_key_between_arities(sync: CacheSync) -> None:
+    @sync.cached("tags")
+    async def tags(first: str, *rest: str, **options: str) -> tuple[object, ...]:
+        return (first, rest, options)
+
+    assert await tags("x:y") == ("x:y", (), {})
+    assert await tags("x", "y") == ("x", ("y",), {})
+    assert await tags("x:b=1") == ("x:b=1", (), {})
+    assert await tags("x", b="1") == ("x", (), {"b": "1"})
+    assert tags.key_for("USD") == "USD"  # a plain key reads the same, escaped or not
+
+
 # 4 -----------------------------------------------------------------------------------------
 
 
