@@ -20,6 +20,9 @@ The rules, which an owner can follow to compute the key of any call:
   ``get("a", "b")`` is ``a:b``. Keys without ``\\``, ``:`` or ``=`` are the same either way.
 - Defaults are bound: ``get()`` and ``get("USD")`` name one entry when ``code="USD"`` is the
   default, and ``get(code="USD")`` is the same call.
+- A function that takes ``*args`` or ``**kwargs`` may be called with one argument or with
+  several, so its keys are always escaped, a lone argument too: ``tags("a:b")`` is ``a\\:b``
+  and ``tags("a", "b")`` is ``a:b`` (a key without ``\\``, ``:`` or ``=`` reads the same).
 - A method's ``self`` or ``cls`` (a first parameter of that name) is not part of the key.
 - Anything else (a list, a dict, an arbitrary object) has no key text: the call raises a
   ``TypeError`` that says to pass ``key=`` to ``cached()``.

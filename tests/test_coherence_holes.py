@@ -25,6 +25,7 @@ from cachesync import (
     Op,
     Publisher,
 )
+from cachesync.cache import LocalCache
 from cachesync.clock import LoopClock
 from cachesync.signing import Signer
 from cachesync.transports.memory import bus_for
@@ -168,6 +169,18 @@ async def test_different_arguments_never_share_a_key(sync: CacheSync) -> None:
     assert await rate("a", "b:c") == "a/b:c"
     assert rate.key_for("a:b", "c") != rate.key_for("a", "b:c")
     assert len(calls) == 2
+
+
+async def test_a_variadic_function_never_shares_a_key_between_arities(sync: CacheSync) -> None:
+    @sync.cached("tags")
+    async def tags(first: str, *rest: str, **options: str) -> tuple[object, ...]:
+        return (first, rest, options)
+
+    assert await tags("x:y") == ("x:y", (), {})
+    assert await tags("x", "y") == ("x", ("y",), {})
+    assert await tags("x:b=1") == ("x:b=1", (), {})
+    assert await tags("x", b="1") == ("x", (), {"b": "1"})
+    assert tags.key_for("USD") == "USD"  # a plain key reads the same, escaped or not
 
 
 # 4 -----------------------------------------------------------------------------------------
@@ -444,3 +457,53 @@ async def test_a_namespace_whose_sources_fell_silent_is_not_served(unique: str) 
         assert get("USD") == 4
         assert calls == 1
         assert sync.stats()["namespaces"]["fx"]["silent"] == 0
+
+
+# The listener never dies -------------------------------------------------------------------
+
+
+def fail_once(cache: LocalCache) -> None:
+    """Make the next invalidation of ``cache`` raise: a bug while an event is applied."""
+    real = cache.invalidate
+
+    def invalidate(key: str, version: int | None = None) -> bool:
+        cache.invalidate = real  # type: ignore[method-assign]
+        raise RuntimeError("a bug while applying an event")
+
+    cache.invalidate = invalidate  # type: ignore[method-assign]
+
+
+async def test_a_failure_while_applying_distrusts_then_restarts_the_listener(
+    unique: str,
+) -> None:
+    url = f"memory://{unique}"
+    calls = 0
+
+    def fetch(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    async with (
+        Publisher(url, heartbeat_interval=None) as pub,
+        CacheSync(url, reconnect_initial=1.0) as sync,
+    ):
+        get = sync.cached("fx")(fetch)
+        await pub.changed("fx", "EUR")
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 1)
+        assert get("USD") == 1
+        assert get("USD") == 1
+        fail_once(get.cache)
+        await pub.changed("fx", "EUR")
+        await eventually(lambda: sync.stats()["listener"]["apply_failures"] == 1)
+        # Down for the backoff (at least 0.5 s): nothing is served from the cache meanwhile.
+        assert not sync.listener_up
+        assert not get.cache.trusted
+        assert get("USD") == 2
+        assert get("USD") == 3
+        await sync.wait_ready(5)
+        # Back: the cache, which may hold a half-applied event, was flushed.
+        assert get("USD") == 4
+        assert get("USD") == 4
+        listener = sync.stats()["listener"]
+        assert listener["listener_up"] and listener["reconnects"] >= 1
