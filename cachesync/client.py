@@ -626,6 +626,15 @@ class CacheSync(Service):
         """
         heartbeat = event.op == _HEARTBEAT
         seq = event.seq
+        if seq == 0 and not heartbeat:
+            # Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): this one
+            # could pass for a duplicate of nothing, so flush rather than drop it unnoticed.
+            self._stats.gaps += 1
+            self._warn.warning(
+                "seq_zero", "an event of source %s has seq 0 (events start at 1)", event.source
+            )
+            self._lost("bad seq", event)
+            return False
         source = self._sources.get(event.source)
         if source is None:
             retired = self._retired.pop(event.source, None)
