@@ -562,6 +562,9 @@ class CacheSync(Service):
             self._warn.exception("bad_signature", "could not verify an event's signature")
             return
         try:
+            if event.seq == 0 and event.op != _HEARTBEAT:
+                self._numbered_zero(event)
+                return
             if not self._track(event, now):
                 stats.duplicates += 1
                 return
@@ -626,15 +629,6 @@ class CacheSync(Service):
         """
         heartbeat = event.op == _HEARTBEAT
         seq = event.seq
-        if seq == 0 and not heartbeat:
-            # Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): this one
-            # could pass for a duplicate of nothing, so flush rather than drop it unnoticed.
-            self._stats.gaps += 1
-            self._warn.warning(
-                "seq_zero", "an event of source %s has seq 0 (events start at 1)", event.source
-            )
-            self._lost("bad seq", event)
-            return False
         source = self._sources.get(event.source)
         if source is None:
             retired = self._retired.pop(event.source, None)
@@ -690,6 +684,16 @@ class CacheSync(Service):
         if seq > source.seq:
             source.seq = seq
         return True
+
+    def _numbered_zero(self, event: ChangeEvent) -> None:
+        """Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): an event at
+        0 would pass for a duplicate of nothing, and applying it would leave its replays
+        applicable. Flush instead, so the change it announces is not missed."""
+        self._stats.gaps += 1
+        self._warn.warning(
+            "seq_zero", "an event of source %s has seq 0 (events start at 1)", event.source
+        )
+        self._lost("bad seq", event)
 
     def _retire(self, name: str) -> None:
         """Forget a live source, remembering its last seq (so its replays are known)."""
