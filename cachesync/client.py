@@ -761,6 +761,9 @@ class CacheSync(Service):
     def _handle(self, event: ChangeEvent, now: float) -> None:
         stats = self._stats
         try:
+            if event.seq == 0 and event.op != _HEARTBEAT:
+                self._numbered_zero(event)
+                return
             if not self._track(event, now):
                 stats.duplicates += 1
                 return
@@ -912,6 +915,16 @@ class CacheSync(Service):
         if seq > source.seq:
             source.seq = seq
         return True
+
+    def _numbered_zero(self, event: ChangeEvent) -> None:
+        """Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): an event at
+        0 would pass for a duplicate of nothing, and applying it would leave its replays
+        applicable. Flush instead, so the change it announces is not missed."""
+        self._stats.gaps += 1
+        self._warn.warning(
+            "seq_zero", "an event of source %s has seq 0 (events start at 1)", event.source
+        )
+        self._lost("bad seq", event)
 
     def _retire(self, name: str) -> None:
         """Forget a live source, remembering its last seq (so its replays are known)."""

@@ -528,3 +528,16 @@ def test_a_refresh_cancelled_before_it_ran_strands_no_reader() -> None:
     reader.start()
     reader.join(5)
     assert outcome == ["USD"]
+
+
+async def test_an_event_numbered_zero_is_not_dropped_unnoticed(unique: str) -> None:
+    # A publisher that numbers its events from 0. Before: after its heartbeat at seq 0, the
+    # event at seq 0 passed for a duplicate and was dropped: USD stayed stale.
+    async with CacheSync(f"memory://{unique}") as sync:
+        get = sync.cached("fx")(counting_fetch())
+        sync.handle_message(heartbeat("A", 0))
+        assert await get("USD") == 1
+        sync.handle_message(upsert("A", 0, "USD"))
+        assert await get("USD") == 2
+        listener = sync.stats()["listener"]
+        assert (listener["gaps"], listener["duplicates"]) == (1, 0)
