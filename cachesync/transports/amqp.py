@@ -498,7 +498,11 @@ class AmqpTransport(Transport):
                     if unacked >= ack_every:
                         await self._ack(underlay, last_tag, sub)
                         unacked = 0
-                    if limit is None or not self.too_big(len(body), f"a message on {channel!r}"):
+                    if (
+                        limit is None
+                        or len(body) <= limit
+                        or not self.too_big(len(body), f"a message on {channel!r}")
+                    ):
                         yield body
                 if unacked:
                     await self._ack(underlay, last_tag, sub)

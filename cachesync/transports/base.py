@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from ..backoff import Backoff
 from ..errors import ConfigError, StateError, TransportError
+from ..logutil import RateLimitedLogger
 
 __all__ = [
     "ConnectionState",
@@ -101,6 +102,8 @@ class Transport(abc.ABC):
     oversized: int = 0
     """Payloads dropped for being larger than ``max_payload``."""
 
+    _warn: RateLimitedLogger | None = None
+
     max_payload: int | None = None
     """Payloads larger than this many bytes are dropped (and counted in ``oversized``) rather
     than yielded; ``None`` keeps them all. The client sets it to its ``max_event_bytes``."""
@@ -111,6 +114,7 @@ class Transport(abc.ABC):
         self.url = url
         self.connect_timeout = connect_timeout
         self.oversized = 0
+        self._warn: RateLimitedLogger | None = None
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -140,18 +144,21 @@ class Transport(abc.ABC):
         return redact_url(self.url)
 
     def too_big(self, size: int, what: str) -> bool:
-        """Whether a payload of ``size`` bytes passes ``max_payload``; counts and logs it if
-        not. ``what`` names it in the log (a channel, a stream entry id)."""
+        """Whether a payload of ``size`` bytes is over ``max_payload``; if so, counts it and
+        logs it (at most one line per 10 s). ``what`` names it (a channel, a stream entry id)."""
         limit = self.max_payload
         if limit is None or size <= limit:
             return False
         self.oversized += 1
-        log.warning(
+        if self._warn is None:  # a subclass may not call Transport.__init__
+            self._warn = RateLimitedLogger(log)
+        self._warn.warning(
+            "oversized",
             "dropped a payload of %d bytes (max_payload is %d): %s",
             size,
             limit,
             what,
-            extra={"url": self.safe_url},
+            url=self.safe_url,
         )
         return True
 

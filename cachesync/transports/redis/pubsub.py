@@ -48,6 +48,8 @@ __all__ = ["RedisPubSubTransport"]
 # parser, whose state the drop reset (an AttributeError on its cleared reader).
 _READ_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, AttributeError)
 
+_NO_LIMIT = float("inf")
+
 
 class RedisPubSubTransport(RedisTransportBase):
     """Transport over Redis pub/sub (``redis://`` and ``rediss://``).
@@ -102,6 +104,7 @@ class RedisPubSubTransport(RedisTransportBase):
                 else None
             )
             read = conn.read_response
+            limit = self.max_payload if self.max_payload is not None else _NO_LIMIT
             try:
                 while True:
                     try:
@@ -123,7 +126,7 @@ class RedisPubSubTransport(RedisTransportBase):
                         payload = reply[2]
                         if not isinstance(payload, bytes):
                             continue
-                        if self.max_payload is not None and self.too_big(
+                        if len(payload) > limit and self.too_big(
                             len(payload), f"a message on {channel!r}"
                         ):
                             continue

@@ -52,7 +52,8 @@ URL options (query string; keyword arguments of the same name win):
     As for ``redis://``, see :mod:`cachesync.transports.redis.connection`.
 
 An entry larger than ``max_payload`` is skipped by its id and counted (``oversized``): the
-cursor moves past it, so it is never read again, after a reconnect either.
+cursor moves past it, so it is never read again, after a reconnect either. redis-py has no
+way to leave part of a reply unread, so it is read once (one linear parse by hiredis) first.
 """
 
 from __future__ import annotations
@@ -347,6 +348,7 @@ class RedisStreamTransport(RedisTransportBase):
                     report(False)
                     continue
                 position = cursor.count
+                limit = self.max_payload
                 for entry_id, payload in entries:
                     # The cursor moves past every entry, yielded or not: an oversized one is
                     # skipped by its id, once, and never read again.
@@ -356,8 +358,12 @@ class RedisStreamTransport(RedisTransportBase):
                         cursor.count = position
                     if payload is None:
                         continue
-                    if self.max_payload is not None and self.too_big(
-                        len(payload), f"stream entry {entry_id.decode()} of {channel!r}"
+                    if (
+                        limit is not None
+                        and len(payload) > limit
+                        and self.too_big(
+                            len(payload), f"stream entry {entry_id.decode()} of {channel!r}"
+                        )
                     ):
                         continue
                     yield payload
