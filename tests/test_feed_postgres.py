@@ -202,9 +202,7 @@ async def test_a_feed_killed_mid_stream_and_restarted_loses_nothing(
 
 
 @pytest.mark.timeout(20)
-async def test_schema_changes_keep_working_or_flush_with_a_clear_error(
-    pg: Pg, unique: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_schema_changes_keep_working_or_flush_with_a_clear_error(pg: Pg, unique: str) -> None:
     url = f"memory://{unique}"
     feed = _feed(pg, url)
     async with Collector(url) as collector, feed:
@@ -226,7 +224,6 @@ async def test_schema_changes_keep_working_or_flush_with_a_clear_error(
         stats = feed.stats()
     assert stats["schema_errors"] >= 2
     assert "key column 'code'" in stats["last_error"]
-    assert any("fix the table mapping" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.timeout(30)

@@ -26,6 +26,7 @@ import contextlib
 import queue
 import re
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = ["MySQLSource"]
 
 POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
+SAVE_INTERVAL = 0.2
 _QUEUE = 20_000
 _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
@@ -111,6 +113,8 @@ class MySQLSource(Source):
         self._waiting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._position: tuple[str, int] | None = None
+        self._saved: tuple[str, int] | None = None
+        self._saved_at = 0.0
         self._idle_reported = False
 
     # -- setup -----------------------------------------------------------------------------
@@ -128,7 +132,8 @@ class MySQLSource(Source):
         self._loop = asyncio.get_running_loop()
         self._ctl = await asyncio.to_thread(self._connect)
         position = await asyncio.to_thread(self._setup)
-        self._position = position
+        self._position = self._saved = position
+        self._saved_at = time.monotonic()
         self._stop = threading.Event()
         self._queue = queue.Queue(_QUEUE)
         self._ready = asyncio.Event()
@@ -334,8 +339,15 @@ class MySQLSource(Source):
             self._waiting = False
 
     async def confirm(self, position: Any) -> None:
-        await asyncio.to_thread(self._save, position)
+        # Stored at most every SAVE_INTERVAL (and on close): a write per batch would cap a
+        # backlog of small transactions at the database's commit rate. A feed killed in
+        # between publishes those batches again, which at-least-once allows.
         self._position = position
+        now = time.monotonic()
+        if now - self._saved_at >= SAVE_INTERVAL:
+            self._saved_at = now
+            await asyncio.to_thread(self._save, position)
+            self._saved = position
 
     async def close(self) -> None:
         self._stop.set()
@@ -343,6 +355,11 @@ class MySQLSource(Source):
         if thread is not None:
             # The reader notices the stop at its next event or heartbeat.
             await asyncio.to_thread(thread.join, 5.0)
+        position = self._position
+        if self._ctl is not None and position is not None and position != self._saved:
+            with contextlib.suppress(*self.errors):
+                await asyncio.to_thread(self._save, position)
+                self._saved = position
         ctl, self._ctl = self._ctl, None
         if ctl is not None:
             with contextlib.suppress(Exception):

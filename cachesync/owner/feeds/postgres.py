@@ -31,6 +31,7 @@ A slot nobody reads keeps every WAL segment from its position on: stop and drop 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["PostgresSource"]
 
 _STATUS_INTERVAL = 1
+_SLOW_SLOT = 5.0
+log = logging.getLogger("cachesync.feeds")
 
 
 def quote_ident(name: str) -> str:
@@ -238,9 +241,24 @@ class PostgresSource(Source):
             (self.slot,),
         )
         if not rows:
-            await admin.query(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,)
+            # The server waits for every transaction open at this moment to end before the
+            # slot exists: say why, if it takes long.
+            create = asyncio.ensure_future(
+                admin.query(
+                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,)
+                )
             )
+            try:
+                done, _ = await asyncio.wait({create}, timeout=_SLOW_SLOT)
+                if not done:
+                    log.warning(
+                        "creating replication slot %s waits for the transactions open on the "
+                        "server to end; look for 'idle in transaction' in pg_stat_activity",
+                        self.slot,
+                    )
+                await create
+            finally:
+                create.cancel()
             return
         plugin, database, _lsn = rows[0]
         (current_db,) = (await admin.query("SELECT current_database()"))[0]
