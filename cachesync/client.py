@@ -221,6 +221,7 @@ class CacheSync(Service):
         self._rng = rng
         self._namespaces: dict[str, _Namespace] = {}
         self._sources: dict[str, _Source] = {}
+        self._wires: list[str] = []  # the channels subscribed to
         self._stats = ClientStats()
         self._state = ClientState.UNOPENED
         self._ready = asyncio.Event()
@@ -283,9 +284,19 @@ class CacheSync(Service):
                 hit_clock=self._hit_clock,
                 rng=self._rng,
             )
-            cache.trusted = self._stats.listener_up
+            wire = self._transport.channel_for(self.channel, ns)
+            cache.trusted = self._stats.listener_up and wire in self._wires
             namespace = _Namespace(cache, mode, from_event)
             self._namespaces[ns] = namespace
+            if self._listener is not None and not self._listener.done() and wire not in self._wires:
+                # A namespace of its own channel, added while listening: subscribe again,
+                # to its channel too (the caches are not trusted until then). cached() may
+                # run on another thread than the listener's loop.
+                loop = self._listener.get_loop()
+                if _running_loop() is loop:
+                    self._resubscribe()
+                else:
+                    loop.call_soon_threadsafe(self._resubscribe)
         return Decorator(
             namespace.cache,
             key,
@@ -423,7 +434,12 @@ class CacheSync(Service):
                 if not first:
                     await self._transport.connect()
                 first = False
-                async for payload in self._transport.subscribe(self.channel, self._on_ready):
+                self._wires = self._channels()
+                if self._wires == [self.channel]:
+                    subscription = self._transport.subscribe(self.channel, self._on_ready)
+                else:
+                    subscription = self._transport.subscribe_many(self._wires, self._on_ready)
+                async for payload in subscription:
                     self.handle_message(payload)
                 raise TransportError("the subscription ended")
             except Exception as exc:
@@ -442,6 +458,21 @@ class CacheSync(Service):
                     extra={"url": redact_url(self.url), "error": str(exc), "retry_in": delay},
                 )
                 await asyncio.sleep(delay)
+
+    def _resubscribe(self) -> None:
+        self._set_down()
+        self._spawn(self._transport.close())
+
+    def _channels(self) -> list[str]:
+        """The channels to subscribe to: ``channel``, or one per namespace on a transport
+        that spreads namespaces over shards (see ``Transport.channel_for``)."""
+        wires = {self._transport.channel_for(self.channel, ns) for ns in self._namespaces}
+        return sorted(wires) if wires and wires != {self.channel} else [self.channel]
+
+    def _source_key(self, event: ChangeEvent) -> str:
+        """Sequences run per publisher and channel: the key a publisher is tracked under."""
+        wire = self._transport.channel_for(self.channel, event.ns) if event.ns else self.channel
+        return event.source if wire == self.channel else f"{event.source}@{wire}"
 
     def _on_ready(self, resumed: bool) -> None:
         for ns in self._namespaces.values():
@@ -527,7 +558,8 @@ class CacheSync(Service):
             cache.invalidate(key, version)
 
     def _track(self, event: ChangeEvent, now: float) -> None:
-        source = self._sources.get(event.source)
+        key = self._source_key(event)
+        source = self._sources.get(key)
         heartbeat = event.op == _HEARTBEAT
         if source is None:
             timeout = self._timeout_for(event) if heartbeat else self.heartbeat_timeout
@@ -540,7 +572,7 @@ class CacheSync(Service):
             if len(self._sources) >= MAX_SOURCES:  # bounded: forget the longest silent one
                 oldest = min(self._sources, key=lambda name: self._sources[name].last_seen)
                 del self._sources[oldest]
-            self._sources[event.source] = _Source(event.seq, now, timeout)
+            self._sources[key] = _Source(event.seq, now, timeout)
             if first:
                 log.debug("first publisher heard", extra={"source": event.source})
             elif not self._had_entries():
@@ -646,3 +678,10 @@ class CacheSync(Service):
                 max_workers=4, thread_name_prefix="cachesync-refresh"
             )
         self._executor.submit(job)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

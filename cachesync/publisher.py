@@ -89,6 +89,10 @@ class Publisher(Service):
         self._running = False
         self.source = ""
         self.seq = 0
+        # Where a transport spreads namespaces over channels (Transport.channel_for): the
+        # last seq sent on each other channel, and a namespace each (named in its heartbeats).
+        self._wire_seqs: dict[str, int] = {}
+        self._wire_ns: dict[str, str] = {}
         self.published = 0
         self.publish_errors = 0
 
@@ -101,6 +105,7 @@ class Publisher(Service):
         await self._transport.connect()
         self.source = uuid.uuid4().hex
         self.seq = 0
+        self._wire_seqs.clear()
         self._running = True
         if self.heartbeat_interval is not None:
             self._heartbeat_task = asyncio.create_task(
@@ -178,11 +183,11 @@ class Publisher(Service):
         async with self._lock:
             events = []
             for change in changes:
-                self.seq += 1
+                seq = self._next_seq(change.ns)
                 events.append(
                     ChangeEvent(
                         source=self.source,
-                        seq=self.seq,
+                        seq=seq,
                         ns=change.ns,
                         op=change.op,
                         keys=tuple(change.keys),
@@ -205,7 +210,30 @@ class Publisher(Service):
 
     # -- internals -------------------------------------------------------------------------
 
+    def _next_seq(self, ns: str) -> int:
+        wire = self._transport.channel_for(self.channel, ns)
+        if wire == self.channel:
+            self.seq += 1
+            return self.seq
+        seq = self._wire_seqs[wire] = self._wire_seqs.get(wire, 0) + 1
+        self._wire_ns.setdefault(wire, ns)
+        return seq
+
     async def _send(self, events: Sequence[ChangeEvent]) -> None:
+        # Consecutive events for one channel go out together, in order.
+        run: list[ChangeEvent] = []
+        wire = self.channel
+        for event in events:
+            target = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
+            if run and target != wire:
+                await self._send_to(wire, run)
+                run = []
+            wire = target
+            run.append(event)
+        if run:
+            await self._send_to(wire, run)
+
+    async def _send_to(self, channel: str, events: Sequence[ChangeEvent]) -> None:
         signer = self._signer
         payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
         deadline = time.monotonic() + self.publish_timeout
@@ -213,9 +241,9 @@ class Publisher(Service):
         while True:
             try:
                 if len(payloads) == 1:
-                    await self._transport.publish(self.channel, payloads[0])
+                    await self._transport.publish(channel, payloads[0])
                 else:
-                    await self._transport.publish_many(self.channel, payloads)
+                    await self._transport.publish_many(channel, payloads)
                 self.published += len(payloads)
                 return
             except TransportError as exc:
@@ -235,20 +263,32 @@ class Publisher(Service):
                     await self._transport.close()
                     await self._transport.connect()
 
+    def _heartbeats(self, interval: float) -> list[ChangeEvent]:
+        """A heartbeat for every channel this publisher sends on, with its last seq."""
+        now = self._clock()
+        beats = []
+        if self._transport.channel_for(self.channel, "") == self.channel or not self._wire_seqs:
+            beats.append((self.seq, ""))
+        beats += [(seq, self._wire_ns[wire]) for wire, seq in self._wire_seqs.items()]
+        return [
+            ChangeEvent(
+                source=self.source,
+                seq=seq,
+                ns=ns,
+                op=Op.HEARTBEAT,
+                value={"interval": interval},
+                ts=now,
+            )
+            for seq, ns in beats
+        ]
+
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
         # source) right away rather than at its first change.
         while True:
             try:
                 async with self._lock:
-                    beat = ChangeEvent(
-                        source=self.source,
-                        seq=self.seq,
-                        op=Op.HEARTBEAT,
-                        value={"interval": interval},
-                        ts=self._clock(),
-                    )
-                    await self._send([beat])
+                    await self._send(self._heartbeats(interval))
             except TransportError as exc:
                 log.warning("heartbeat not sent", extra={"error": str(exc)})
             await asyncio.sleep(interval)

@@ -26,7 +26,7 @@ from .tcpproxy import TcpProxy, proxied_url
 
 pytestmark = pytest.mark.timeout(20)
 
-KINDS = ["memory", "redis", "redis+stream", "amqp", "nats", "redis+sentinel"]
+KINDS = ["memory", "redis", "redis+stream", "amqp", "nats", "redis+sentinel", "redis+cluster"]
 
 # Transports that keep a log and replay what a subscriber missed.
 REPLAYING = {"redis+stream", "nats"}
@@ -63,7 +63,7 @@ class Harness:
 
     def make(self, url: str | None = None, **options: Any) -> Transport:
         """A transport on this test's URL (or ``url``), not yet connected."""
-        if self.kind in ("redis", "redis+stream", "redis+sentinel"):
+        if self.kind in ("redis", "redis+stream", "redis+sentinel", "redis+cluster"):
             options = {**REDIS_OPTIONS, **options}
         elif self.kind == "amqp":
             options = {"connect_timeout": 5.0, "connection_name": self.tag, **options}
@@ -102,6 +102,16 @@ class SentinelHarness(Harness):
         assert await kill_redis_clients(admin, self.tag) > 0
 
 
+class ClusterHarness(SentinelHarness):
+    """Cuts with CLIENT KILL on every primary of the cluster."""
+
+    async def cut(self) -> None:
+        killed = 0
+        for port in self.deployment.primaries():
+            killed += await kill_redis_clients(f"redis://127.0.0.1:{port}/0", self.tag)
+        assert killed > 0
+
+
 async def kill_redis_clients(url: str, name: str, commands: tuple[str, ...] = ()) -> int:
     """``CLIENT KILL ID`` every connection named ``name`` (and, if given, running one of
     ``commands``); returns how many. Other tests' connections have other names."""
@@ -138,6 +148,12 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         deployment = request.getfixturevalue("sentinel")
         url = f"{deployment.url}?client_name={tag}"
         yield SentinelHarness(kind, url, tag, deployment=deployment)
+        return
+    if kind == "redis+cluster":
+        pytest.importorskip("redis")
+        deployment = request.getfixturevalue("redis_cluster")
+        url = f"{deployment.url}?client_name={tag}"
+        yield ClusterHarness(kind, url, tag, deployment=deployment)
         return
     if kind == "nats":
         nats_url = str(request.getfixturevalue("nats_url"))
@@ -509,8 +525,8 @@ async def test_a_network_drop_reaches_a_subscription(harness: Harness) -> None:
     # The same contract when the network (not the broker) drops the connection.
     if harness.kind == "memory":
         pytest.skip("memory:// has no network")
-    if harness.kind == "redis+sentinel":
-        pytest.skip("the sentinels name the master's own address: no proxy is in the path")
+    if harness.kind in ("redis+sentinel", "redis+cluster"):
+        pytest.skip("the nodes are found by the address they announce: no proxy in the path")
     host, port = ADDRESSES[harness.kind]
     channel = harness.channel()
     async with TcpProxy(host, port) as proxy, connected(harness, 1) as [pub]:
