@@ -26,14 +26,24 @@ from .tcpproxy import TcpProxy, proxied_url
 
 pytestmark = pytest.mark.timeout(20)
 
-KINDS = ["memory", "redis", "redis+stream", "amqp", "nats", "redis+sentinel", "redis+cluster"]
+KINDS = [
+    "memory",
+    "redis",
+    "redis+stream",
+    "amqp",
+    "amqp+stream",
+    "nats",
+    "redis+sentinel",
+    "redis+cluster",
+]
 
 # Transports that keep a log and replay what a subscriber missed.
-REPLAYING = {"redis+stream", "nats"}
+REPLAYING = {"redis+stream", "nats", "amqp+stream"}
 
 # Where the broker of each kind listens (for the network-drop test's proxy).
 ADDRESSES = {
     "amqp": ("127.0.0.1", 5672),
+    "amqp+stream": ("127.0.0.1", 5672),
     "redis": ("127.0.0.1", 6379),
     "redis+stream": ("127.0.0.1", 6379),
     "nats": ("127.0.0.1", 4222),
@@ -65,7 +75,7 @@ class Harness:
         """A transport on this test's URL (or ``url``), not yet connected."""
         if self.kind in ("redis", "redis+stream", "redis+sentinel", "redis+cluster"):
             options = {**REDIS_OPTIONS, **options}
-        elif self.kind == "amqp":
+        elif self.kind in ("amqp", "amqp+stream"):
             options = {"connect_timeout": 5.0, "connection_name": self.tag, **options}
         elif self.kind == "nats":
             options = {"connect_timeout": 5.0, "health_check_interval": 2.0, **options}
@@ -77,7 +87,7 @@ class Harness:
             from cachesync.transports.memory import bus_for
 
             bus_for(self.url).disconnect_all()
-        elif self.kind == "amqp":
+        elif self.kind in ("amqp", "amqp+stream"):
             from .amqp_tools import close_amqp_connections, rabbitmqctl_available
 
             if not rabbitmqctl_available():
@@ -143,6 +153,15 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         pytest.importorskip("aio_pika")
         yield Harness(kind, amqp_url, tag)
         return
+    if kind == "amqp+stream":
+        amqp_url = str(request.getfixturevalue("amqp_url"))
+        pytest.importorskip("aio_pika")
+        made = Harness(kind, amqp_url.replace("amqp://", "amqp+stream://", 1), tag)
+        try:
+            yield made
+        finally:
+            await delete_amqp_streams(amqp_url, made.channels)
+        return
     if kind == "redis+sentinel":
         pytest.importorskip("redis")
         deployment = request.getfixturevalue("sentinel")
@@ -181,6 +200,23 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
                 await admin.delete(*made.channels)
             finally:
                 await admin.aclose()
+
+
+async def delete_amqp_streams(url: str, channels: list[str], stream: str = "stream") -> None:
+    """Delete the stream queues (and exchanges) the amqp+stream transport made for ``channels``."""
+    if not channels:
+        return
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        for channel in channels:
+            amqp_channel = await connection.channel()
+            await amqp_channel.queue_delete(f"{channel}.{stream}")
+            await amqp_channel.exchange_delete(channel)
+            await amqp_channel.close()
+    finally:
+        await connection.close()
 
 
 async def delete_nats_streams(url: str, channels: list[str]) -> None:

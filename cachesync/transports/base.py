@@ -48,6 +48,8 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "rediss+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
     "redis+cluster": ("cachesync.transports.redis_cluster", "RedisClusterTransport", "redis"),
     "rediss+cluster": ("cachesync.transports.redis_cluster", "RedisClusterTransport", "redis"),
+    "amqp+stream": ("cachesync.transports.amqp_stream", "AmqpStreamTransport", "rabbitmq"),
+    "amqps+stream": ("cachesync.transports.amqp_stream", "AmqpStreamTransport", "rabbitmq"),
     "nats": ("cachesync.transports.nats", "NatsTransport", "nats"),
 }
 
