@@ -16,7 +16,13 @@ their own for ``--seconds``, and 3 reader processes each read one namespace; onc
 namespaces on 3 different shards, once with 3 namespaces that hash to one shard. Reported:
 events/s received in total, and the ratio.
 
-Results go to ``benchmarks/results/ENGINES.md`` and ``engines_failover.png``.
+Fan-out: publish -> received p50/p99 against the number of subscriptions (1, 4, 16, 64 over
+4 processes) at ``--rate`` events/s, for ``redis://``, ``redis+cluster://``, ``nats://`` and
+``amqp+stream://``. The brokers' CPU is not measured (they share the machine's 2 CPUs with the
+subscribers, which dominate).
+
+Results go to ``benchmarks/results/ENGINES.md``, ``engines_failover.png`` and
+``engines_fanout.png``.
 """
 
 from __future__ import annotations
@@ -267,6 +273,137 @@ def cluster_throughput(seconds: float) -> dict[str, tuple[float, float]]:
         deployment.group.stop()
 
 
+# -- fan-out ---------------------------------------------------------------------------------
+
+
+def _fanout_worker(url: str, channel: str, count: int, ready: Any, out: Any, stop: Any) -> None:
+    """``count`` subscriptions, each on a connection of its own; reports every latency."""
+
+    async def run() -> None:
+        transports = [from_url(url, connect_timeout=10.0) for _ in range(count)]
+        latencies: list[float] = []
+        live = 0
+        all_live = asyncio.Event()
+
+        def on_ready(resumed: bool) -> None:
+            nonlocal live
+            live += 1
+            if live == count:
+                all_live.set()
+
+        async def consume(transport: Transport) -> None:
+            async for payload in transport.subscribe(channel, on_ready):
+                latencies.append(time.time() - float(payload))
+
+        for transport in transports:
+            await transport.connect()
+        tasks = [asyncio.create_task(consume(t)) for t in transports]
+        await all_live.wait()
+        ready.put(True)
+        while stop.empty():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the last messages in flight
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for transport in transports:
+            await transport.close()
+        out.put(latencies)
+
+    asyncio.run(run())
+
+
+def _fanout_point(
+    url: str, channel: str, subscriptions: int, rate: float, seconds: float, processes: int = 4
+) -> tuple[float, float, int]:
+    """(p50 ms, p99 ms, deliveries) publish -> received for ``subscriptions`` at ``rate``/s."""
+    context = multiprocessing.get_context("spawn")
+    ready, out, stop = context.Queue(), context.Queue(), context.Queue()
+    base, extra = divmod(subscriptions, processes)
+    shares = [base + (i < extra) for i in range(processes)]
+    workers = [
+        context.Process(target=_fanout_worker, args=(url, channel, n, ready, out, stop))
+        for n in shares
+        if n
+    ]
+    for process in workers:
+        process.start()
+    for _ in workers:
+        ready.get(timeout=60)
+
+    async def publish() -> None:
+        transport = from_url(url, connect_timeout=10.0)
+        await transport.connect()
+        interval = 1.0 / rate
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await transport.publish(channel, b"%.6f" % time.time())
+        await transport.close()
+
+    asyncio.run(publish())
+    stop.put(True)
+    latencies: list[float] = []
+    for _ in workers:
+        latencies += out.get(timeout=60)
+    for process in workers:
+        process.join(10)
+    latencies.sort()
+    if not latencies:
+        return float("nan"), float("nan"), 0
+    p50 = latencies[len(latencies) // 2] * 1000
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    return p50, p99, len(latencies)
+
+
+def fanout(
+    counts: list[int], rate: float, seconds: float
+) -> dict[str, list[tuple[int, float, float, int]]]:
+    deployment = redis_cluster()
+    try:
+        urls = {
+            "redis:// (one node)": "redis://127.0.0.1:6379/0",
+            "redis+cluster://": deployment.url,
+            "nats:// (JetStream)": "nats://127.0.0.1:4222",
+            "amqp+stream://": "amqp+stream://guest:guest@127.0.0.1:5672/",
+        }
+        curves: dict[str, list[tuple[int, float, float, int]]] = {}
+        for name, url in urls.items():
+            channel = f"bench-fanout-{os.getpid()}"
+            if "cluster" in name:
+                channel += "{fx}"
+            for count in counts:
+                p50, p99, n = _fanout_point(url, channel, count, rate, seconds)
+                curves.setdefault(name, []).append((count, p50, p99, n))
+                print(f"{name} x{count}: p50 {p50:.2f} ms p99 {p99:.2f} ms ({n} deliveries)")
+        return curves
+    finally:
+        deployment.group.stop()
+
+
+def _plot_fanout(curves: dict[str, list[tuple[int, float, float, int]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, points in curves.items():
+        xs = [p[0] for p in points]
+        line = ax.plot(xs, [p[2] for p in points], marker="o", label=f"{name} p99")[0]
+        ax.plot(xs, [p[1] for p in points], marker=".", ls="--", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("subscriptions (4 processes)")
+    ax.set_ylabel("publish -> received, ms (dashed: p50)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -293,7 +430,9 @@ def _plot(failovers: dict[str, list[tuple[float, bool]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["failover", "throughput"])
+    parser.add_argument("--only", choices=["failover", "throughput", "fanout"])
+    parser.add_argument("--subscriptions", default="1,4,16,64")
+    parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
@@ -348,7 +487,36 @@ def main(argv: list[str] | None = None) -> None:
             print(name, f"received {received:,.0f}/s sent {sent:,.0f}/s")
         spread, same = (figures[k][0] for k in figures)
         lines += ["", f"Ratio spread / one shard: {spread / same:.2f}x.", ""]
-    (RESULTS / "ENGINES.md").write_text("\n".join(lines))
+    if args.only in (None, "fanout"):
+        counts = [int(c) for c in args.subscriptions.split(",")]
+        curves = fanout(counts, args.rate, args.seconds)
+        lines += [
+            "## Fan-out",
+            "",
+            f"Publish -> received at {args.rate:,.0f} events/s for {args.seconds:g} s, the "
+            "subscriptions spread over 4 processes (one connection each) on the same 2 CPUs "
+            "as the brokers.",
+            "",
+            "| engine | subscriptions | p50 ms | p99 ms | deliveries |",
+            "|---|---|---|---|---|",
+        ]
+        for name, points in curves.items():
+            for count, p50, p99, n in points:
+                lines.append(f"| {name} | {count} | {p50:.2f} | {p99:.2f} | {n:,} |")
+        lines.append("")
+        _plot_fanout(curves, RESULTS / "engines_fanout.png")
+        lines += ["![fan-out](engines_fanout.png)", ""]
+    path = RESULTS / "ENGINES.md"
+    text = "\n".join(lines)
+    if args.only is not None and path.exists():
+        # Keep the section of a part that was not run this time.
+        kept = [
+            part
+            for part in path.read_text().split("\n## ")[1:]
+            if not text.count("\n## " + part.splitlines()[0])
+        ]
+        text += "".join("\n## " + part for part in kept)
+    path.write_text(text)
     print(f"wrote {RESULTS / 'ENGINES.md'}")
 
 

@@ -19,8 +19,13 @@ so events of that shard may have been missed and the client flushes. The next ``
 reloads the slot map (the transport marks it stale) and ``subscribe`` lands on the new owners.
 Silence is checked as for ``redis://`` (a PING after ``health_check_interval``).
 
-Everything goes through redis-py's public API (``RedisCluster`` for the slot map and
-``SPUBLISH``; one ``PubSub`` per node), with its retries off for subscriptions.
+Everything goes through redis-py's public API, on plain per-node clients with redis-py's
+retries off: the slot map comes from ``CLUSTER SLOTS`` (asked of the nodes of the URL in turn),
+``SPUBLISH`` goes to the primary that owns the channel's slot, and each subscription reads one
+``PubSub`` per node. (redis-py's ``RedisCluster`` reloads its slot map by itself in the middle of
+a command, which would hide a failover from the client, and leaves connections behind when a
+command is cancelled during that reload.) A ``MOVED`` reply marks the map stale; the caller's
+``connect()`` reloads it.
 
 URL options (query string; keyword arguments of the same name win):
 
@@ -44,7 +49,7 @@ from .redis_sentinel import FAILURES, no_retry, pubsub_messages
 try:
     import redis.exceptions as redis_errors
     from redis.asyncio import Redis
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.crc import key_slot
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "redis+cluster:// needs redis-py: pip install 'cachesync[redis]'", name=exc.name
@@ -100,7 +105,9 @@ class RedisClusterTransport(Transport):
             "socket_keepalive": True,
             "ssl": parsed.scheme == "rediss+cluster",
         }
-        self._cluster: RedisCluster | None = None
+        # (first slot, last slot, (host, port) of the primary), from CLUSTER SLOTS
+        self._slots: list[tuple[int, int, tuple[str, int]]] = []
+        self._publishers: dict[tuple[str, int], Redis] = {}  # a client per primary
         self._stale = False  # the slot map may be out of date: reload it on connect()
         self._opened = False
         self._closed = False
@@ -124,40 +131,50 @@ class RedisClusterTransport(Transport):
         """Load the slot map from the first node that answers, retrying until
         ``connect_timeout``. After a lost subscription or publish, load it again."""
         self._opened, self._closed = True, False
-        if self._cluster is not None and not self._stale:
+        if self._slots and not self._stale:
             return
         await self._drop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         backoff = Backoff(initial=0.05, maximum=0.5)
+        turn = 0
         while True:
-            cluster = RedisCluster(
-                startup_nodes=[ClusterNode(host, port) for host, port in self._nodes],
-                require_full_coverage=False,
-                socket_timeout=None,
-                **self._options,
-            )
+            host, port = self._nodes[turn % len(self._nodes)]
+            turn += 1
+            client = self._client(host, port)
             try:
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    await cluster.initialize()
-                self._cluster, self._stale = cluster, False
+                    reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                slots = _slot_map(reply, host)
+                if not slots:
+                    raise redis_errors.ConnectionError(f"{host}:{port} serves no slots yet")
+                self._slots, self._stale = slots, False
                 return
             except _ERRORS as exc:
-                await cluster.aclose()
                 if loop.time() + 0.01 >= deadline:
                     raise TransportError(
                         f"no node of the Redis Cluster at {self.safe_url} answered within "
                         f"{self.connect_timeout:g}s ({self._describe(exc)}); is it running?"
                     ) from exc
                 await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
+            finally:
+                await _close_client(client)
+
+    def _client(self, host: str, port: int) -> Redis:
+        return Redis(host=host, port=port, retry=no_retry(), **self._options)
+
+    def _owner(self, channel: str) -> tuple[str, int] | None:
+        slot = key_slot(channel.encode())
+        for first, last, address in self._slots:
+            if first <= slot <= last:
+                return address
+        return None
 
     async def _drop(self) -> None:
-        cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            try:
-                await cluster.aclose()
-            except _ERRORS:
-                pass
+        self._slots = []
+        publishers, self._publishers = self._publishers, {}
+        for client in publishers.values():
+            await _close_client(client)
 
     async def close(self) -> None:
         """Close every connection; subscriptions end with ConnectionLost. Idempotent."""
@@ -168,40 +185,42 @@ class RedisClusterTransport(Transport):
             await client.connection_pool.disconnect()
         await self._drop()
 
-    def _open(self) -> RedisCluster:
+    def _open(self) -> None:
         if self._closed or not self._opened:
             raise StateError(f"{self!r} is not connected: call connect() first")
-        if self._cluster is None:
+        if not self._slots:
             raise TransportError(f"the Redis Cluster at {self.safe_url} is not reachable")
-        return self._cluster
 
     # -- publishing ----------------------------------------------------------------------
 
     async def publish(self, channel: str, payload: bytes) -> None:
-        """``SPUBLISH`` on the shard that owns ``channel``."""
-        cluster = self._open()
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                await cluster.spublish(channel, payload)
-        except _ERRORS as exc:
-            self._stale = True
-            raise TransportError(
-                f"could not publish to {channel!r} on {self.safe_url}: {self._describe(exc)}"
-            ) from exc
+        """``SPUBLISH`` on the primary that owns ``channel``'s slot."""
+        await self.publish_many(channel, (payload,))
 
     async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
         """Several ``SPUBLISH`` to one channel (one shard) in one round trip, in order."""
-        if len(payloads) == 1:
-            await self.publish(channel, payloads[0])
-            return
-        cluster = self._open()
+        self._open()
+        address = self._owner(channel)
         try:
+            if address is None:
+                raise redis_errors.ConnectionError(f"no node serves the slot of {channel!r}")
             async with asyncio.timeout(self.socket_timeout):
-                async with cluster.pipeline() as pipe:
-                    for payload in payloads:
-                        pipe.spublish(channel, payload)
-                    await pipe.execute()
+                for attempt in (1, 2):
+                    client = self._publishers.get(address)
+                    if client is None:
+                        client = self._publishers[address] = self._client(*address)
+                    try:
+                        await _spublish(client, channel, payloads)
+                        return
+                    except redis_errors.ConnectionError:
+                        # A connection the server closed while it sat idle (a timeout, a
+                        # CLIENT KILL) is replaced once; a node that is gone fails again.
+                        del self._publishers[address]
+                        await _close_client(client)
+                        if attempt == 2:
+                            raise
         except _ERRORS as exc:
+            # A MOVED reply, or a node gone: the slot map is out of date.
             self._stale = True
             raise TransportError(
                 f"could not publish to {channel!r} on {self.safe_url}: {self._describe(exc)}"
@@ -223,18 +242,18 @@ class RedisClusterTransport(Transport):
         channel (``sunsubscribe``: the slot moved), or on ``close()``.
         """
         try:
-            cluster = self._open()
+            self._open()
         except StateError as exc:
             raise TransportError(str(exc)) from None
         what = f"subscription to {len(channels)} channel(s) on {self.safe_url}"
         generation = self._generation
         by_node: dict[tuple[str, int], list[str]] = {}
         for channel in dict.fromkeys(channels):
-            node = cluster.get_node_from_key(channel)
-            if node is None:
+            address = self._owner(channel)
+            if address is None:
                 self._stale = True
-                raise ConnectionLost(f"{what}: no node owns {channel!r}; the cluster is down")
-            by_node.setdefault((node.host, int(node.port)), []).append(channel)
+                raise ConnectionLost(f"{what}: no node serves {channel!r}; the cluster is down")
+            by_node.setdefault(address, []).append(channel)
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
         confirmations = len(by_node)
 
@@ -244,7 +263,7 @@ class RedisClusterTransport(Transport):
         async def read(address: tuple[str, int], names: list[str]) -> None:
             host, port = address
             where = f"{what} (node {host}:{port})"
-            client = Redis(host=host, port=port, retry=no_retry(), **self._options)
+            client = self._client(host, port)
             pubsub = client.pubsub()
             self._subscribers.add(client)
             try:
@@ -274,9 +293,9 @@ class RedisClusterTransport(Transport):
                 try:
                     async with asyncio.timeout(1.0):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
-                        await client.aclose()
                 except _ERRORS:
                     pass
+                await _close_client(client)
 
         async def guarded(address: tuple[str, int], names: list[str]) -> None:
             try:
@@ -301,6 +320,37 @@ class RedisClusterTransport(Transport):
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def _spublish(client: Redis, channel: str, payloads: Sequence[bytes]) -> None:
+    if len(payloads) == 1:
+        await client.spublish(channel, payloads[0])
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for payload in payloads:
+            pipe.spublish(channel, payload)
+        await pipe.execute()
+
+
+async def _close_client(client: Redis) -> None:
+    """Close ``client`` and every connection of its pool, even in use."""
+    try:
+        async with asyncio.timeout(1.0):
+            await client.aclose()
+            await client.connection_pool.disconnect()
+    except _ERRORS:
+        pass
+
+
+def _slot_map(reply: object, asked: str) -> list[tuple[int, int, tuple[str, int]]]:
+    """``(first, last, (host, port))`` of each slot range's primary in a ``CLUSTER SLOTS``
+    reply (a node that does not know its own address names it ``""``: the one ``asked``)."""
+    slots = []
+    for entry in reply if isinstance(reply, list) else []:
+        first, last, primary = entry[0], entry[1], entry[2]
+        host = _text(primary[0]) or asked
+        slots.append((int(first), int(last), (host if host != "?" else asked, int(primary[1]))))
+    return slots
 
 
 def _text(value: object) -> str:
