@@ -237,6 +237,9 @@ class CacheSync(Service):
         self._namespaces: dict[str, _Namespace] = {}
         self._sources: dict[str, _Source] = {}
         self._retired: dict[str, int] = {}  # silent sources -> their last seq
+        self._wires: list[str] = []  # the channels subscribed to
+        # Whether the transport gives namespaces channels of their own (Redis Cluster).
+        self._spread = type(self._transport).channel_for is not Transport.channel_for
         self._retired_now = False
         self._suspect_on_ready = False  # an apply failed: flush when the listener is back
         self._stats = ClientStats()
@@ -388,9 +391,20 @@ class CacheSync(Service):
             if self._retired and not self._sources:
                 # Registered while every source is silent: not fed, so not served either.
                 self._silence(namespace, ns)
-        if self._stats.listener_up and not namespace.silent:
+        wire = self._transport.channel_for(self.channel, ns) if self._spread else self.channel
+        if self._stats.listener_up and not namespace.silent and wire in self._wires:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
+        listener = self._listener
+        if listener is not None and not listener.done() and wire not in self._wires:
+            # A namespace of a channel of its own, added while listening: subscribe again, to
+            # its channel too (its cache is not trusted until then). cached() may run on
+            # another thread than the listener's loop.
+            loop = listener.get_loop()
+            if _running_loop() is loop:
+                self._resubscribe()
+            else:
+                loop.call_soon_threadsafe(self._resubscribe)
         count = len(namespace.members)
         if count >= MANY_FUNCTIONS and count & (count - 1) == 0:  # at 128, 256, 512...
             log.warning(
@@ -661,7 +675,11 @@ class CacheSync(Service):
                 if not first:
                     await self._transport.connect()
                 first = False
-                messages = self._transport.subscribe(self.channel, self._on_ready)
+                self._wires = self._channels()
+                if self._wires == [self.channel]:
+                    messages = self._transport.subscribe(self.channel, self._on_ready)
+                else:
+                    messages = self._transport.subscribe_many(self._wires, self._on_ready)
                 try:
                     async for payload in messages:
                         self.handle_message(payload)
@@ -812,8 +830,9 @@ class CacheSync(Service):
         if ns is None:
             self._stats.unknown_namespace += 1
             return
-        if event.source not in ns.heard:
-            ns.heard.add(event.source)
+        name = self._source_key(event)
+        if name not in ns.heard:
+            ns.heard.add(name)
             if ns.silent:  # a live source names it: it is fed again
                 self._unsilence(ns)
         op = event.op
@@ -860,22 +879,24 @@ class CacheSync(Service):
         """
         heartbeat = event.op == _HEARTBEAT
         seq = event.seq
-        source = self._sources.get(event.source)
+        name = self._source_key(event)
+        source = self._sources.get(name)
         if source is None:
-            retired = self._retired.pop(event.source, None)
+            retired = self._retired.pop(name, None)
             timeout = self._timeout_for(event) if heartbeat else self.heartbeat_timeout
             last = retired if retired is not None else 0  # a new source starts at seq 0
             if retired is not None and (seq < retired or (seq == retired and not heartbeat)):
                 # A silent source's old event, replayed: applied already (or flushed since).
-                self._retired[event.source] = retired
+                self._retired[name] = retired
                 return False
             if len(self._sources) >= MAX_SOURCES:  # bounded: retire the longest silent one
                 oldest = min(self._sources, key=lambda name: self._sources[name].last_seen)
                 self._retire(oldest)
             at_start = seq == (last if heartbeat else last + 1)
-            others = bool(self._sources)
-            self._sources[event.source] = _Source(seq, now, timeout)
-            self._heard_again(event.source)
+            # Another publisher (not this one on another channel) may have lost events.
+            others = any(_source_id(known) != event.source for known in self._sources)
+            self._sources[name] = _Source(seq, now, timeout)
+            self._heard_again(name)
             if retired is not None:
                 if not at_start:
                     self._stats.gaps += 1
@@ -925,6 +946,26 @@ class CacheSync(Service):
             "seq_zero", "an event of source %s has seq 0 (events start at 1)", event.source
         )
         self._lost("bad seq", event)
+
+    def _resubscribe(self) -> None:
+        self._set_down()
+        self._spawn(self._transport.close())
+
+    def _channels(self) -> list[str]:
+        """The channels to subscribe to: ``channel``, or one per namespace on a transport
+        that spreads namespaces over shards (see ``Transport.channel_for``)."""
+        if not self._spread:
+            return [self.channel]
+        wires = {self._transport.channel_for(self.channel, ns) for ns in self._namespaces}
+        return sorted(wires) if wires and wires != {self.channel} else [self.channel]
+
+    def _source_key(self, event: ChangeEvent) -> str:
+        """Sequences run per publisher and channel: the name a publisher is tracked under
+        (``source@channel`` where the transport gives the namespace a channel of its own)."""
+        if not self._spread:
+            return event.source
+        wire = self._transport.channel_for(self.channel, event.ns) if event.ns else self.channel
+        return event.source if wire == self.channel else f"{event.source}@{wire}"
 
     def _retire(self, name: str) -> None:
         """Forget a live source, remembering its last seq (so its replays are known)."""
@@ -1089,3 +1130,15 @@ class CacheSync(Service):
                 )
             executor = self._executor
         return executor.submit(job)
+
+
+def _source_id(name: str) -> str:
+    """The publisher's id in a tracked source name (``source`` or ``source@channel``)."""
+    return name.partition("@")[0]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -112,6 +112,10 @@ class Publisher(Service):
         self._running = False
         self.source = ""
         self.seq = 0
+        # Where a transport spreads namespaces over channels (Transport.channel_for): the
+        # last seq sent on each other channel, and a namespace each (named in its heartbeats).
+        self._wire_seqs: dict[str, int] = {}
+        self._wire_ns: dict[str, str] = {}
         self.published = 0
         self.publish_errors = 0
 
@@ -124,6 +128,7 @@ class Publisher(Service):
         await self._transport.connect()
         self.source = uuid.uuid4().hex
         self.seq = 0
+        self._wire_seqs.clear()
         self._running = True
         if self.heartbeat_interval is not None:
             self._heartbeat_task = asyncio.create_task(
@@ -213,21 +218,37 @@ class Publisher(Service):
         async with self._lock:
             # Every event is built and encoded before any seq is taken: a change that cannot
             # go out must not leave a gap that makes every consumer flush.
-            first = self.seq + 1
+            # Seqs run per channel (a transport may spread namespaces over channels: see
+            # Transport.channel_for); they are taken only once every event is valid.
+            taken: dict[str, int] = {}
             events = []
             for offset, change in enumerate(changes):
+                wire = self._transport.channel_for(self.channel, change.ns)
+                seq = taken.get(wire, self._last_seq(wire)) + 1
                 try:
-                    event = self._event(first + offset, change)
+                    event = self._event(seq, change)
                     event.encode()
                 except (ValueError, TypeError) as exc:
                     raise ValueError(
                         f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
                         f"a valid event: {_first_line(exc)}; nothing was published"
                     ) from None
+                taken[wire] = seq
                 events.append(event)
-            self.seq = first + len(events) - 1
+            for wire, seq in taken.items():
+                if wire == self.channel:
+                    self.seq = seq
+                else:
+                    self._wire_seqs[wire] = seq
+            for change in changes:
+                wire = self._transport.channel_for(self.channel, change.ns)
+                if wire != self.channel:
+                    self._wire_ns.setdefault(wire, change.ns)
             await self._send(events)
         return events
+
+    def _last_seq(self, wire: str) -> int:
+        return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
 
     def state(self) -> PublisherState:
         """Source id, channel, last seq and heartbeat interval (for ``/cachesync/state``)."""
@@ -266,20 +287,36 @@ class Publisher(Service):
         """Publish ``events``, retrying (and reconnecting) for ``timeout`` seconds at most,
         ``publish_timeout`` by default, from the first attempt to the last: a stalled network
         or a broker that is down makes it raise TransportError in time, and the next call
-        tries again on a fresh connection, however long the outage lasts."""
+        tries again on a fresh connection, however long the outage lasts. Consecutive events
+        for one channel go out together, in order."""
+        budget = self.publish_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + budget
+        run: list[ChangeEvent] = []
+        wire = self.channel
+        for event in events:
+            target = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
+            if run and target != wire:
+                await self._send_to(wire, run, deadline, budget)
+                run = []
+            wire = target
+            run.append(event)
+        if run:
+            await self._send_to(wire, run, deadline, budget)
+
+    async def _send_to(
+        self, channel: str, events: Sequence[ChangeEvent], deadline: float, budget: float
+    ) -> None:
         signer = self._signer
         payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
-        budget = self.publish_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
         backoff = Backoff(initial=0.05, maximum=1.0)
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
                     if len(payloads) == 1:
-                        await self._transport.publish(self.channel, payloads[0])
+                        await self._transport.publish(channel, payloads[0])
                     else:
-                        await self._transport.publish_many(self.channel, payloads)
+                        await self._transport.publish_many(channel, payloads)
                 self.published += len(payloads)
                 return
             except (TransportError, TimeoutError) as exc:
@@ -303,6 +340,27 @@ class Publisher(Service):
                     async with asyncio.timeout_at(deadline):
                         await self._transport.connect()
 
+    def _heartbeats(self, interval: float) -> list[ChangeEvent]:
+        """A heartbeat for every channel this publisher sends on, with its last seq (on a
+        channel of its own, a heartbeat names a namespace of that channel)."""
+        now = self._clock()
+        beats = []
+        if self._transport.channel_for(self.channel, "") == self.channel or not self._wire_seqs:
+            beats.append((self.seq, ""))
+        beats += [(seq, self._wire_ns[wire]) for wire, seq in self._wire_seqs.items()]
+        return [
+            ChangeEvent(
+                v=self.schema_version,
+                source=self.source,
+                seq=seq,
+                ns=ns,
+                op=Op.HEARTBEAT,
+                value={"interval": interval},
+                ts=now,
+            )
+            for seq, ns in beats
+        ]
+
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
         # source) right away rather than at its first change. A beat that cannot go out within
@@ -312,15 +370,8 @@ class Publisher(Service):
                 async with asyncio.timeout(max(interval, 0.001)):
                     await self._lock.acquire()
                 try:
-                    beat = ChangeEvent(
-                        v=self.schema_version,
-                        source=self.source,
-                        seq=self.seq,
-                        op=Op.HEARTBEAT,
-                        value={"interval": interval},
-                        ts=self._clock(),
-                    )
-                    await self._send([beat], timeout=min(interval, self.publish_timeout))
+                    beats = self._heartbeats(interval)
+                    await self._send(beats, timeout=min(interval, self.publish_timeout))
                 finally:
                     self._lock.release()
             except (TransportError, TimeoutError) as exc:

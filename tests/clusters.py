@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def free_ports(count: int) -> list[int]:
@@ -188,7 +189,7 @@ class SentinelDeployment:
 
         for port in self.sentinel_ports:
             try:
-                client = redis.Redis(port=port, socket_timeout=1.0)
+                client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
                 try:
                     _, master_port = client.sentinel_get_master_addr_by_name(self.service)
                     return int(master_port)
@@ -206,7 +207,7 @@ class SentinelDeployment:
         import redis
 
         for port in self.sentinel_ports:
-            client = redis.Redis(port=port, socket_timeout=1.0)
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
             try:
                 master = client.sentinel_master(self.service)
                 if master.get("num-other-sentinels", 0) < len(self.sentinel_ports) - 1:
@@ -229,7 +230,7 @@ class SentinelDeployment:
     def _replica_linked(self) -> bool:
         import redis
 
-        client = redis.Redis(port=self.master_port(), socket_timeout=1.0)
+        client = redis.Redis(host="127.0.0.1", port=self.master_port(), socket_timeout=1.0)
         try:
             info = client.info("replication")
             return bool(info.get("connected_slaves", 0) >= 1) and all(
@@ -282,6 +283,118 @@ def sentinel_deployment() -> SentinelDeployment:
         for node in group.nodes.values():
             wait_until(lambda node=node: port_open(node.port), 10.0, f"sentinel node {node.name}")
         wait_until(deployment.settled, 20.0, "sentinels to discover each other")
+    except BaseException:
+        group.stop()
+        raise
+    return deployment
+
+
+@dataclass
+class RedisClusterDeployment:
+    """3 primaries and 3 replicas, built with ADDSLOTSRANGE, MEET and REPLICATE."""
+
+    group: ProcessGroup
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.group.nodes.values()]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def _client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0, decode_responses=True)
+
+    def primaries(self) -> dict[int, tuple[int, int]]:
+        """Port of each live primary -> the slot range it serves, as a live node sees it."""
+        for node in self.group.nodes.values():
+            if not self.group.alive(node.name):
+                continue
+            client = self._client(node.port)
+            try:
+                slots = client.execute_command("CLUSTER", "SLOTS")
+            except Exception:
+                continue
+            finally:
+                client.close()
+            return {int(entry[2][1]): (int(entry[0]), int(entry[1])) for entry in slots}
+        raise RuntimeError("no cluster node answered")
+
+    def node_at(self, port: int) -> str:
+        return next(node.name for node in self.group.nodes.values() if node.port == port)
+
+    def healthy(self) -> bool:
+        """Every live node says the cluster is ok, and every primary has a replica in sync."""
+        try:
+            for node in self.group.nodes.values():
+                if not self.group.alive(node.name):
+                    return False
+                client = self._client(node.port)
+                try:
+                    if client.cluster("info")["cluster_state"] != "ok":
+                        return False
+                    info = client.info("replication")
+                finally:
+                    client.close()
+                if info["role"] == "master":
+                    slaves = int(info.get("connected_slaves", 0))
+                    if slaves < 1 or info["slave0"].get("state") != "online":
+                        return False
+            return len(self.primaries()) == 3
+        except Exception:
+            return False
+
+    def restart(self, name: str) -> None:
+        """Start a killed node again (it rejoins as a replica) and wait for a healthy cluster."""
+        if not self.group.alive(name):
+            self.group.start(name)
+        wait_until(self.healthy, 30.0, "Redis Cluster back to 3 primaries with replicas")
+
+
+def redis_cluster() -> RedisClusterDeployment:
+    group = ProcessGroup("redis-cluster")
+    ports, bus_ports = (all_ports := free_ports(12))[:6], all_ports[6:]
+    for i, (port, bus_port) in enumerate(zip(ports, bus_ports, strict=True)):
+        name = f"node-{i + 1}"
+        extra = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "1000",
+            # Not port + 10000, which may be taken, or past 65535.
+            "--cluster-port", str(bus_port),
+        ]  # fmt: skip
+        group.add(name, redis_server_argv(group, name, port, *extra), port)
+    deployment = RedisClusterDeployment(group)
+    try:
+        for name in group.nodes:
+            group.start(name, wait=False)
+        for node in group.nodes.values():
+            wait_until(lambda node=node: port_open(node.port), 10.0, f"cluster node {node.name}")
+        clients = [deployment._client(port) for port in ports]
+        try:
+            ids = [client.cluster("myid") for client in clients]
+            ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
+            for client, (first, last) in zip(clients[:3], ranges, strict=True):
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for client in clients[1:]:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0], bus_ports[0])
+
+            def all_known() -> bool:
+                return all(
+                    len(c.execute_command("CLUSTER", "NODES").strip().splitlines()) == 6
+                    for c in clients
+                )
+
+            wait_until(all_known, 10.0, "cluster nodes to meet")
+            for replica, primary in zip(clients[3:], ids[:3], strict=True):
+                replica.execute_command("CLUSTER", "REPLICATE", primary)
+        finally:
+            for client in clients:
+                client.close()
+        wait_until(deployment.healthy, 20.0, "Redis Cluster to be ok")
     except BaseException:
         group.stop()
         raise

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .clusters import SentinelDeployment
+    from .clusters import RedisClusterDeployment, SentinelDeployment
 
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -88,6 +88,20 @@ def sentinel() -> Iterator[SentinelDeployment]:
 
     require_binary("redis-server")
     deployment = sentinel_deployment()
+    try:
+        yield deployment
+    finally:
+        deployment.group.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterDeployment]:
+    """A Redis Cluster of 3 primaries and 3 replicas on loopback ports, for this test run."""
+    from .clusters import redis_cluster as build
+    from .engine_tools import require_binary
+
+    require_binary("redis-server")
+    deployment = build()
     try:
         yield deployment
     finally:

@@ -26,14 +26,24 @@ from .tcpproxy import TcpProxy, proxied_url
 
 pytestmark = pytest.mark.timeout(20)
 
-KINDS = ["memory", "redis", "redis+stream", "amqp", "nats", "redis+sentinel"]
+KINDS = [
+    "memory",
+    "redis",
+    "redis+stream",
+    "amqp",
+    "amqp+stream",
+    "nats",
+    "redis+sentinel",
+    "redis+cluster",
+]
 
 # Transports that keep a log and replay what a subscriber missed.
-REPLAYING = {"redis+stream", "nats"}
+REPLAYING = {"redis+stream", "nats", "amqp+stream"}
 
 # Where the broker of each kind listens (for the network-drop test's proxy).
 ADDRESSES = {
     "amqp": ("127.0.0.1", 5672),
+    "amqp+stream": ("127.0.0.1", 5672),
     "redis": ("127.0.0.1", 6379),
     "redis+stream": ("127.0.0.1", 6379),
     "nats": ("127.0.0.1", 4222),
@@ -63,9 +73,9 @@ class Harness:
 
     def make(self, url: str | None = None, **options: Any) -> Transport:
         """A transport on this test's URL (or ``url``), not yet connected."""
-        if self.kind in ("redis", "redis+stream", "redis+sentinel"):
+        if self.kind in ("redis", "redis+stream", "redis+sentinel", "redis+cluster"):
             options = {**REDIS_OPTIONS, **options}
-        elif self.kind == "amqp":
+        elif self.kind in ("amqp", "amqp+stream"):
             options = {"connect_timeout": 5.0, "connection_name": self.tag, **options}
         elif self.kind == "nats":
             options = {"connect_timeout": 5.0, "health_check_interval": 2.0, **options}
@@ -77,7 +87,7 @@ class Harness:
             from cachesync.transports.memory import bus_for
 
             bus_for(self.url).disconnect_all()
-        elif self.kind == "amqp":
+        elif self.kind in ("amqp", "amqp+stream"):
             from .amqp_tools import close_amqp_connections, rabbitmqctl_available
 
             if not rabbitmqctl_available():
@@ -100,6 +110,16 @@ class SentinelHarness(Harness):
     async def cut(self) -> None:
         admin = f"redis://127.0.0.1:{self.deployment.master_port()}/0"
         assert await kill_redis_clients(admin, self.tag) > 0
+
+
+class ClusterHarness(SentinelHarness):
+    """Cuts with CLIENT KILL on every primary of the cluster."""
+
+    async def cut(self) -> None:
+        killed = 0
+        for port in self.deployment.primaries():
+            killed += await kill_redis_clients(f"redis://127.0.0.1:{port}/0", self.tag)
+        assert killed > 0
 
 
 async def kill_redis_clients(url: str, name: str, commands: tuple[str, ...] = ()) -> int:
@@ -133,11 +153,26 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         pytest.importorskip("aio_pika")
         yield Harness(kind, amqp_url, tag)
         return
+    if kind == "amqp+stream":
+        amqp_url = str(request.getfixturevalue("amqp_url"))
+        pytest.importorskip("aio_pika")
+        made = Harness(kind, amqp_url.replace("amqp://", "amqp+stream://", 1), tag)
+        try:
+            yield made
+        finally:
+            await delete_amqp_streams(amqp_url, made.channels)
+        return
     if kind == "redis+sentinel":
         pytest.importorskip("redis")
         deployment = request.getfixturevalue("sentinel")
         url = f"{deployment.url}?client_name={tag}"
         yield SentinelHarness(kind, url, tag, deployment=deployment)
+        return
+    if kind == "redis+cluster":
+        pytest.importorskip("redis")
+        deployment = request.getfixturevalue("redis_cluster")
+        url = f"{deployment.url}?client_name={tag}"
+        yield ClusterHarness(kind, url, tag, deployment=deployment)
         return
     if kind == "nats":
         nats_url = str(request.getfixturevalue("nats_url"))
@@ -165,6 +200,23 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
                 await admin.delete(*made.channels)
             finally:
                 await admin.aclose()
+
+
+async def delete_amqp_streams(url: str, channels: list[str], stream: str = "stream") -> None:
+    """Delete the stream queues (and exchanges) the amqp+stream transport made for ``channels``."""
+    if not channels:
+        return
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        for channel in channels:
+            amqp_channel = await connection.channel()
+            await amqp_channel.queue_delete(f"{channel}.{stream}")
+            await amqp_channel.exchange_delete(channel)
+            await amqp_channel.close()
+    finally:
+        await connection.close()
 
 
 async def delete_nats_streams(url: str, channels: list[str]) -> None:
@@ -509,8 +561,8 @@ async def test_a_network_drop_reaches_a_subscription(harness: Harness) -> None:
     # The same contract when the network (not the broker) drops the connection.
     if harness.kind == "memory":
         pytest.skip("memory:// has no network")
-    if harness.kind == "redis+sentinel":
-        pytest.skip("the sentinels name the master's own address: no proxy is in the path")
+    if harness.kind in ("redis+sentinel", "redis+cluster"):
+        pytest.skip("the nodes are found by the address they announce: no proxy in the path")
     host, port = ADDRESSES[harness.kind]
     channel = harness.channel()
     async with TcpProxy(host, port) as proxy, connected(harness, 1) as [pub]:

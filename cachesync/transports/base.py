@@ -90,6 +90,10 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "amqps": ("cachesync.transports.amqp", "AmqpTransport", "rabbitmq"),
     "redis+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
     "rediss+sentinel": ("cachesync.transports.redis_sentinel", "RedisSentinelTransport", "redis"),
+    "redis+cluster": ("cachesync.transports.redis_cluster", "RedisClusterTransport", "redis"),
+    "rediss+cluster": ("cachesync.transports.redis_cluster", "RedisClusterTransport", "redis"),
+    "amqp+stream": ("cachesync.transports.amqp_stream", "AmqpStreamTransport", "rabbitmq"),
+    "amqps+stream": ("cachesync.transports.amqp_stream", "AmqpStreamTransport", "rabbitmq"),
     "nats": ("cachesync.transports.nats", "NatsTransport", "nats"),
 }
 
@@ -137,6 +141,24 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:
         """Yield the payloads published on ``channel`` until the connection breaks or closes."""
+
+    def channel_for(self, channel: str, namespace: str) -> str:
+        """The channel that carries the events of ``namespace`` on ``channel``.
+
+        ``channel`` itself by default. A transport that spreads namespaces over shards
+        (``redis+cluster://``) names one channel per namespace; the publisher then keeps a
+        ``seq`` per such channel and the client subscribes to those of its namespaces.
+        """
+        return channel
+
+    def subscribe_many(
+        self, channels: Sequence[str], on_ready: OnReady | None = None
+    ) -> AsyncIterator[bytes]:
+        """Like :meth:`subscribe`, over several channels at once (``on_ready`` once all are
+        live). Needed only where :meth:`channel_for` names several channels."""
+        if len(channels) == 1:
+            return self.subscribe(channels[0], on_ready)
+        raise NotImplementedError(f"{type(self).__name__} subscribes to one channel at a time")
 
     @property
     def safe_url(self) -> str:

@@ -52,7 +52,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -159,6 +159,7 @@ class NatsTransport(Transport):
         self._opened = False  # connect() was called
         self._closed = False  # close() was called after it
         self._next_server = 0
+        self._lost: asyncio.Future[None] | None = None  # done once the connection closed
         self._streams: set[str] = set()
         self._cursors: dict[str, _Cursor] = {}
 
@@ -196,6 +197,7 @@ class NatsTransport(Transport):
                 break
             server = self._servers[self._next_server % len(self._servers)]
             self._next_server += 1
+            self._lost = loop.create_future()
             try:
                 async with asyncio.timeout(remaining):
                     nc = await nats.connect(
@@ -211,6 +213,7 @@ class NatsTransport(Transport):
                         ping_interval=int(max(1.0, self.health_check_interval)),
                         max_outstanding_pings=2,
                         error_cb=self._on_error,
+                        closed_cb=self._on_closed,
                     )
             except _FAILURES as exc:
                 last = exc
@@ -224,6 +227,10 @@ class NatsTransport(Transport):
             f"NATS at {self.safe_url} unreachable within {self.connect_timeout:g}s ({detail}); "
             "is nats-server running with JetStream (-js)?"
         )
+
+    async def _on_closed(self) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats client error", extra={"url": self.safe_url, "error": self._describe(exc)})
@@ -247,6 +254,25 @@ class NatsTransport(Transport):
         if self._nc is None or self._js is None or not self._nc.is_connected:
             raise TransportError(f"the connection to {self.safe_url} was lost; call connect()")
         return self._nc, self._js
+
+    async def _unless_lost(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work``, but fail at once when the connection closes: nats-py lets a request
+        on a dead connection wait for its whole timeout."""
+        lost = self._lost
+        if lost is None:
+            await work
+            return
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise nats.errors.ConnectionClosedError
+        task.result()
 
     # -- streams -------------------------------------------------------------------------
 
@@ -281,7 +307,8 @@ class NatsTransport(Transport):
                 f"a {len(payload)}-byte message is over the server's max_payload "
                 f"({nc.max_payload}) on {self.safe_url}; raise max_payload in nats-server.conf"
             )
-        try:
+
+        async def attempt() -> None:
             for attempt in (1, 2):
                 await self._ensure_stream(js, name)
                 try:
@@ -294,6 +321,9 @@ class NatsTransport(Transport):
                     self._streams.discard(name)
                     if attempt == 2:
                         raise
+
+        try:
+            await self._unless_lost(attempt())
         except (*_FAILURES, nats.js.errors.Error) as exc:
             raise TransportError(
                 f"could not publish to {channel!r} on {self.safe_url}: {self._describe(exc)}"

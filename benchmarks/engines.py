@@ -1,0 +1,524 @@
+"""How the distributed engines behave when a node dies, and how Redis Cluster scales.
+
+    python -m benchmarks.engines                 # failover and cluster throughput, ~2 minutes
+    python -m benchmarks.engines --only failover --rounds 5
+
+Failover: for each engine a deployment of its own is started on loopback ports (the test
+harness in ``tests/clusters.py``): Redis with a replica and 3 sentinels, a Redis Cluster of 3
+primaries and 3 replicas, a 3-node NATS JetStream cluster. A publisher sends a numbered event
+every 5 ms, a reader (reconnecting as ``CacheSync``'s listener does) reads them; the node that
+matters is SIGKILLed (the master, the primary owning the channel's slot, the stream's leader)
+and the time until the reader receives a newer event is measured, ``--rounds`` times per engine
+(the node is restarted and the deployment healthy again between rounds).
+
+Cluster throughput: 3 publisher processes each publish as fast as they can to a namespace of
+their own for ``--seconds``, and 3 reader processes each read one namespace; once with the 3
+namespaces on 3 different shards, once with 3 namespaces that hash to one shard. Reported:
+events/s received in total, and the ratio.
+
+Fan-out: publish -> received p50/p99 against the number of subscriptions (1, 4, 16, 64 over
+4 processes) at ``--rate`` events/s, for ``redis://``, ``redis+cluster://``, ``nats://`` and
+``amqp+stream://``. The brokers' CPU is not measured (they share the machine's 2 CPUs with the
+subscribers, which dominate).
+
+Results go to ``benchmarks/results/ENGINES.md``, ``engines_failover.png`` and
+``engines_fanout.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cachesync.transports.base import Transport, from_url  # noqa: E402
+from tests.clusters import (  # noqa: E402
+    ProcessGroup,
+    RedisClusterDeployment,
+    SentinelDeployment,
+    nats_cluster,
+    redis_cluster,
+    sentinel_deployment,
+)
+from tests.engine_tools import Feeder, Reader  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# -- failover ----------------------------------------------------------------------------------
+
+
+async def _one_failover(
+    make: Callable[[], Transport],
+    channel: str,
+    kill: Callable[[], Awaitable[str]],
+    restart: Callable[[str], Awaitable[None]],
+) -> tuple[float, bool]:
+    """Seconds from the kill until a newer event arrives; and whether a loss was reported."""
+    reader = Reader(make(), channel)
+    feeder = Feeder(make(), channel)
+    victim = ""
+    try:
+        reader.start()
+        await reader.wait(lambda: reader.readies, 20)
+        feeder.start()
+        await reader.wait(lambda: len(reader.numbers) >= 50, 20)
+        killed_at = time.monotonic()
+        victim = await kill()
+        newest = max(reader.numbers)
+        await reader.wait(lambda: max(reader.numbers) > newest + 20, 60)
+        back = next(
+            at
+            for at, number in zip(reader.arrivals, reader.numbers, strict=True)
+            if at > killed_at and number > newest
+        )
+        lost = any(not resumed for _, resumed in reader.readies[1:])
+        return back - killed_at, lost
+    finally:
+        await feeder.stop()
+        await reader.stop()
+        if victim:
+            await restart(victim)
+
+
+async def failover_sentinel(rounds: int) -> list[tuple[float, bool]]:
+    deployment: SentinelDeployment = sentinel_deployment()
+    url = f"{deployment.url}?health_check_interval=1&socket_timeout=1"
+    try:
+        results = []
+        for i in range(rounds):
+
+            async def kill() -> str:
+                victim = deployment.node_at(deployment.master_port())
+                deployment.group.kill(victim)
+                return victim
+
+            async def restart(name: str) -> None:
+                await asyncio.to_thread(deployment.restart, name)
+
+            results.append(
+                await _one_failover(
+                    lambda: from_url(url, connect_timeout=5.0), f"bench-{i}", kill, restart
+                )
+            )
+        return results
+    finally:
+        deployment.group.stop()
+
+
+async def failover_cluster(rounds: int) -> list[tuple[float, bool]]:
+    from redis.cluster import key_slot
+
+    deployment: RedisClusterDeployment = redis_cluster()
+    url = f"{deployment.url}?health_check_interval=1&socket_timeout=1"
+    try:
+        results = []
+        for i in range(rounds):
+            channel = f"bench-{i}{{fx}}"
+
+            async def kill(channel: str = channel) -> str:
+                slot = key_slot(channel.encode())
+                port = next(p for p, (a, b) in deployment.primaries().items() if a <= slot <= b)
+                victim = deployment.node_at(port)
+                deployment.group.kill(victim)
+                return victim
+
+            async def restart(name: str) -> None:
+                await asyncio.to_thread(deployment.restart, name)
+
+            results.append(
+                await _one_failover(
+                    lambda: from_url(url, connect_timeout=5.0), channel, kill, restart
+                )
+            )
+        return results
+    finally:
+        deployment.group.stop()
+
+
+async def failover_nats(rounds: int) -> list[tuple[float, bool]]:
+    from tests.test_nats import _restart, _stream_leader
+
+    group: ProcessGroup = nats_cluster(3)
+    url = "nats://" + ",".join(f"127.0.0.1:{n.port}" for n in group.nodes.values())
+    options = "?replicas=3&health_check_interval=1&publish_timeout=1"
+    try:
+        await asyncio.sleep(2.0)  # the JetStream meta leader election
+        results = []
+        for i in range(rounds):
+            channel = f"bench-{i}"
+
+            async def kill(channel: str = channel) -> str:
+                victim = await _stream_leader(url, channel)
+                group.kill(victim)
+                return victim
+
+            async def restart(name: str) -> None:
+                await asyncio.to_thread(_restart, group, name)
+
+            results.append(
+                await _one_failover(
+                    lambda: from_url(url + options, connect_timeout=5.0), channel, kill, restart
+                )
+            )
+        return results
+    finally:
+        group.stop()
+
+
+# -- Redis Cluster throughput ------------------------------------------------------------------
+
+
+def _publish_flat_out(url: str, channel: str, seconds: float, out: Any) -> None:
+    async def run() -> None:
+        transport = from_url(url, connect_timeout=5.0)
+        await transport.connect()
+        sent = 0
+        batch = [b"x" * 100] * 50
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await transport.publish_many(channel, batch)
+            sent += len(batch)
+        await transport.close()
+        out.put(("sent", sent))
+
+    asyncio.run(run())
+
+
+def _read_for(url: str, channel: str, seconds: float, ready: Any, out: Any) -> None:
+    async def run() -> None:
+        transport = from_url(url, connect_timeout=5.0)
+        await transport.connect()
+        count = 0
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            nonlocal count
+            async for _ in transport.subscribe(channel, lambda resumed: started.set()):
+                count += 1
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        ready.put(True)
+        await asyncio.sleep(seconds + 1.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await transport.close()
+        out.put(("read", count))
+
+    asyncio.run(run())
+
+
+def _throughput(url: str, channels: list[str], seconds: float) -> tuple[float, float]:
+    """(events/s received in total, events/s sent in total)."""
+    context = multiprocessing.get_context("spawn")
+    ready, out = context.Queue(), context.Queue()
+    readers = [
+        context.Process(target=_read_for, args=(url, ch, seconds, ready, out)) for ch in channels
+    ]
+    for process in readers:
+        process.start()
+    for _ in readers:
+        ready.get(timeout=30)
+    writers = [
+        context.Process(target=_publish_flat_out, args=(url, ch, seconds, out)) for ch in channels
+    ]
+    for process in writers:
+        process.start()
+    totals = {"sent": 0, "read": 0}
+    for _ in range(len(readers) + len(writers)):
+        kind, count = out.get(timeout=seconds + 60)
+        totals[kind] += count
+    for process in readers + writers:
+        process.join(10)
+    return totals["read"] / seconds, totals["sent"] / seconds
+
+
+def cluster_throughput(seconds: float) -> dict[str, tuple[float, float]]:
+    from redis.cluster import key_slot
+
+    deployment = redis_cluster()
+    try:
+        primaries = deployment.primaries()
+
+        def shard(channel: str) -> int:
+            slot = key_slot(channel.encode())
+            return next(p for p, (a, b) in primaries.items() if a <= slot <= b)
+
+        candidates = [f"bench{{ns{i}}}" for i in range(200)]
+        spread: list[str] = []
+        for channel in candidates:
+            if shard(channel) not in {shard(c) for c in spread}:
+                spread.append(channel)
+            if len(spread) == 3:
+                break
+        same = [c for c in candidates if shard(c) == shard(candidates[0])][:3]
+        return {
+            "3 namespaces on 3 shards": _throughput(deployment.url, spread, seconds),
+            "3 namespaces on 1 shard": _throughput(deployment.url, same, seconds),
+        }
+    finally:
+        deployment.group.stop()
+
+
+# -- fan-out ---------------------------------------------------------------------------------
+
+
+def _fanout_worker(url: str, channel: str, count: int, ready: Any, out: Any, stop: Any) -> None:
+    """``count`` subscriptions, each on a connection of its own; reports every latency."""
+
+    async def run() -> None:
+        transports = [from_url(url, connect_timeout=10.0) for _ in range(count)]
+        latencies: list[float] = []
+        live = 0
+        all_live = asyncio.Event()
+
+        def on_ready(resumed: bool) -> None:
+            nonlocal live
+            live += 1
+            if live == count:
+                all_live.set()
+
+        async def consume(transport: Transport) -> None:
+            async for payload in transport.subscribe(channel, on_ready):
+                latencies.append(time.time() - float(payload))
+
+        for transport in transports:
+            await transport.connect()
+        tasks = [asyncio.create_task(consume(t)) for t in transports]
+        await all_live.wait()
+        ready.put(True)
+        while stop.empty():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the last messages in flight
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for transport in transports:
+            await transport.close()
+        out.put(latencies)
+
+    asyncio.run(run())
+
+
+def _fanout_point(
+    url: str, channel: str, subscriptions: int, rate: float, seconds: float, processes: int = 4
+) -> tuple[float, float, int]:
+    """(p50 ms, p99 ms, deliveries) publish -> received for ``subscriptions`` at ``rate``/s."""
+    context = multiprocessing.get_context("spawn")
+    ready, out, stop = context.Queue(), context.Queue(), context.Queue()
+    base, extra = divmod(subscriptions, processes)
+    shares = [base + (i < extra) for i in range(processes)]
+    workers = [
+        context.Process(target=_fanout_worker, args=(url, channel, n, ready, out, stop))
+        for n in shares
+        if n
+    ]
+    for process in workers:
+        process.start()
+    for _ in workers:
+        ready.get(timeout=60)
+
+    async def publish() -> None:
+        transport = from_url(url, connect_timeout=10.0)
+        await transport.connect()
+        interval = 1.0 / rate
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await transport.publish(channel, b"%.6f" % time.time())
+        await transport.close()
+
+    asyncio.run(publish())
+    stop.put(True)
+    latencies: list[float] = []
+    for _ in workers:
+        latencies += out.get(timeout=60)
+    for process in workers:
+        process.join(10)
+    latencies.sort()
+    if not latencies:
+        return float("nan"), float("nan"), 0
+    p50 = latencies[len(latencies) // 2] * 1000
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    return p50, p99, len(latencies)
+
+
+def fanout(
+    counts: list[int], rate: float, seconds: float
+) -> dict[str, list[tuple[int, float, float, int]]]:
+    deployment = redis_cluster()
+    try:
+        urls = {
+            "redis:// (one node)": "redis://127.0.0.1:6379/0",
+            "redis+cluster://": deployment.url,
+            "nats:// (JetStream)": "nats://127.0.0.1:4222",
+            "amqp+stream://": "amqp+stream://guest:guest@127.0.0.1:5672/",
+        }
+        curves: dict[str, list[tuple[int, float, float, int]]] = {}
+        for name, url in urls.items():
+            channel = f"bench-fanout-{os.getpid()}"
+            if "cluster" in name:
+                channel += "{fx}"
+            for count in counts:
+                p50, p99, n = _fanout_point(url, channel, count, rate, seconds)
+                curves.setdefault(name, []).append((count, p50, p99, n))
+                print(f"{name} x{count}: p50 {p50:.2f} ms p99 {p99:.2f} ms ({n} deliveries)")
+        return curves
+    finally:
+        deployment.group.stop()
+
+
+def _plot_fanout(curves: dict[str, list[tuple[int, float, float, int]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, points in curves.items():
+        xs = [p[0] for p in points]
+        line = ax.plot(xs, [p[2] for p in points], marker="o", label=f"{name} p99")[0]
+        ax.plot(xs, [p[1] for p in points], marker=".", ls="--", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("subscriptions (4 processes)")
+    ax.set_ylabel("publish -> received, ms (dashed: p50)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _plot(failovers: dict[str, list[tuple[float, bool]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(failovers)
+    for i, name in enumerate(names):
+        times = [t for t, _ in failovers[name]]
+        ax.scatter([i] * len(times), times, color="tab:blue", alpha=0.7)
+        ax.hlines(statistics.median(times), i - 0.25, i + 0.25, color="tab:red")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("seconds until events flow again")
+    ax.set_title("Failover: a node killed while events flow (red: median)")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["failover", "throughput", "fanout"])
+    parser.add_argument("--subscriptions", default="1,4,16,64")
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    lines = [
+        "# Engines: failover and Redis Cluster throughput",
+        "",
+        f"`python -m benchmarks.engines {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
+        f"on {platform.node()} ({os.cpu_count()} CPUs, shared), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+    ]
+    if args.only in (None, "failover"):
+        failovers = {
+            "redis+sentinel": asyncio.run(failover_sentinel(args.rounds)),
+            "redis+cluster": asyncio.run(failover_cluster(args.rounds)),
+            "nats (stream leader)": asyncio.run(failover_nats(args.rounds)),
+        }
+        lines += [
+            "## Failover",
+            "",
+            "| engine | killed | events flow again after (s): median | max | rounds "
+            "| reported as a loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        killed = {
+            "redis+sentinel": "the master",
+            "redis+cluster": "the primary of the channel's slot",
+            "nats (stream leader)": "the stream's leader (R3)",
+        }
+        for name, results in failovers.items():
+            times = [t for t, _ in results]
+            lost = sum(1 for _, loss in results if loss)
+            lines.append(
+                f"| {name} | {killed[name]} | {statistics.median(times):.2f} | "
+                f"{max(times):.2f} | {len(times)} | {lost} of {len(times)} |"
+            )
+            print(name, [f"{t:.2f}" for t in times], f"lost {lost}/{len(times)}")
+        lines.append("")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        _plot(failovers, RESULTS / "engines_failover.png")
+        lines += ["![failover](engines_failover.png)", ""]
+    if args.only in (None, "throughput"):
+        figures = cluster_throughput(args.seconds)
+        lines += [
+            "## Redis Cluster: namespaces over shards",
+            "",
+            "| layout | events/s received (3 readers) | events/s sent (3 publishers) |",
+            "|---|---|---|",
+        ]
+        for name, (received, sent) in figures.items():
+            lines.append(f"| {name} | {received:,.0f} | {sent:,.0f} |")
+            print(name, f"received {received:,.0f}/s sent {sent:,.0f}/s")
+        spread, same = (figures[k][0] for k in figures)
+        lines += ["", f"Ratio spread / one shard: {spread / same:.2f}x.", ""]
+    if args.only in (None, "fanout"):
+        counts = [int(c) for c in args.subscriptions.split(",")]
+        curves = fanout(counts, args.rate, args.seconds)
+        lines += [
+            "## Fan-out",
+            "",
+            f"Publish -> received at {args.rate:,.0f} events/s for {args.seconds:g} s, the "
+            "subscriptions spread over 4 processes (one connection each) on the same 2 CPUs "
+            "as the brokers.",
+            "",
+            "| engine | subscriptions | p50 ms | p99 ms | deliveries |",
+            "|---|---|---|---|---|",
+        ]
+        for name, points in curves.items():
+            for count, p50, p99, n in points:
+                lines.append(f"| {name} | {count} | {p50:.2f} | {p99:.2f} | {n:,} |")
+        lines.append("")
+        _plot_fanout(curves, RESULTS / "engines_fanout.png")
+        lines += ["![fan-out](engines_fanout.png)", ""]
+    path = RESULTS / "ENGINES.md"
+    text = "\n".join(lines)
+    if args.only is not None and path.exists():
+        # Keep the section of a part that was not run this time.
+        kept = [
+            part
+            for part in path.read_text().split("\n## ")[1:]
+            if not text.count("\n## " + part.splitlines()[0])
+        ]
+        text += "".join("\n## " + part for part in kept)
+    path.write_text(text)
+    print(f"wrote {RESULTS / 'ENGINES.md'}")
+
+
+if __name__ == "__main__":
+    main()

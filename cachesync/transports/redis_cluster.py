@@ -1,0 +1,357 @@
+"""``redis+cluster://h1:7000,h2:7001``: sharded pub/sub on a Redis Cluster (Redis 7+).
+
+Publishing is ``SPUBLISH`` (never ``PUBLISH``, which every node of the cluster forwards to
+every other node over the cluster bus). A sharded channel lives on the shard that owns its
+slot, so each namespace gets a channel of its own, ``<channel>{<namespace>}``: the hash tag
+spreads namespaces over the shards, and a consumer subscribes only to the channels of the
+namespaces it caches (:meth:`RedisClusterTransport.channel_for`; the client and the publisher
+use it, the transport knows nothing of caches).
+
+A subscription opens one connection per primary that owns one of its channels, sends
+``SSUBSCRIBE`` there, and reads each connection in a task of its own, so a quiet shard never
+delays a busy one (redis-py's ``ClusterPubSub.get_sharded_message`` polls the nodes in turn,
+which delays a message by up to its timeout). ``on_ready(False)`` once every node confirmed.
+
+Failure. When a node fails, the cluster promotes a replica and moves the slots; a node that
+loses a slot (a failover, a resharding) sends ``sunsubscribe`` for its channels. Either ends
+the whole subscription with :class:`~cachesync.errors.ConnectionLost`: pub/sub keeps no log,
+so events of that shard may have been missed and the client flushes. The next ``connect()``
+reloads the slot map (the transport marks it stale) and ``subscribe`` lands on the new owners.
+Silence is checked as for ``redis://`` (a PING after ``health_check_interval``).
+
+Everything goes through redis-py's public API, on plain per-node clients with redis-py's
+retries off: the slot map comes from ``CLUSTER SLOTS`` (asked of the nodes of the URL in turn),
+``SPUBLISH`` goes to the primary that owns the channel's slot, and each subscription reads one
+``PubSub`` per node. (redis-py's ``RedisCluster`` reloads its slot map by itself in the middle of
+a command, which would hide a failover from the client, and leaves connections behind when a
+command is cancelled during that reload.) A ``MOVED`` reply marks the map stale; the caller's
+``connect()`` reloads it.
+
+URL options (query string; keyword arguments of the same name win):
+
+``health_check_interval=5``, ``socket_timeout=<connect_timeout>``, ``client_name``
+    As for ``redis+sentinel://``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
+
+from ..backoff import Backoff
+from ..errors import ConfigError, ConnectionLost, StateError, TransportError
+from .base import OnReady, Transport
+from .hosts import float_option, parse_node_url
+from .redis_sentinel import FAILURES, no_retry, pubsub_messages
+
+try:
+    import redis.exceptions as redis_errors
+    from redis.asyncio import Redis
+    from redis.crc import key_slot
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "redis+cluster:// needs redis-py: pip install 'cachesync[redis]'", name=exc.name
+    ) from exc
+
+__all__ = ["RedisClusterTransport"]
+
+log = logging.getLogger("cachesync.transports.redis_cluster")
+
+DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
+_OPTIONS: Final = frozenset({"health_check_interval", "socket_timeout", "client_name"})
+_READY: Final = object()
+# What redis-py raises when a node or the cluster fails (RedisClusterException is no RedisError).
+_ERRORS: Final = (*FAILURES, redis_errors.RedisError, redis_errors.RedisClusterException)
+
+
+class RedisClusterTransport(Transport):
+    """Sharded pub/sub on a Redis Cluster: a channel per namespace, spread over the shards.
+
+    Live only, like ``redis://``: ``on_ready`` reports ``resumed=False`` every time.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis+cluster://localhost:7000",
+        *,
+        connect_timeout: float = 10.0,
+        health_check_interval: float | None = None,
+        socket_timeout: float | None = None,
+        client_name: str | None = None,
+    ) -> None:
+        super().__init__(url, connect_timeout=connect_timeout)
+        parsed = parse_node_url(url, default_port=6379, known_options=_OPTIONS)
+        if parsed.scheme not in ("redis+cluster", "rediss+cluster"):
+            raise ConfigError(f"not a redis+cluster:// URL: {self.safe_url!r}")
+        if parsed.path.strip("/") not in ("", "0"):
+            raise ConfigError(f"a Redis Cluster has database 0 only: {self.safe_url!r}")
+        opts = parsed.options
+        self.health_check_interval = health_check_interval or float_option(
+            opts, "health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL
+        )
+        self.socket_timeout = socket_timeout or float_option(
+            opts, "socket_timeout", connect_timeout
+        )
+        self.client_name = client_name or opts.get("client_name") or None
+        self._nodes = list(parsed.hosts)
+        self._password = parsed.password
+        self._options: dict[str, Any] = {
+            "username": parsed.username,
+            "password": parsed.password,
+            "client_name": self.client_name,
+            "socket_connect_timeout": min(connect_timeout, self.socket_timeout),
+            "socket_keepalive": True,
+            "ssl": parsed.scheme == "rediss+cluster",
+        }
+        # (first slot, last slot, (host, port) of the primary), from CLUSTER SLOTS
+        self._slots: list[tuple[int, int, tuple[str, int]]] = []
+        self._publishers: dict[tuple[str, int], Redis] = {}  # a client per primary
+        self._stale = False  # the slot map may be out of date: reload it on connect()
+        self._opened = False
+        self._closed = False
+        self._generation = 0
+        self._subscribers: set[Redis] = set()  # one client per node a subscription reads
+
+    def channel_for(self, channel: str, namespace: str) -> str:
+        """``<channel>{<namespace>}``: one sharded channel per namespace, on the shard of its
+        hash tag."""
+        if not namespace:
+            return channel
+        return f"{channel}{{{namespace}}}"
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _describe(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return text.replace(self._password, "***") if self._password else text
+
+    async def connect(self) -> None:
+        """Load the slot map from the first node that answers, retrying until
+        ``connect_timeout``. After a lost subscription or publish, load it again."""
+        self._opened, self._closed = True, False
+        if self._slots and not self._stale:
+            return
+        await self._drop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        backoff = Backoff(initial=0.05, maximum=0.5)
+        turn = 0
+        while True:
+            host, port = self._nodes[turn % len(self._nodes)]
+            turn += 1
+            client = self._client(host, port)
+            try:
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                slots = _slot_map(reply, host)
+                if not slots:
+                    raise redis_errors.ConnectionError(f"{host}:{port} serves no slots yet")
+                self._slots, self._stale = slots, False
+                return
+            except _ERRORS as exc:
+                if loop.time() + 0.01 >= deadline:
+                    raise TransportError(
+                        f"no node of the Redis Cluster at {self.safe_url} answered within "
+                        f"{self.connect_timeout:g}s ({self._describe(exc)}); is it running?"
+                    ) from exc
+                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
+            finally:
+                await _close_client(client)
+
+    def _client(self, host: str, port: int) -> Redis:
+        return Redis(host=host, port=port, retry=no_retry(), **self._options)
+
+    def _owner(self, channel: str) -> tuple[str, int] | None:
+        slot = key_slot(channel.encode())
+        for first, last, address in self._slots:
+            if first <= slot <= last:
+                return address
+        return None
+
+    async def _drop(self) -> None:
+        self._slots = []
+        publishers, self._publishers = self._publishers, {}
+        for client in publishers.values():
+            await _close_client(client)
+
+    async def close(self) -> None:
+        """Close every connection; subscriptions end with ConnectionLost. Idempotent."""
+        self._closed = True
+        self._generation += 1
+        # Breaks the subscriptions' reads at once (they check the generation between reads).
+        for client in list(self._subscribers):
+            await client.connection_pool.disconnect()
+        await self._drop()
+
+    def _open(self) -> None:
+        if self._closed or not self._opened:
+            raise StateError(f"{self!r} is not connected: call connect() first")
+        if not self._slots:
+            raise TransportError(f"the Redis Cluster at {self.safe_url} is not reachable")
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """``SPUBLISH`` on the primary that owns ``channel``'s slot."""
+        await self.publish_many(channel, (payload,))
+
+    async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
+        """Several ``SPUBLISH`` to one channel (one shard) in one round trip, in order."""
+        self._open()
+        address = self._owner(channel)
+        try:
+            if address is None:
+                raise redis_errors.ConnectionError(f"no node serves the slot of {channel!r}")
+            async with asyncio.timeout(self.socket_timeout):
+                for attempt in (1, 2):
+                    client = self._publishers.get(address)
+                    if client is None:
+                        client = self._publishers[address] = self._client(*address)
+                    try:
+                        await _spublish(client, channel, payloads)
+                        return
+                    except redis_errors.ConnectionError:
+                        # A connection the server closed while it sat idle (a timeout, a
+                        # CLIENT KILL) is replaced once; a node that is gone fails again.
+                        del self._publishers[address]
+                        await _close_client(client)
+                        if attempt == 2:
+                            raise
+        except _ERRORS as exc:
+            # A MOVED reply, or a node gone: the slot map is out of date.
+            self._stale = True
+            raise TransportError(
+                f"could not publish to {channel!r} on {self.safe_url}: {self._describe(exc)}"
+            ) from exc
+
+    # -- subscribing ---------------------------------------------------------------------
+
+    def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:
+        """``subscribe_many([channel])``."""
+        return self.subscribe_many([channel], on_ready)
+
+    async def subscribe_many(
+        self, channels: Sequence[str], on_ready: OnReady | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield the messages of ``channels``, read from each owning primary at once.
+
+        ``on_ready(False)`` once every node confirmed its ``SSUBSCRIBE``. Ends with
+        ConnectionLost when any node's connection breaks or stalls, when a node gives up a
+        channel (``sunsubscribe``: the slot moved), or on ``close()``.
+        """
+        try:
+            self._open()
+        except StateError as exc:
+            raise TransportError(str(exc)) from None
+        what = f"subscription to {len(channels)} channel(s) on {self.safe_url}"
+        generation = self._generation
+        by_node: dict[tuple[str, int], list[str]] = {}
+        for channel in dict.fromkeys(channels):
+            address = self._owner(channel)
+            if address is None:
+                self._stale = True
+                raise ConnectionLost(f"{what}: no node serves {channel!r}; the cluster is down")
+            by_node.setdefault(address, []).append(channel)
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
+        confirmations = len(by_node)
+
+        def alive() -> bool:
+            return self._generation == generation and not self._closed
+
+        async def read(address: tuple[str, int], names: list[str]) -> None:
+            host, port = address
+            where = f"{what} (node {host}:{port})"
+            client = self._client(host, port)
+            pubsub = client.pubsub()
+            self._subscribers.add(client)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    for name in names:  # one slot per SSUBSCRIBE
+                        await pubsub.ssubscribe(name)
+                pending = set(names)
+                async for message in pubsub_messages(
+                    pubsub, self.health_check_interval, where, alive
+                ):
+                    kind = message["type"]
+                    if kind == "smessage":
+                        await queue.put(message["data"])
+                    elif kind == "ssubscribe":
+                        pending.discard(_text(message["channel"]))
+                        if not pending:
+                            await queue.put(_READY)
+                    elif kind == "sunsubscribe":
+                        raise ConnectionLost(
+                            f"{where}: the node gave up {_text(message['channel'])!r} "
+                            "(its slot moved: a failover or a resharding)"
+                        )
+            except _ERRORS as exc:
+                raise ConnectionLost(f"{where} failed: {self._describe(exc)}") from exc
+            finally:
+                self._subscribers.discard(client)
+                try:
+                    async with asyncio.timeout(1.0):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except _ERRORS:
+                    pass
+                await _close_client(client)
+
+        async def guarded(address: tuple[str, int], names: list[str]) -> None:
+            try:
+                await read(address, names)
+            except Exception as exc:  # handed to the iterating task, which raises it
+                self._stale = True
+                await queue.put(exc)
+
+        readers = [asyncio.create_task(guarded(a, n)) for a, n in by_node.items()]
+        try:
+            while True:
+                item = await queue.get()
+                if type(item) is bytes:
+                    yield item
+                elif item is _READY:
+                    confirmations -= 1
+                    if confirmations == 0 and on_ready is not None:
+                        on_ready(False)
+                elif isinstance(item, BaseException):
+                    raise item
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def _spublish(client: Redis, channel: str, payloads: Sequence[bytes]) -> None:
+    if len(payloads) == 1:
+        await client.spublish(channel, payloads[0])
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for payload in payloads:
+            pipe.spublish(channel, payload)
+        await pipe.execute()
+
+
+async def _close_client(client: Redis) -> None:
+    """Close ``client`` and every connection of its pool, even in use."""
+    try:
+        async with asyncio.timeout(1.0):
+            await client.aclose()
+            await client.connection_pool.disconnect()
+    except _ERRORS:
+        pass
+
+
+def _slot_map(reply: object, asked: str) -> list[tuple[int, int, tuple[str, int]]]:
+    """``(first, last, (host, port))`` of each slot range's primary in a ``CLUSTER SLOTS``
+    reply (a node that does not know its own address names it ``""``: the one ``asked``)."""
+    slots = []
+    for entry in reply if isinstance(reply, list) else []:
+        first, last, primary = entry[0], entry[1], entry[2]
+        host = _text(primary[0]) or asked
+        slots.append((int(first), int(last), (host if host != "?" else asked, int(primary[1]))))
+    return slots
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
