@@ -73,12 +73,15 @@ async def test_namespaces_spread_over_shards_and_only_spublish_is_used(
     sync = CacheSync(redis_cluster.url, channel=channel, connect_timeout=5.0)
     values = {f"ns{i}": 1 for i in range(6)}
     getters = {}
-    for ns in values:
 
-        async def fetch(key: str, ns: str = ns) -> int:
+    def reader(ns: str) -> Any:
+        async def fetch(key: str) -> int:  # one parameter: the key is the owner's key
             return values[ns]
 
-        getters[ns] = sync.cached(ns)(fetch)
+        return fetch
+
+    for ns in values:
+        getters[ns] = sync.cached(ns)(reader(ns))
     async with sync, Publisher(redis_cluster.url, channel=channel) as pub:
         for get in getters.values():
             assert await get("k") == 1
