@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .stats import percentile
 from .workload import PROBE_KEY, Schedule
 
 STALE_TOLERANCE_NS = 10_000_000
@@ -66,7 +67,7 @@ def percentiles(values_ms: np.ndarray, censored: np.ndarray | None = None) -> Pe
     out.censored = int(cens.sum())
     min_censored = float(values_ms[cens].min()) if out.censored else math.inf
     for name, q in QUANTILES.items():
-        value = float(np.percentile(values_ms, q, method="higher"))
+        value = percentile(values_ms, q)
         out.values[name] = value
         out.lower_bound[name] = min_censored <= value
     return out
@@ -317,10 +318,10 @@ def analyze(
     hl = np.concatenate(hit_lat) if hit_lat else np.zeros(0)
     ml = np.concatenate(miss_lat) if miss_lat else np.zeros(0)
     if hl.size:
-        result.hit_p50_us = float(np.percentile(hl, 50)) / 1e3
-        result.hit_p99_us = float(np.percentile(hl, 99)) / 1e3
+        result.hit_p50_us = percentile(hl, 50) / 1e3
+        result.hit_p99_us = percentile(hl, 99) / 1e3
     if ml.size:
-        result.miss_p50_ms = float(np.percentile(ml, 50)) / 1e6
+        result.miss_p50_ms = percentile(ml, 50) / 1e6
     if events:
         result.events_per_s = sum(events) / len(events) / seconds
     return result

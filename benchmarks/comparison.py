@@ -12,7 +12,6 @@ returns, also on Ctrl-C (KeyboardInterrupt goes through the ``finally``).
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import multiprocessing.connection
 import socket
@@ -27,6 +26,7 @@ import httpx
 
 from . import owner_app, reader_proc
 from .analysis import StrategyResult, analyze
+from .common import stop_processes
 from .progress import Progress
 from .reader_proc import ReaderJob
 from .strategies import Settings, Strategy, owner_config
@@ -79,25 +79,9 @@ def _close(pipes: list[multiprocessing.connection.Connection]) -> None:
         pipe.close()
 
 
-def stop_processes(procs: list[BaseProcess], grace: float = 5.0) -> None:
-    """Stop ``procs``: wait up to ``grace`` seconds for those that end by themselves (readers),
-    SIGTERM the rest (uvicorn shuts down gracefully on it), then SIGKILL what is left. A second
-    Ctrl-C does not cut this short."""
-    started = [p for p in procs if p.pid is not None]
-    deadline = time.monotonic() + grace
-    for proc in started:
-        if not proc.name.startswith("owner"):
-            with contextlib.suppress(KeyboardInterrupt):
-                proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in started:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in started:
-        with contextlib.suppress(KeyboardInterrupt):
-            proc.join(5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
+def _stop(procs: list[BaseProcess], grace: float = 5.0) -> None:
+    """Readers end by themselves; the owner (uvicorn) is stopped by SIGTERM."""
+    stop_processes(procs, grace=grace, wait_for=lambda p: not p.name.startswith("owner"))
 
 
 class Harness:
@@ -182,10 +166,10 @@ class Harness:
         except BaseException:
             # Failed or interrupted: nothing to wait for.
             _close(pipes)
-            stop_processes(procs.all(), grace=0.0)
+            _stop(procs.all(), grace=0.0)
             raise
         _close(pipes)
-        stop_processes(procs.all())
+        _stop(procs.all())
         return analyze(result, readers, log, schedule, after["requests"] - before["requests"])
 
     def _wait_healthy(self, http: httpx.Client, owner: BaseProcess) -> None:

@@ -6,8 +6,9 @@ For each transport (``redis://``, ``redis+stream://``, ``amqp://``) two consumer
 in turns (raw, ours, raw, ours, ...), each in a process of its own:
 
 - **raw**: the broker's client alone, doing nothing with a message but noting it: redis-py's
-  ``PubSub.listen()``, an ``XREAD COUNT 500 BLOCK`` loop (redis-py, RESP2), aio-pika's
-  ``Queue.consume(no_ack=True)`` on an exclusive queue bound to the channel's fanout exchange;
+  ``PubSub.listen()``, an ``XREAD COUNT 500 BLOCK`` loop (redis-py, RESP2), aiormq's
+  ``basic_consume(no_ack=True)`` (what cachesync's AMQP transport uses) on an exclusive queue
+  bound to the channel's fanout exchange;
   redis-py parses with hiredis (the ``bench`` and ``redis`` extras install it), as cachesync's
   Redis transports do, so both sides pay the same for parsing;
 - **ours**: :class:`~cachesync.CacheSync` on the same channel, with a namespace of
@@ -61,7 +62,9 @@ from urllib.parse import urlsplit
 from cachesync import CacheSync, Publisher
 
 from . import env
-from .micro import _events
+from .common import pyplot, stop_processes
+from .micro import encoded_events
+from .stats import percentile
 
 SCHEMES = ("redis", "redis+stream", "amqp")
 SIDES = ("raw", "ours")
@@ -141,15 +144,6 @@ TINY = LatencySizes(
 
 
 # -- results ----------------------------------------------------------------------------------
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile ``q`` (0-100) of ``samples``; NaN when empty."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -349,20 +343,25 @@ async def _raw_xread(url: str, channel: str, hit: Hit, ready: Callable[[], None]
 
 
 async def _raw_amqp(url: str, channel: str, hit: Hit, ready: Callable[[], None]) -> None:
-    """aio-pika: an exclusive queue bound to the channel's fanout exchange, ``consume(no_ack)``."""
-    import aio_pika
+    """aiormq, the client cachesync's AMQP transport consumes with: an exclusive queue bound to
+    the channel's fanout exchange, ``basic_consume(no_ack=True)`` (the same level as ours)."""
+    import aiormq
+    import aiormq.abc
 
-    connection = await aio_pika.connect(url)
+    connection = await aiormq.connect(url)
     try:
-        ch = await connection.channel(publisher_confirms=False)
-        exchange = await ch.declare_exchange(channel, aio_pika.ExchangeType.FANOUT, durable=False)
-        queue = await ch.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange)
+        ch = await connection.channel()
+        await ch.exchange_declare(exchange=channel, exchange_type="fanout", durable=False)
+        declared = await ch.queue_declare("", exclusive=True, auto_delete=True)
+        queue = declared.queue
+        if queue is None:
+            raise RuntimeError("the broker named no queue")
+        await ch.queue_bind(queue, channel)
 
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             hit(message.body)
 
-        await queue.consume(on_message, no_ack=True)
+        await ch.basic_consume(queue, on_message, no_ack=True)
         ready()
         await asyncio.Future()  # until cancelled
     finally:
@@ -556,7 +555,7 @@ def publisher_main(url: str, channels: dict[str, str], keys: int, pipe: Pipe) ->
 def flood_main(job: Job, n: int) -> None:
     """Process entry: publish ``n`` pre-encoded upserts as fast as the raw client can."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    payloads = _events(uuid.uuid4().hex, 1, n, job.keys)
+    payloads = encoded_events(uuid.uuid4().hex, 1, n, job.keys)
     if job.scheme == "amqp":
         asyncio.run(_flood_amqp(job.url, job.channel, payloads))
         return
@@ -611,26 +610,6 @@ def _expect(pipe: Pipe, kind: str, timeout: float, who: str) -> Any:
     if got != kind:
         raise SessionFailed(f"the {who} sent {got!r}, expected {kind!r}")
     return payload
-
-
-def stop(procs: list[BaseProcess], pipes: list[Pipe], grace: float) -> None:
-    """Tell the children to stop, wait up to ``grace`` s, then terminate and kill what is left."""
-    for pipe in pipes:
-        with contextlib.suppress(OSError):
-            pipe.send(("stop",))
-        pipe.close()
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(KeyboardInterrupt):
-            proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            with contextlib.suppress(KeyboardInterrupt):
-                proc.join(5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
 
 
 class Bench:
@@ -695,7 +674,7 @@ class Bench:
                         into.seconds += seconds
             grace = STOP_GRACE
         finally:
-            stop(procs, list(pipes.values()), grace)
+            stop_processes(procs, list(pipes.values()), grace)
 
     def _phase(
         self, pipes: dict[str, Pipe], side: str, rate: float, n: int
@@ -735,7 +714,7 @@ class Bench:
                 result.notes[side] = notes
             grace = STOP_GRACE
         finally:
-            stop(procs, list(pipes.values()), grace)
+            stop_processes(procs, list(pipes.values()), grace)
 
     def cleanup(self, redis_url: str, amqp_url: str) -> None:
         """Delete the stream keys and exchanges the sessions created (bounded, best effort)."""
@@ -844,11 +823,7 @@ def plot(results: list[TransportResult], path: Path) -> Path | None:
     measured = [r for r in results if r.status == "ok" and r.latency]
     if not measured:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4), squeeze=False)
     for ax, result in zip(axes[0], measured, strict=True):
         rates = sorted(result.latency.get("raw", {}))

@@ -5,22 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .analysis import StrategyResult
+from .common import pyplot
 from .micro import MicroResult
 
 FLOOR_MS = 0.1
 """Staleness below this is drawn at this value (log scale)."""
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _color(result: StrategyResult) -> str:
@@ -41,7 +32,7 @@ def hit_rate_vs_staleness(results: Sequence[StrategyResult], path: Path) -> Path
     ]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ttl = sorted((r for r in runs if r.family == "ttl"), key=lambda r: r.hit_rate)
     if len(ttl) > 1:
@@ -85,7 +76,7 @@ def staleness_cdf(results: Sequence[StrategyResult], path: Path) -> Path | None:
     runs = [r for r in results if r.status == "ok" and r.windows_ms]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     cmap = plt.get_cmap("tab20")
     styles = {"cachesync": "-", "ttl": "--", "redis-csc": ":", "cashews": "-."}
@@ -118,7 +109,7 @@ def micro_ratios(results: Sequence[MicroResult], path: Path) -> Path | None:
     ratios = [(r, r.ratio) for r in results if r.ratio is not None]
     if not ratios:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     names = [r.name.split(":")[0] for r, _ in ratios]
     values = [v for _, v in ratios]

@@ -5,27 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .analysis import StrategyResult
-from .latency import TransportResult
-from .micro import MicroResult
-from .strategies import Settings
+from .common import table
 
+if TYPE_CHECKING:  # types only: no module of benchmarks/ is imported at run time
+    from .analysis import StrategyResult
+    from .latency import TransportResult
+    from .micro import MicroResult
+    from .strategies import Settings
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown pipe table, padded so it also reads well in a terminal."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+__all__ = ["table"]
 
 
 def _num(value: float | None, fmt: str = "{:,.0f}") -> str:

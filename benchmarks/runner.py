@@ -343,7 +343,8 @@ LATENCY_NOTES = """\
 Each transport is measured with two consumers, each in a process of its own, in turns (raw,
 ours, raw, ours, ...): **raw** is the broker's client alone, noting each message and nothing
 more (redis-py `PubSub.listen()`; an `XREAD COUNT 500 BLOCK 1000` loop on redis-py, RESP2;
-aio-pika `Queue.consume(no_ack=True)` on an exclusive queue bound to the fanout exchange);
+aiormq `basic_consume(no_ack=True)`, the client our AMQP transport uses, on an exclusive
+queue bound to the fanout exchange; redis-py parses with hiredis);
 **ours** is `CacheSync` on a namespace of 10,000 entries, a message counting once
 `handle_message` has returned (every event invalidates an entry with a newer version: real
 work). *Latency*: a third process runs cachesync's `Publisher` (one per consumer's channel, so

@@ -182,3 +182,78 @@ async def test_batch_benchmark_runs() -> None:
     results = await batch.run(0.0, 2)
     assert results["batch (1 call) owner calls"] == 1.0
     assert results["100 singles, sequential owner calls"] == 10.0
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """Module -> the benchmarks modules it imports at run time (anywhere in the file; imports
+    under ``if TYPE_CHECKING:`` left out)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    names = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        skip: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if node.level == 1 and not module:
+                found |= {a.name for a in node.names if a.name in names}
+            elif node.level == 1 or module.startswith("benchmarks."):
+                found.add(module.removeprefix("benchmarks.").split(".")[0])
+            elif module == "benchmarks":
+                found |= {a.name for a in node.names if a.name in names}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_no_import_cycle_in_benchmarks() -> None:
+    graph = _benchmark_imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert graph["common"] == set() and graph["stats"] == set()
+
+
+def test_one_percentile_rule_nearest_rank() -> None:
+    from benchmarks.stats import percentile
+
+    samples = [float(v) for v in range(1, 11)]  # 1..10
+    assert percentile(samples, 50) == 5.0  # ceil(0.5 * 10) = 5th smallest
+    assert percentile(samples, 99) == 10.0
+    assert percentile(samples, 0) == 1.0 and percentile(samples, 100) == 10.0
+    assert percentile(np.array(samples), 95) == 10.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_verdicts_are_symmetric_and_say_not_shown() -> None:
+    from benchmarks.stats import NOT_SHOWN, PASS, TIE, against_limit, bootstrap, compare
+
+    assert compare((1.0, 2.0), (1.5, 3.0)) == TIE == compare((1.5, 3.0), (1.0, 2.0))
+    assert compare((1.0, 2.0), (3.0, 4.0)) == "ahead"
+    assert compare((3.0, 4.0), (1.0, 2.0)) == "behind"
+    # 500 samples cannot show a p99.9; 20,000 can
+    assert against_limit((1.0, 2.0), 5.0, 500, 99.9) == NOT_SHOWN
+    assert against_limit((1.0, 2.0), 5.0, 20_000, 99.9) == PASS
+    assert against_limit((1.0, 6.0), 5.0, 20_000, 99.9) == NOT_SHOWN
+    rng = np.random.default_rng(3)
+    clusters = [rng.exponential(1.0, 4) for _ in range(300)]
+    low, high = bootstrap(clusters, 50, reps=100)
+    assert low <= high and 0.4 < low < high < 1.2
