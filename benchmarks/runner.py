@@ -271,6 +271,7 @@ def render(run: Run) -> str:
         lines += ["### How each strategy is configured", "", STRATEGY_NOTES, ""]
         notes = peer_notes(results, run.machine.get("Redis server", "?"))
         lines += ["### Peers that do not run as documented here", "", notes, ""]
+        lines += ["### Server versions each strategy supports", "", SERVER_VERSIONS, ""]
     if run.latency:
         lines += ["## Transport latency and apply rate, ours vs the raw client", ""]
         lines += [latency_table(run.latency), "", LATENCY_NOTES, ""]
@@ -315,6 +316,19 @@ window's resolution; a blocking client or a saturated instance widens it). *prob
 errors, a probe that saw a version go back, the oldest stale read, and the cachesync
 listener's gap, source-change, missed-heartbeat, reconnect and bad-event counts."""
 
+SERVER_VERSIONS = """\
+- cachesync `redis://`: Redis pub/sub, any server redis-py supports. Runs here.
+- cachesync `redis+stream://`: streams (Redis >= 5.0); losses to trimming are detected from
+  `XINFO STREAM`'s `entries-added`, Redis >= 7.0. Runs here.
+- cachesync `amqp://`: RabbitMQ with fanout exchanges. Runs here.
+- redis-py client-side caching (redis-py 8.x): Redis >= 7.4, enforced by
+  `CacheProxyConnection.MIN_ALLOWED_VERSION`, although what it uses (RESP3, `CLIENT TRACKING`)
+  exists since Redis 6.0. Refused as documented on this machine's Redis; the `-fixed` run
+  lowers the gate. On Redis >= 7.4 the documented form runs unchanged.
+- cashews `client_side=true`: Redis >= 6.0 (`CLIENT TRACKING … BCAST`); with redis-py >= 5
+  (RESP3 by default) its invalidations arrive only over RESP2: as documented it runs but never
+  invalidates on any server version; the `-fixed` run adds `protocol=2`."""
+
 STRATEGY_NOTES = """\
 - **no cache**: every read is `GET /items/{key}` on the owner (httpx).
 - **TTL only**: a cachetools `TTLCache(maxsize=20000, ttl=…)` in front of the same request.
@@ -329,11 +343,14 @@ STRATEGY_NOTES = """\
   warms: the first event of a publisher a client has not heard flushes every namespace that
   holds entries, so a warm-up done before it is thrown away (a finding, reported to the lead).
 - **redis-py client-side caching**: the owner also writes each item to Redis (`SET`); readers
-  `GET` through `redis.Redis(protocol=3, cache_config=CacheConfig(max_size=20000))` (sync
-  client: redis-py 8 has no client-side cache on `redis.asyncio`).
+  `GET` through `redis.Redis(protocol=3, cache_config=CacheConfig(max_size=20000))`, hiredis
+  parsing. redis-py 8 has client-side caching on the sync client only (nothing on
+  `redis.asyncio`), so each reader drives it as a sync service would: every read runs on one
+  thread of its own (a single-worker executor) and the event loop never blocks on it; the hit
+  latency measured around the call includes that thread hop.
 - **cashews client-side**: the owner writes each item through cashews; readers use
   `cache.setup("redis://…?client_side=true", local_cache=Memory(size=20000))` and
-  `await cache.get(key)`.
+  `await cache.get(key)`, with cashews' `speedup` extra installed (hiredis, xxhash, bitarray).
 - Every cache holds the whole data set (20,000 entries); before the updates start each reader
   loads the items it will read (cachesync: all of them, through `warm`), so every strategy is
   measured warm."""
