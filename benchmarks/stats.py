@@ -52,38 +52,97 @@ def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
 
 def bootstrap(
     clusters: Sequence[np.ndarray],
-    q: float,
+    qs: Sequence[float],
     reps: int = 400,
     level: float = 0.95,
     seed: int = 1,
-) -> tuple[float, float]:
-    """A percentile bootstrap interval of percentile ``q`` over ``clusters`` (one array per
-    update: the windows every instance saw for it). Updates are resampled whole, so instances
-    that saw the same slow commit are not counted as independent evidence."""
-    kept = [c for c in clusters if c.size]
+) -> dict[float, tuple[float, float]]:
+    """Percentile bootstrap intervals of the percentiles ``qs`` over ``clusters`` (one array
+    per probe update: the windows every instance saw for it, NaN where none). Updates are
+    resampled whole, so instances that saw the same slow commit do not count as independent
+    evidence."""
+    kept = [np.asarray(c, dtype=float) for c in clusters if np.asarray(c).size]
     if not kept:
-        return math.nan, math.nan
+        return {q: (math.nan, math.nan) for q in qs}
+    width = max(c.size for c in kept)
+    matrix = np.full((len(kept), width), np.nan)
+    for i, c in enumerate(kept):
+        matrix[i, : c.size] = c
     rng = np.random.default_rng(seed)
-    sizes = np.array([c.size for c in kept])
-    flat = np.concatenate(kept)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    estimates = np.empty(reps)
+    estimates = np.empty((reps, len(qs)))
     for i in range(reps):
-        picks = rng.integers(0, len(kept), len(kept))
-        index = np.concatenate([np.arange(starts[p], starts[p] + sizes[p]) for p in picks])
-        estimates[i] = percentile(flat[index], q)
+        values = matrix[rng.integers(0, len(kept), len(kept))].ravel()
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            estimates[i] = math.nan
+            continue
+        estimates[i] = np.percentile(values, list(qs), method="inverted_cdf")
     tail = (1 - level) / 2 * 100
-    return percentile(estimates, tail), percentile(estimates, 100 - tail)
+    out = {}
+    for j, q in enumerate(qs):
+        column = estimates[:, j]
+        column = column[~np.isnan(column)]
+        out[q] = (percentile(column, tail), percentile(column, 100 - tail))
+    return out
 
 
-def against_limit(interval: tuple[float, float], limit: float, n: int, q: float) -> str:
-    """Verdict on "percentile ``q`` <= ``limit``" from its bootstrap ``interval``."""
-    low, high = interval
-    if math.isnan(low) or math.isnan(limit) or not shown(n, q):
+def rate_bounds(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided interval of an event rate from ``k`` events in ``n`` trials (Poisson, exact
+    for small ``k``, normal beyond 100). With ``k = 0`` the upper bound is about ``3 / n``: the
+    rarest rate ``n`` reads can rule out."""
+    if n <= 0:
+        return math.nan, math.nan
+    alpha = (1 - level) / 2
+
+    def cdf(k_: int, mu: float) -> float:
+        term = total = math.exp(-mu)
+        for i in range(1, k_ + 1):
+            term *= mu / i
+            total += term
+        return total
+
+    def solve(target: float, k_: int) -> float:
+        low, high = 0.0, max(10.0, 4.0 * (k_ + 1))
+        for _ in range(100):
+            mid = (low + high) / 2
+            if cdf(k_, mid) > target:
+                low = mid
+            else:
+                high = mid
+        return (low + high) / 2
+
+    if k > 100:
+        half = 1.96 * math.sqrt(k)
+        return max(0.0, k - half) / n, (k + half) / n
+    upper = solve(alpha, k)
+    lower = 0.0 if k == 0 else solve(1 - alpha, k - 1)
+    return lower / n, upper / n
+
+
+def nines_verdict(k: int, n: int, nines: float) -> str:
+    """Verdict on "stale-read rate <= 10**-nines" from ``k`` stale reads of ``n``."""
+    low, high = rate_bounds(k, n)
+    if math.isnan(high):
         return NOT_SHOWN
-    if high <= limit:
+    if high <= 10**-nines:
         return PASS
-    if low > limit:
+    if low > 10**-nines:
+        return FAIL
+    return NOT_SHOWN
+
+
+def against_limit(
+    interval: tuple[float, float], limit: tuple[float, float], n: int, q: float
+) -> str:
+    """Verdict on "percentile ``q`` <= limit" from its bootstrap ``interval`` and the limit's
+    own interval (``(x, x)`` for a fixed limit): PASS when the whole interval is below the
+    limit's, FAIL when it is wholly above, else (or with too small a sample) "not shown"."""
+    low, high = interval
+    if any(math.isnan(v) for v in (low, high, *limit)) or not shown(n, q):
+        return NOT_SHOWN
+    if high <= limit[0]:
+        return PASS
+    if low > limit[1]:
         return FAIL
     return NOT_SHOWN
 

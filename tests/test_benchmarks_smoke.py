@@ -111,7 +111,7 @@ def test_report_renders_without_absolute_paths() -> None:
     assert "| cachesync-invalidate-redis" in text and "skipped: redis is down" in text
     assert "/work/" not in text and "/tmp/" not in text
     assert strategy_table([ok, skipped]).count("\n") == 3
-    assert all(t.verdict in ("PASS", "FAIL", "TIE", "n/a") for t in strategy_targets([ok]))
+    assert all(t.verdict in ("PASS", "FAIL", "TIE", "not shown") for t in strategy_targets([ok]))
 
 
 # -- the transport latency benchmark (benchmarks/latency.py) ------------------------------------
@@ -244,16 +244,30 @@ def test_one_percentile_rule_nearest_rank() -> None:
 
 
 def test_verdicts_are_symmetric_and_say_not_shown() -> None:
-    from benchmarks.stats import NOT_SHOWN, PASS, TIE, against_limit, bootstrap, compare
+    from benchmarks.stats import (
+        FAIL,
+        NOT_SHOWN,
+        PASS,
+        TIE,
+        against_limit,
+        bootstrap,
+        compare,
+        nines_verdict,
+    )
 
     assert compare((1.0, 2.0), (1.5, 3.0)) == TIE == compare((1.5, 3.0), (1.0, 2.0))
     assert compare((1.0, 2.0), (3.0, 4.0)) == "ahead"
     assert compare((3.0, 4.0), (1.0, 2.0)) == "behind"
     # 500 samples cannot show a p99.9; 20,000 can
-    assert against_limit((1.0, 2.0), 5.0, 500, 99.9) == NOT_SHOWN
-    assert against_limit((1.0, 2.0), 5.0, 20_000, 99.9) == PASS
-    assert against_limit((1.0, 6.0), 5.0, 20_000, 99.9) == NOT_SHOWN
+    assert against_limit((1.0, 2.0), (5.0, 5.0), 500, 99.9) == NOT_SHOWN
+    assert against_limit((1.0, 2.0), (5.0, 5.0), 20_000, 99.9) == PASS
+    assert against_limit((1.0, 6.0), (5.0, 5.0), 20_000, 99.9) == NOT_SHOWN
+    assert against_limit((6.0, 7.0), (5.0, 5.0), 20_000, 99.9) == FAIL
+    # 32,000 reads without a stale one cannot show 6 nines (the old PASS); 10 stale can FAIL it
+    assert nines_verdict(0, 32_000, 6) == NOT_SHOWN
+    assert nines_verdict(0, 5_000_000, 6) == PASS
+    assert nines_verdict(10, 32_000, 6) == FAIL
     rng = np.random.default_rng(3)
     clusters = [rng.exponential(1.0, 4) for _ in range(300)]
-    low, high = bootstrap(clusters, 50, reps=100)
+    low, high = bootstrap(clusters, [50.0], reps=100)[50.0]
     assert low <= high and 0.4 < low < high < 1.2
