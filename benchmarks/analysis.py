@@ -100,6 +100,10 @@ class StrategyResult:
     windows_censored: list[bool] = field(default_factory=list)
     hit_p50_us: float = math.nan
     hit_p99_us: float = math.nan
+    # hits timed inside the library's own thread (redis-py's sync client: without the wait
+    # for that thread); NaN for the others
+    hit_service_p50_us: float = math.nan
+    hit_service_p99_us: float = math.nan
     miss_p50_ms: float = math.nan
     events_per_s: float | None = None
     probe_polls: int = 0
@@ -114,6 +118,7 @@ class StrategyResult:
     per_round: dict[str, list[float]] = field(default_factory=dict)
     window_ci: dict[str, list[float]] = field(default_factory=dict)  # "p99" -> [low, high]
     updates: int = 0  # probe updates whose windows were measured
+    curve: dict[str, list[float]] = field(default_factory=dict)  # cold start, by time bin
     samples: dict[str, Any] = field(default_factory=dict, repr=False)  # raw, not in JSON
 
     @property
@@ -249,12 +254,76 @@ def delivery_times(probe_ts: np.ndarray, applied: np.ndarray, schedule: Schedule
     return delays
 
 
+def ideal_hits(
+    keys: np.ndarray,
+    t0: np.ndarray,
+    log_key: np.ndarray,
+    log_ts: np.ndarray,
+    flush_ns: int | None = None,
+) -> np.ndarray:
+    """The trace-driven ideal: which reads a coherent cache of unbounded size, starting empty,
+    would have served locally. A read hits when this instance read the same key before and
+    the owner committed no change of it in between (nor did a flush, at ``flush_ns``, fall in
+    between)."""
+    if t0.size == 0:
+        return np.zeros(0, dtype=bool)
+    k = keys.astype(np.int64)
+    order = np.lexsort((t0, k))
+    sk, st = k[order], t0[order].astype(np.int64)
+    same = np.r_[False, sk[1:] == sk[:-1]]
+    prev = np.where(same, np.r_[st[0], st[:-1]], st)
+    base = int(min(st.min(), log_ts.min() if log_ts.size else st.min())) - 1
+    lo = np.lexsort((log_ts, log_key))
+    composite = (log_key[lo].astype(np.int64) << 40) + (log_ts[lo] - base)
+    upto = np.searchsorted(composite, (sk << 40) + (st - base), side="right")
+    before = np.searchsorted(composite, (sk << 40) + (prev - base), side="right")
+    hit = same & (upto == before)
+    if flush_ns is not None:
+        hit &= ~((prev < flush_ns) & (st >= flush_ns))
+    out = np.zeros(t0.size, dtype=bool)
+    out[order] = hit
+    return out
+
+
+def hit_curve(
+    readers: Sequence[Any],
+    log_key: np.ndarray,
+    log_ts: np.ndarray,
+    schedule: Schedule,
+    bin_s: float,
+    flush_ns: int | None,
+) -> dict[str, list[float]]:
+    """Hit rate, the ideal's and misses/s (reads that left the process, to the owner or to
+    Redis) per time bin since the start, over every reader."""
+    width = int(bin_s * 1e9)
+    bins = max(1, int((schedule.end - schedule.start) // width))
+    hits, ideal, n = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for reader in readers:
+        reads = reader.reads
+        index = np.clip((reads["t0"] - schedule.start) // width, 0, bins - 1).astype(np.int64)
+        np.add.at(hits, index, reads["hit"].astype(float))
+        best = ideal_hits(reads["key"], reads["t0"], log_key, log_ts, flush_ns)
+        np.add.at(ideal, index, best.astype(float))
+        np.add.at(n, index, 1.0)
+    safe = np.maximum(n, 1)
+    return {
+        "t": [round(i * bin_s, 3) for i in range(bins)],
+        "hit_rate": (hits / safe).tolist(),
+        "ideal": (ideal / safe).tolist(),
+        "misses_per_s": ((n - hits) / bin_s).tolist(),
+        "ideal_hits": [float(ideal.sum())],
+        "reads": [float(n.sum())],
+    }
+
+
 def analyze(
     result: StrategyResult,
     readers: Sequence[Any],
     log: Sequence[Sequence[Any]],
     schedule: Schedule,
     owner_requests: int,
+    curve_bin: float | None = None,
+    flush_at: float | None = None,
 ) -> StrategyResult:
     """Fill ``result`` from the readers' :class:`~benchmarks.reader_proc.ReaderResult` s and the
     owner's log and request count over the measured window."""
@@ -273,6 +342,7 @@ def analyze(
     gaps: list[float] = []
     events: list[int] = []
     ages0: list[np.ndarray] = []
+    service_lat: list[np.ndarray] = []
     max_age = 0
     for reader in readers:
         reads = reader.reads
@@ -297,6 +367,9 @@ def analyze(
         ages0.append(age0[stale0])
         if reader.events is not None:
             events.append(reader.events)
+        service = getattr(reader, "hit_service", None)
+        if service is not None and len(service):
+            service_lat.append(service[service[:, 0] >= schedule.measure, 1])
         _merge_extra(result.extra, reader.extra)
         if reader.probe_polls == 0:  # no probe (no cache): no window to measure
             continue
@@ -342,6 +415,10 @@ def analyze(
         result.hit_p99_us = percentile(hl, 99) / 1e3
     if ml.size:
         result.miss_p50_ms = percentile(ml, 50) / 1e6
+    sl = np.concatenate(service_lat) if service_lat else np.zeros(0)
+    if sl.size:
+        result.hit_service_p50_us = percentile(sl, 50) / 1e3
+        result.hit_service_p99_us = percentile(sl, 99) / 1e3
     if events:
         result.events_per_s = sum(events) / len(events) / seconds
     result.samples = {
@@ -353,6 +430,7 @@ def analyze(
         "announce": owner_log.announce_ns / 1e6,
         "hit_lat": hl,
         "miss_lat": ml,
+        "service_lat": sl,
         "age0": age0_ms,
         "max_age": max_age,
         "events": [e / seconds for e in events],
@@ -363,8 +441,12 @@ def analyze(
         "reads_per_s": [result.reads_per_s],
         "owner_rps": [result.owner_rps],
         "hit_p50_us": [result.hit_p50_us],
+        "hit_service_p50_us": [result.hit_service_p50_us],
     }
     _intervals(result)
+    if curve_bin:
+        flush_ns = None if flush_at is None else schedule.start + int(flush_at * 1e9)
+        result.curve = hit_curve(readers, log_key, log_ts, schedule, curve_bin, flush_ns)
     return result
 
 
@@ -434,6 +516,10 @@ def merge_rounds(rounds: Sequence[StrategyResult]) -> StrategyResult:
         out.hit_p99_us = percentile(hl, 99) / 1e3
     if ml.size:
         out.miss_p50_ms = percentile(ml, 50) / 1e6
+    sl = pooled("service_lat")
+    if sl.size:
+        out.hit_service_p50_us = percentile(sl, 50) / 1e3
+        out.hit_service_p99_us = percentile(sl, 99) / 1e3
     events = [r.events_per_s for r in ok if r.events_per_s is not None]
     out.events_per_s = float(np.median(events)) if events else None
     out.samples = {"clusters": clusters}

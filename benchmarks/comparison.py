@@ -54,6 +54,10 @@ READY_TIMEOUT = 120.0
 """Seconds a reader may take to connect and prefill (redis-py's prefill is 10,000 GETs)."""
 
 
+CURVE_BIN = 0.5
+"""Seconds per point of the cold-start curve (runs that start empty)."""
+
+
 class RunFailed(Exception):
     """A strategy could not run; the message says why."""
 
@@ -170,7 +174,15 @@ class Harness:
             raise
         _close(pipes)
         _stop(procs.all())
-        return analyze(result, readers, log, schedule, after["requests"] - before["requests"])
+        return analyze(
+            result,
+            readers,
+            log,
+            schedule,
+            after["requests"] - before["requests"],
+            curve_bin=None if settings.prefill else CURVE_BIN,
+            flush_at=settings.flush_at,
+        )
 
     def _wait_healthy(self, http: httpx.Client, owner: BaseProcess) -> None:
         deadline = time.monotonic() + 30.0

@@ -30,8 +30,10 @@ class Settings:
     probe_rate: float = 50.0  # probe-key updates/s
     probe_interval: float = 0.001  # s between two probe polls in each reader
     warmup: float = 0.5  # s of workload before measuring (after the prefill)
-    duration: float = 2.5  # s measured, per round
+    duration: float = 2.0  # s measured, per round
     rounds: int = 5  # every strategy runs this many times, in a shuffled order each round
+    prefill: bool = True  # load each cache before the run (False: start empty)
+    flush_at: float | None = None  # s after the start: each reader empties its cache once
     value_bytes: int = 100
     seed: int = 1
     redis_url: str = REDIS_URL
@@ -131,13 +133,14 @@ def all_strategies() -> list[Strategy]:
 
 SHORT_DEFAULT = (
     "no-cache",
-    "ttl-*",
+    "ttl-1s",
+    "ttl-60s",
     "cachesync-invalidate-*",
-    "cachesync-refresh-redis",
     "redis-py-csc-*",
     "cashews-*",
 )
-"""What ``python -m benchmarks`` runs (every strategy runs under ``--full``)."""
+"""What ``python -m benchmarks`` runs: every peer, every transport of ours in invalidate mode,
+the TTL bounds the targets need (every strategy runs under ``--full``)."""
 
 
 def select(patterns: tuple[str, ...] | list[str]) -> list[Strategy]:

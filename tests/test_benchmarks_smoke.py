@@ -271,3 +271,16 @@ def test_verdicts_are_symmetric_and_say_not_shown() -> None:
     clusters = [rng.exponential(1.0, 4) for _ in range(300)]
     low, high = bootstrap(clusters, [50.0], reps=100)[50.0]
     assert low <= high and 0.4 < low < high < 1.2
+
+
+def test_ideal_hits_follow_the_trace() -> None:
+    from benchmarks.analysis import ideal_hits
+
+    ms = 1_000_000
+    # key 1 read at 0, 10, 30 ms, changed at 20 ms; key 2 read at 5 and 40 ms; a flush at 35 ms
+    keys = np.array([1, 2, 1, 1, 2], dtype=np.int32)
+    t0 = np.array([0, 5, 10, 30, 40], dtype=np.int64) * ms
+    log_key, log_ts = np.array([1], dtype=np.int64), np.array([20 * ms], dtype=np.int64)
+    assert ideal_hits(keys, t0, log_key, log_ts).tolist() == [False, False, True, False, True]
+    flushed = ideal_hits(keys, t0, log_key, log_ts, flush_ns=35 * ms)
+    assert flushed.tolist() == [False, False, True, False, False]
