@@ -46,6 +46,7 @@ import gc
 import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import re
 import signal
 import sys
@@ -850,6 +851,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=REDIS_URL)
     parser.add_argument("--amqp-url", default=AMQP_URL)
     parser.add_argument("--plot", help="write the latency box plots to this PNG (matplotlib)")
+    parser.add_argument(
+        "--rates",
+        help="update-rate sweep: comma-separated events/s (2 s of events each, at least 20), "
+        "2 rounds, one burst drain; e.g. 5,50,500,2000,5000,10000",
+    )
+    parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
     schemes = tuple(s.strip() for s in args.transports.split(",") if s.strip())
     unknown = [s for s in schemes if s not in SCHEMES]
@@ -863,14 +870,26 @@ def main(argv: list[str] | None = None) -> int:
             print(env.down_message(svcs[name], "its transports"), file=sys.stderr)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     sizes = FULL if args.full else SHORT
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        phases = tuple((rate, max(20, int(rate * 2))) for rate in rates)
+        sizes = LatencySizes(phases=phases, rounds=2, flood_rounds=1)
     try:
         results = run_all(sizes, args.redis_url, args.amqp_url, up, schemes, say)
     except KeyboardInterrupt:
         print("\nInterrupted: every process started was stopped.", file=sys.stderr)
         return 130
-    print(latency_table(results))
+    text = latency_table(results)
     if any(r.latency or r.drain for r in results):
-        print(f"\n{latency_detail_table(results)}\n\n{apply_rate_table(results)}")
+        text += f"\n\n{latency_detail_table(results)}\n\n{apply_rate_table(results)}"
+    print(text)
+    if args.markdown:
+        command = " ".join(["python -m benchmarks.latency", *(argv or sys.argv[1:])])
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        Path(args.markdown).write_text(
+            f"# Transport latency\n\nCommand: `{command}` (load average at the end: {load})."
+            f"\n\n{text}\n"
+        )
     if args.plot:
         try:
             print(f"\nplot written to {plot(results, Path(args.plot))}")
