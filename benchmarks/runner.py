@@ -71,9 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="cachesync benchmarks: micro benchmarks and the strategy comparison. "
-        "The default is the short run (about 2 minutes); --full is the documented long run.",
+        "The default is the short run (about 5 minutes); --full is the documented long run.",
     )
-    p.add_argument("--full", action="store_true", help="the long run (every strategy, 60 s each)")
+    p.add_argument("--full", action="store_true", help="long run (all strategies, 5 x 45 s)")
     p.add_argument("--only", choices=("all", "micro", "strategies", "latency"), default="all")
     p.add_argument(
         "--strategies",
@@ -110,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-budget",
         action="store_true",
-        help="short run: run every strategy even past the ~2 minute budget",
+        help="short run: run every round even past the ~5 minute budget",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
