@@ -187,8 +187,12 @@ def plan(run: Run, patterns: list[str], up: dict[str, bool]) -> list[Strategy]:
 
 
 SHORT_BUDGET = 300.0
-"""Seconds the short run may take in all: a round that would end past it is not started, so
-every strategy runs the same number of rounds (never some strategies and not others)."""
+"""Seconds the short run may take in all: past :data:`MIN_ROUNDS`, a round that would end past
+it is not started, so every strategy runs the same number of rounds (never some strategies
+and not others)."""
+
+MIN_ROUNDS = 5
+"""Rounds every strategy runs whatever the budget (fewer leave the spread meaningless)."""
 
 RUN_OVERHEAD = 3.5
 """Seconds a strategy run takes besides its warm-up and measurement (start, prefill, stop)."""
@@ -209,7 +213,8 @@ def run_strategies(
     try:
         for round_no in range(1, settings.rounds + 1):
             elapsed = time.monotonic() - run.started
-            if budget is not None and round_no > 1 and elapsed + per_round > budget:
+            over = budget is not None and elapsed + per_round > budget
+            if over and round_no > min(MIN_ROUNDS, settings.rounds):
                 run.warnings.append(
                     f"the short run's time budget ({budget:.0f} s) allowed {round_no - 1} of "
                     f"{settings.rounds} rounds (every strategy ran in each)"
