@@ -413,8 +413,10 @@ def settings_text(settings: Settings, strategies: int) -> str:
         f"{s.max_in_flight} in flight each) over {s.n_keys:,} keys drawn from Zipf({s.zipf_s:g}); "
         f"the owner updates {s.update_rate:g} keys/s ({s.update_dist}, Poisson arrivals) and the "
         f"probe key {s.probe_rate:g} times/s; every reader polls the probe key every "
-        f"{s.probe_interval * 1000:g} ms. Each of the {strategies} runs: prefill, "
-        f"{s.warmup:g} s warm-up, {s.duration:g} s measured."
+        f"{s.probe_interval * 1000:g} ms. Each of the {strategies} strategies, in each of "
+        f"{s.rounds} rounds: prefill, {s.warmup:g} s warm-up, {s.duration:g} s measured. "
+        "*owner req/s* includes the probe's own refetches (each probe update invalidates "
+        "the probe key in every instance); *misses/s* counts workload reads only."
     )
 
 
