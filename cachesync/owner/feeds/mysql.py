@@ -56,7 +56,8 @@ _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,
 )
-_END = object()
+# Statements logged inside a transaction: the position after them is not a commit boundary.
+_IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
 
 
 def _settings(dsn: str) -> tuple[dict[str, Any], str]:
@@ -258,8 +259,9 @@ class MySQLSource(Source):
             return [("commit", (stream.log_file, stream.log_pos), ts)]
         if isinstance(event, QueryEvent):
             query = event.query.strip() if isinstance(event.query, str) else ""
-            if query.upper() in ("BEGIN", "COMMIT", "ROLLBACK"):
-                return []
+            upper = query.upper()
+            if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
+                return []  # not a commit boundary: no position to confirm here
             items: list[Any] = []
             match = _TRUNCATE.match(query)
             if match is not None:
