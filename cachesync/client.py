@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .backoff import Backoff
@@ -35,7 +35,7 @@ from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
 from .events import MAX_EVENT_BYTES, ChangeEvent, Op
-from .explain import History, as_dict, describe_entry
+from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
@@ -106,6 +106,7 @@ class _Source:
     seq: int
     last_seen: float
     timeout: float | None
+    last_ts: float | None = None  # the owner's ts of its last message heard (for explain)
 
 
 @dataclass(slots=True)
@@ -126,6 +127,8 @@ class _Namespace:
     members: list[_Member]
     heard: set[str]
     silent: bool = False
+    # key -> (the last event applied to it, or its summary; monotonic time), for explain()
+    recent: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
 
 class _GuardedObserver:
@@ -636,14 +639,17 @@ class CacheSync(Service):
         sources = []
         for name in sorted(namespace.heard):
             live = self._sources.get(name)
-            lag = self._history.source_lag.get(name)
+            lag = None
+            if live is not None and live.last_ts is not None:
+                # The owner's commit time of its last message to when it was heard here.
+                lag = wall - (now - live.last_seen) - live.last_ts
             info: dict[str, Any] = {
                 "source": name,
                 "live": live is not None,
                 "last_seq": live.seq if live is not None else self._retired.get(name),
                 "last_heard_ago": round(now - live.last_seen, 6) if live is not None else None,
                 "heartbeat_timeout": live.timeout if live is not None else None,
-                "lag": round(lag[0], 6) if lag is not None else None,
+                "lag": round(lag, 6) if lag is not None else None,
             }
             sources.append(info)
         return {
@@ -652,7 +658,7 @@ class CacheSync(Service):
             "listener_up": self._stats.listener_up,
             "namespace_silent": namespace.silent,
             "functions": [describe_entry(m.cache, key) for m in namespace.members],
-            "last_event": as_dict(self._history.last_event(ns, key), wall),
+            "last_event": as_dict(key_event(namespace.recent.get(key), wall, now), wall),
             "last_flush": as_dict(self._history.last_flush(ns), wall),
             "sources": sources,
         }
@@ -787,8 +793,6 @@ class CacheSync(Service):
                 return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
-                wall = self._wall_clock()
-                self._history.heard(event.source, wall - event.ts, wall)
             else:
                 self._apply(event, now)
         except Exception as exc:
@@ -836,14 +840,22 @@ class CacheSync(Service):
             if ns.silent:  # a live source names it: it is fed again
                 self._unsilence(ns)
         op = event.op
-        wall = self._wall_clock()
-        self._history.applied(event, wall)
         if self._observer is not None:
-            self._observer.event_applied(event.ns, str(op), wall - event.ts)
+            self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
         version = event.version
         keys = event.keys
-        refresh = op == _UPSERT and event.value is not None and len(keys) == 1
         tags = event.tags
+        value = event.value
+        if keys:  # for explain(): the last event applied to each key (the event is immutable)
+            recent = ns.recent
+            record = (event if value is None else summary(event), now)
+            for key in keys:
+                recent[key] = record
+            if len(recent) > MAX_RECENT_KEYS:
+                trim(recent, MAX_RECENT_KEYS)
+        if op == _FLUSH or tags is not None:
+            self._history.flushed_by(event, self._wall_clock())
+        refresh = op == _UPSERT and value is not None and len(keys) == 1
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1
@@ -852,7 +864,7 @@ class CacheSync(Service):
             if op == _FLUSH:
                 cache.clear()
             elif refresh and member.mode == "refresh":
-                self._refresh(member, keys[0], event.value, version)
+                self._refresh(member, keys[0], value, version)
             else:
                 for key in keys:
                     cache.invalidate(key, version)
@@ -895,7 +907,7 @@ class CacheSync(Service):
             at_start = seq == (last if heartbeat else last + 1)
             # Another publisher (not this one on another channel) may have lost events.
             others = any(_source_id(known) != event.source for known in self._sources)
-            self._sources[name] = _Source(seq, now, timeout)
+            self._sources[name] = _Source(seq, now, timeout, event.ts)
             self._heard_again(name)
             if retired is not None:
                 if not at_start:
@@ -923,6 +935,7 @@ class CacheSync(Service):
                 )
             return False
         source.last_seen = now
+        source.last_ts = event.ts
         if heartbeat:
             timeout = self._timeout_for(event)
             if timeout is not None:

@@ -112,3 +112,26 @@ async def test_explain_over_http_and_the_cli(
     async with OwnerServer(FastAPI()) as server:
         with pytest.raises(CommandError, match="consumer_router"):
             await fetch_explain(server.url, "currencies", "USD")
+
+
+async def test_the_history_holds_no_values_and_is_bounded(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachesync import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_RECENT_KEYS", 10)
+    async with CacheSync(f"memory://{unique}") as sync:
+
+        @sync.cached("currencies", ttl=60, mode="refresh")
+        async def get_currency(code: str) -> Any:
+            return code
+
+        await get_currency("USD")
+        big = {"blob": "x" * 10_000}
+        sync.handle_message(_event(1, "currencies", "USD", value=big, version=2))
+        last = sync.explain("currencies", "USD")["last_event"]
+        assert last["carried_value"] and last["version"] == 2 and "value" not in last
+        for seq in range(2, 30):
+            sync.handle_message(_event(seq, "currencies", f"K{seq}"))
+        assert sync.explain("currencies", "USD")["last_event"] is None  # dropped, oldest first
+        assert sync.explain("currencies", "K29")["last_event"]["seq"] == 29
