@@ -177,7 +177,9 @@ class CacheSync(Service):
     """Keeps the local caches of this instance coherent with the owner's change events.
 
     ``url`` picks the transport (``memory://``, ``redis://``, ``redis+stream://``,
-    ``amqp://``); events arrive on ``channel``. Decorate fetch functions with :meth:`cached`,
+    ``amqp://``, and past one node ``redis+sentinel://``, ``redis+cluster://``, ``nats://``,
+    ``amqp+stream://``); events arrive on ``channel`` (on ``redis+cluster://``, on a channel
+    per namespace derived from it). Decorate fetch functions with :meth:`cached`,
     then run the client with ``async with sync:``, which connects, subscribes and starts the
     listener, and returns once the subscription is live (or raises
     :class:`~cachesync.errors.TransportError` after ``connect_timeout``). Until then, and
