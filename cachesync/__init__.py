@@ -16,6 +16,7 @@ from .errors import (
     FetchError,
     StateError,
     TransportError,
+    UnknownSchemaError,
 )
 from .events import ChangeEvent, Op
 from .fetch import HttpFetcher
@@ -51,6 +52,7 @@ __all__ = [
     "StateError",
     "Transport",
     "TransportError",
+    "UnknownSchemaError",
     "from_url",
 ]
 
