@@ -41,7 +41,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     fetches = stats.fetches
     # Read before the value: a reply that says "heard" was served after the publisher's first
     # message, which may flush what was cached before it.
-    heard = sync.stats()["listener"]["messages"] > 0
+    # (heartbeats is counted once a message was checked against its source, flush included).
+    heard = sync.stats()["listener"]["heartbeats"] > 0
     value = get_item(key)
     listener = sync.stats()["listener"]
     body = json.dumps(
