@@ -876,7 +876,9 @@ class CacheSync(Service):
         if member.from_event is not None:
             try:
                 value = member.from_event(value)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # A plain function cannot be cancelled: a CancelledError from it is its own
+                # bug, and must not end the listener.
                 cache.stats.errors += 1
                 self._warn.warning("from_event", "from_event() refused an event's value: %s", exc)
                 cache.invalidate(key, version)
