@@ -162,6 +162,8 @@ async def test_no_password_in_the_state_endpoint_or_relay_stats(
             assert response.status_code == 200
             assert "last_error" in response.text  # the error is there, its password is not
             assert "s3cret" not in response.text
+            assert unique not in response.text  # nor the broker's host
+            assert response.json()["outbox"]["state"]["last_error"] == "broker"
             assert "s3cret" not in repr(relay.stats())
             assert "s3cret" not in caplog.text
     finally:
