@@ -613,6 +613,11 @@ class CacheSync(Service):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
 
+    def stats_source(self, name: str) -> Callable[[], dict[str, Any]] | None:
+        """What :meth:`add_stats` was given under ``name`` (None if nothing), so add-ons of
+        one kind can share one section."""
+        return self._stats_sources.get(name)
+
     def invalidate_tags(self, ns: str, *tags: str) -> int:
         """Drop, in this instance, every entry of ``ns`` stored with one of ``tags`` (every
         function cached under it); how many were dropped. Other instances hear of it through

@@ -28,7 +28,6 @@ import logging
 import math
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -91,27 +90,27 @@ class ConsistencyStats:
 class _Section:
     """What a client's ``stats()["consistency"]`` reads: the stats of each monitored namespace.
 
-    It holds no reference to the client, so the weak table below can let the client go.
+    Registered with ``sync.add_stats`` by the first monitor of a client; the next ones find it
+    there with ``sync.stats_source``, so the client holds it and nothing else does.
     """
 
     def __init__(self) -> None:
         self.namespaces: dict[str, ConsistencyStats] = {}
 
-    def snapshot(self) -> dict[str, Any]:
+    def __call__(self) -> dict[str, Any]:
         return {ns: stats.snapshot() for ns, stats in self.namespaces.items()}
 
 
-# One section per client, shared by its monitors (add_stats keeps one source per name). Weak
-# keys: the table must not keep a stopped client alive.
-_sections: weakref.WeakKeyDictionary[CacheSync, _Section] = weakref.WeakKeyDictionary()
-
-
 def _section_for(sync: CacheSync) -> _Section:
-    section = _sections.get(sync)
+    section = sync.stats_source(STATS_SECTION)
     if section is None:
         section = _Section()
-        _sections[sync] = section
-        sync.add_stats(STATS_SECTION, section.snapshot)
+        sync.add_stats(STATS_SECTION, section)
+    elif not isinstance(section, _Section):
+        raise ValueError(
+            f"sync.stats() section {STATS_SECTION!r} is taken by something other than a "
+            "ConsistencyMonitor"
+        )
     return section
 
 
