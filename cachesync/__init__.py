@@ -17,7 +17,7 @@ from .errors import (
     StateError,
     TransportError,
 )
-from .events import ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .fetch import HttpFetcher
 from .metrics import PrometheusMetrics
 from .monitor import ConsistencyMonitor
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .owner.outbox import Outbox, OutboxRelay
 
 __all__ = [
+    "DEFAULT_CHANNEL",
     "BlockingPublisher",
     "CacheSync",
     "CacheSyncError",

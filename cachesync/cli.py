@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import CacheSyncError, ConfigError, ConnectionLost, EventDecodeError
-from .events import ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .publisher import Publisher
 from .signing import Signer
 from .transports.base import from_url, redact_url
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CommandError", "UsageError", "bench", "fetch_state", "listen", "main", "publish"]
 
-DEFAULT_CHANNEL = "cachesync"
 MAX_NS_LENGTH = 256  # the longest namespace an event carries (ChangeEvent.ns)
 SIGNING_KEY_ENV = "CACHESYNC_SIGNING_KEY"
 EXIT_FAILED = 1

@@ -34,7 +34,7 @@ from .cache import LocalCache
 from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
 from .explain import History, as_dict, describe_entry
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -191,7 +191,7 @@ class CacheSync(Service):
     def __init__(
         self,
         url: str = "memory://",
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         *,
         transport: Transport | None = None,
         connect_timeout: float = 10.0,

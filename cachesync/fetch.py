@@ -174,7 +174,10 @@ class HttpFetcher(Generic[T]):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this fetcher created it. Safe to call twice."""
+        """Close the HTTP client if this fetcher created it. Safe to call twice.
+
+        A fetcher runs nothing in the background, so it has no ``start``/``stop``; like the
+        ``httpx.AsyncClient`` it wraps it is closed with ``aclose()`` or ``async with``."""
         self._closed = True
         if self._owns_client:
             await self._client.aclose()

@@ -178,7 +178,12 @@ class ConsistencyMonitor(Service):
             stats = section.namespaces[ns] = ConsistencyStats()
         stats.bound = self.bound
         stats.sample_rate = self.sample_rate
-        self.stats = stats
+        self.counters = stats
+
+    def stats(self) -> dict[str, Any]:
+        """The counters of this monitor's namespace as a dict (also in
+        ``sync.stats()["consistency"][ns]``); :attr:`counters` are the live ones."""
+        return self.counters.snapshot()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -209,14 +214,14 @@ class ConsistencyMonitor(Service):
         with contextlib.suppress(asyncio.CancelledError):
             await task
         self._pending.clear()
-        self.stats.pending = 0
+        self.counters.pending = 0
 
     # -- one step at a time ----------------------------------------------------------------
 
     async def sample(self) -> str | None:
         """Take one sample now: ``"fresh"``, ``"behind"`` (to be re-checked after the bound),
         ``"error"``, or None when there was nothing to sample."""
-        stats = self.stats
+        stats = self.counters
         picked = self._pick()
         if picked is None:
             stats.idle += 1
@@ -259,7 +264,7 @@ class ConsistencyMonitor(Service):
         for suspect in due:
             if self._still_behind(suspect.cache, suspect):
                 stale += 1
-                self.stats.stale += 1
+                self.counters.stale += 1
                 self._count("stale")
                 log.warning(
                     "consistency monitor: an entry stayed stale beyond the bound",
@@ -271,9 +276,9 @@ class ConsistencyMonitor(Service):
                     },
                 )
             else:
-                self.stats.caught_up += 1
+                self.counters.caught_up += 1
                 self._count("caught_up")
-        self.stats.pending = len(self._pending)
+        self.counters.pending = len(self._pending)
         return stale
 
     # -- internals -------------------------------------------------------------------------

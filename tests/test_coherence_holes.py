@@ -136,7 +136,7 @@ async def test_reader_threads_never_break_a_flush_nor_the_listener(unique: str) 
         assert listener["gaps"] == 20
         assert listener["bad_events"] == 0
         assert sync.listener_up
-        assert monitor.stats.checked > 0
+        assert monitor.stats()["checked"] > 0
 
 
 # 2 -----------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ async def test_the_monitor_section_is_held_by_the_client(unique: str) -> None:
     first = ConsistencyMonitor(sync, "a", current_version)
     second = ConsistencyMonitor(sync, "b", current_version)
     assert set(sync.stats()["consistency"]) == {"a", "b"}
-    assert first.stats is not second.stats
+    assert first.counters is not second.counters
     sync.add_stats("other", dict)
     other = CacheSync(f"memory://{unique}")
     other.add_stats("consistency", dict)
