@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import LocalCache
 from .client import CacheSync
+from .contrib.monitor import ConsistencyMonitor
+from .contrib.prometheus import PrometheusMetrics
 from .errors import (
     CacheSyncError,
     ConfigError,
@@ -19,8 +21,6 @@ from .errors import (
 )
 from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .fetch import HttpFetcher
-from .metrics import PrometheusMetrics
-from .monitor import ConsistencyMonitor
 from .owner.feeds import ChangeFeed, FeedError
 from .publisher import BlockingPublisher, Change, Publisher
 from .transports.base import Transport, from_url

@@ -1,4 +1,4 @@
-"""cachesync.integrations.fastapi: lifespans, the state router, the missing-extra message; and
+"""cachesync.contrib.fastapi: lifespans, the state router, the missing-extra message; and
 the two example services wired together in one process over the memory bus."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from cachesync import CacheSync, Publisher
 from cachesync.client import ClientState
-from cachesync.fetch import HttpFetcher
-from cachesync.integrations.fastapi import (
+from cachesync.contrib.fastapi import (
     consumer_lifespan,
     consumer_router,
     owner_lifespan,
     state_router,
 )
+from cachesync.fetch import HttpFetcher
 from cachesync.owner.outbox import Outbox, OutboxRelay
 
 from .helpers import eventually
@@ -198,9 +198,9 @@ def test_arguments_are_checked() -> None:
 @pytest.mark.timeout(5)
 def test_without_fastapi_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes "import fastapi" fail
-    monkeypatch.delitem(sys.modules, "cachesync.integrations.fastapi")
+    monkeypatch.delitem(sys.modules, "cachesync.contrib.fastapi")
     with pytest.raises(ImportError, match=r"pip install 'cachesync\[fastapi\]'"):
-        importlib.import_module("cachesync.integrations.fastapi")
+        importlib.import_module("cachesync.contrib.fastapi")
 
 
 def _free_port() -> int:

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cachesync import CacheSync, ChangeEvent, Op, Publisher
-from cachesync.metrics import PrometheusMetrics, exported_names
-from cachesync.monitor import ConsistencyMonitor
+from cachesync.contrib.monitor import ConsistencyMonitor
+from cachesync.contrib.prometheus import PrometheusMetrics, exported_names
 from cachesync.transports.memory import bus_for
 
 from .helpers import Owner, eventually
@@ -36,7 +36,7 @@ async def observed(unique: str) -> AsyncIterator[tuple[CacheSync, PrometheusMetr
 @pytest.mark.timeout(10)
 def test_importing_the_module_does_not_import_prometheus_client() -> None:
     code = (
-        "import sys, cachesync, cachesync.metrics, cachesync.monitor;"
+        "import sys, cachesync, cachesync.contrib.prometheus, cachesync.contrib.monitor;"
         "assert 'prometheus_client' not in sys.modules, 'imported at import time'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -131,7 +131,7 @@ async def test_no_password_in_the_state_endpoint_or_relay_stats(
     from fastapi import FastAPI
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    from cachesync.integrations.fastapi import state_router
+    from cachesync.contrib.fastapi import state_router
     from cachesync.owner.outbox import Outbox, OutboxRelay
     from cachesync.transports.memory import MemoryTransport
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.metrics_core import Metric
 
-    from .client import CacheSync
+    from ..client import CacheSync
 
 __all__ = [
     "CONSISTENCY_OUTCOMES",
@@ -52,7 +52,7 @@ LOST_CAUSES = ("gap", "source", "reconnect", "heartbeat", "schema")
 over them exists before the first detection."""
 
 CONSISTENCY_OUTCOMES = ("fresh", "caught_up", "stale", "error")
-"""What a consistency sample can end as (see :mod:`cachesync.monitor`)."""
+"""What a consistency sample can end as (see :mod:`cachesync.contrib.monitor`)."""
 
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Buckets (seconds) of the fetch latency histogram: a REST call to the owner."""
@@ -188,7 +188,7 @@ def _import_prometheus() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ImportError(
-            f"cachesync.metrics needs prometheus-client: {_INSTALL_HINT}", name=exc.name
+            f"cachesync.contrib.prometheus needs prometheus-client: {_INSTALL_HINT}", name=exc.name
         ) from exc
     return prometheus_client
 
@@ -354,8 +354,8 @@ class _StatsCollector:
             return self._sync.stats()
 
     def _families(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
-        from .cache import NamespaceStats
-        from .client import ClientStats
+        from ..cache import NamespaceStats
+        from ..client import ClientStats
 
         core = self._core
         p = self._prefix

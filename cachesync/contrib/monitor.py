@@ -16,8 +16,8 @@ fresh and has a known version, asks the owner for that key's current version, an
 A sample that is counted stale is always really stale beyond the bound (the monitor may miss a
 short staleness, never invent one). The share ``stale / (fresh + caught_up + stale)`` is
 ``stale_ratio``, in ``sync.stats()["consistency"][ns]``, and counted in a
-:class:`~cachesync.metrics.PrometheusMetrics` if one is given. Samples are uniform over entries,
-not over reads. The owner is asked at most ``sample_rate`` times per second.
+:class:`~cachesync.contrib.prometheus.PrometheusMetrics` if one is given. Samples are uniform
+over entries, not over reads. The owner is asked at most ``sample_rate`` times per second.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from .cache import TOMBSTONE, LocalCache
-from .errors import StateError
-from .lifecycle import Service
-from .logutil import RateLimitedLogger
+from ..cache import TOMBSTONE, LocalCache
+from ..errors import StateError
+from ..lifecycle import Service
+from ..logutil import RateLimitedLogger
 
 if TYPE_CHECKING:
-    from .client import CacheSync
-    from .metrics import PrometheusMetrics
+    from ..client import CacheSync
+    from .prometheus import PrometheusMetrics
 
 __all__ = ["ConsistencyMonitor", "ConsistencyStats", "CurrentVersion"]
 

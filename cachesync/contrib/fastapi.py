@@ -36,7 +36,7 @@ try:
     from fastapi import APIRouter, FastAPI, HTTPException
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "cachesync.integrations.fastapi needs FastAPI: pip install 'cachesync[fastapi]'"
+        "cachesync.contrib.fastapi needs FastAPI: pip install 'cachesync[fastapi]'"
     ) from exc
 
 from ..client import CacheSync
