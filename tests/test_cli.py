@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from cachesync import Publisher, cli
 from cachesync.cli import CommandError, UsageError, bench, fetch_state, listen, main, publish
-from cachesync.demo_owner import Owner, OwnerServer, build_app
+from cachesync.demo.owner import Owner, OwnerServer, build_app
 from cachesync.transports import base
 from cachesync.transports.base import from_url
 from cachesync.transports.memory import bus_for
