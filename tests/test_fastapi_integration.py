@@ -95,7 +95,7 @@ async def test_owner_lifespan_runs_an_outbox_relay_and_nests_the_app_lifespan(
 @pytest.mark.timeout(5)
 async def test_consumer_lifespan_runs_cachesync_and_closes_the_fetchers(unique: str) -> None:
     sync = CacheSync(f"memory://{unique}")
-    fetcher = HttpFetcher("http://owner.invalid")
+    fetcher = HttpFetcher("http://owner.invalid", "/items/{key}")
     seen: dict[str, Any] = {}
 
     @asynccontextmanager
