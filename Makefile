@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-full bench-cdc docs clean
+.PHONY: demo test lint typecheck unit bench bench-full bench-cdc docs package-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(DOCS_STAMP): pyproject.toml | $(STAMP)
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails.
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The sdist and the wheel built, the wheel installed with its extras in a fresh virtualenv and
+# smoke-tested, and a subset of the tests run against the lowest versions pyproject admits.
+package-check: $(STAMP)
+	.ci/package-check
 
 demo: $(STAMP)
 	$(BIN)/cachesync demo
