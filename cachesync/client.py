@@ -34,7 +34,7 @@ from .cache import LocalCache
 from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import MAX_EVENT_BYTES, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
 from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -196,7 +196,7 @@ class CacheSync(Service):
     def __init__(
         self,
         url: str = "memory://",
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         *,
         transport: Transport | None = None,
         connect_timeout: float = 10.0,
@@ -617,6 +617,11 @@ class CacheSync(Service):
         if name in ("listener", "namespaces"):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
+
+    def stats_source(self, name: str) -> Callable[[], dict[str, Any]] | None:
+        """What :meth:`add_stats` was given under ``name`` (None if nothing), so add-ons of
+        one kind can share one section."""
+        return self._stats_sources.get(name)
 
     def invalidate_tags(self, ns: str, *tags: str) -> int:
         """Drop, in this instance, every entry of ``ns`` stored with one of ``tags`` (every

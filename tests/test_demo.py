@@ -26,7 +26,7 @@ from cachesync.demo import (
     format_table,
     run_demo,
 )
-from cachesync.demo_owner import NAMESPACE, Owner, OwnerServer, build_app
+from cachesync.demo.owner import NAMESPACE, Owner, OwnerServer, build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 # The demo's stale-read bound is 10 ms after the commit. That bound measures the machine as well

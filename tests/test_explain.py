@@ -12,8 +12,8 @@ from fastapi import FastAPI
 
 from cachesync import CacheSync, ChangeEvent
 from cachesync.cli import CommandError, fetch_explain, main
-from cachesync.demo_owner import OwnerServer
-from cachesync.integrations.fastapi import consumer_router
+from cachesync.contrib.fastapi import consumer_router
+from cachesync.demo.owner import OwnerServer
 
 from .helpers import FakeClock
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..client import CacheSync, ClientState
+from ..events import DEFAULT_CHANNEL
 from ..publisher import BlockingPublisher
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ __all__ = ["FlaskCacheSync"]
 
 DEFAULTS: dict[str, Any] = {
     "CACHESYNC_URL": "memory://",
-    "CACHESYNC_CHANNEL": "cachesync",
+    "CACHESYNC_CHANNEL": DEFAULT_CHANNEL,
     "CACHESYNC_CONNECT_TIMEOUT": 10.0,
     "CACHESYNC_START": True,
     "CACHESYNC_WAIT": True,

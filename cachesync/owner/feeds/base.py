@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from ...backoff import Backoff
 from ...errors import CacheSyncError, ConfigError, StateError, TransportError
-from ...events import Op
+from ...events import DEFAULT_CHANNEL, Op
 from ...lifecycle import Service
 from ...publisher import Change, Publisher
 from ...transports.base import redact_url
@@ -219,7 +219,7 @@ class ChangeFeed(Service):
         tables: Iterable[Table | str],
         publisher: str | Publisher = "memory://",
         *,
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         name: str = "cachesync",
         batch_size: int = 1000,
         lag_interval: float = 5.0,

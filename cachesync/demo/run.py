@@ -1,6 +1,6 @@
 """``cachesync demo``: one owner, several consumer instances, and how stale they get.
 
-:func:`run_demo` starts the owner of :mod:`cachesync.demo_owner` (a FastAPI app served by
+:func:`run_demo` starts the owner of :mod:`cachesync.demo.owner` (a FastAPI app served by
 uvicorn in this process, with an embedded :class:`~cachesync.Publisher`) and ``instances``
 consumers, each a :class:`~cachesync.CacheSync` with its own ``@cached`` function over the
 owner's REST API. Then, for ``duration`` seconds, ``readers`` tasks per consumer read currencies
@@ -47,11 +47,11 @@ from typing import Any, Self, TextIO
 
 import httpx
 
-from .client import CacheSync
-from .demo_owner import NAMESPACE, Currency, Owner, OwnerServer, build_app
-from .errors import CacheSyncError, TransportError
-from .publisher import Publisher
-from .transports.base import redact_url
+from ..client import CacheSync
+from ..errors import CacheSyncError, TransportError
+from ..publisher import Publisher
+from ..transports.base import redact_url
+from .owner import NAMESPACE, Currency, Owner, OwnerServer, build_app
 
 __all__ = [
     "PROBE_DEADLINE",

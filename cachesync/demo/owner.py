@@ -26,8 +26,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from .integrations.fastapi import state_router
-from .publisher import Publisher
+from ..contrib.fastapi import state_router
+from ..publisher import Publisher
 
 __all__ = ["CURRENCY_NAMES", "NAMESPACE", "Currency", "Owner", "OwnerServer", "build_app"]
 
