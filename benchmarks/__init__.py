@@ -1,6 +1,6 @@
 """Benchmarks for cachesync: micro benchmarks and a side-by-side strategy comparison.
 
-    python -m benchmarks            # short run (about 2 minutes): `make bench`
+    python -m benchmarks            # short run (about 5 minutes): `make bench`
     python -m benchmarks --full     # the documented long run: `make bench-full`
     python -m benchmarks --help     # every knob
 

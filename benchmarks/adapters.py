@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -34,6 +35,9 @@ class Reader(abc.ABC):
 
     def __init__(self) -> None:
         self.probe_applied: list[int] = []
+        # (start, duration) in ns of hits timed inside the library's own thread, for readers
+        # whose call also waits for that thread (redis-py's sync client)
+        self.hit_service: list[tuple[int, int]] = []
 
     def _applied(self, key: str | bytes) -> None:
         if key == PROBE_KEY or key == PROBE_KEY_BYTES:
@@ -51,6 +55,10 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str) -> tuple[int, bool]:
         """The version read for ``key`` and whether the local cache served it."""
+
+    async def flush(self) -> None:
+        """Empty the local cache, as a flush (a lost event, a restart) would."""
+        return None
 
     def events(self) -> int | None:
         """Change events (or invalidation messages) applied so far; None if not observable."""
@@ -127,6 +135,9 @@ class TtlOnly(Reader):
             self.cache[item["key"]] = item
         self.clock.offset = 0.0
 
+    async def flush(self) -> None:
+        self.cache.clear()
+
     async def get(self, key: str) -> tuple[int, bool]:
         item = self.cache.get(key)
         if item is not None:
@@ -200,6 +211,9 @@ class Cachesync(Reader):
             self.fn, "/items", key=lambda item: item["key"], version=lambda item: item["version"]
         )
 
+    async def flush(self) -> None:
+        self.cache.clear()
+
     async def get(self, key: str) -> tuple[int, bool]:
         hit = self.cache.get_fresh(key) is not None
         item = await self.fn(key)
@@ -224,15 +238,20 @@ REDIS_MIN_VERSION_FIX = "6.0.0"
 
 class RedisClientSide(Reader):
     """redis-py's server-assisted client-side caching, as its docs show:
-    ``redis.Redis(protocol=3, cache_config=CacheConfig())``. Sync client only (redis-py 8 has
-    no client-side cache on ``redis.asyncio``), so each read blocks the event loop, as it would
-    in the sync service redis-py documents this for.
+    ``redis.Redis(protocol=3, cache_config=CacheConfig())``, parsing with hiredis. redis-py 8
+    has it on the sync client only (not on ``redis.asyncio``), so each reader process drives it
+    the way a sync service would: its reads run on one thread of its own (a single-worker
+    executor), so the event loop (the probe, the timers) never blocks on a read. One thread,
+    because redis-py 8.1's client-side cache stalls for seconds when several threads share the
+    client (``python -m benchmarks.csc_threads`` shows it). The hit latency measured around the
+    call includes waiting for that thread; the hit timed inside the thread
+    (``hit_service``) is reported beside it.
 
     redis-py 8.1 refuses servers older than 7.4 (``CacheProxyConnection.MIN_ALLOWED_VERSION``);
     ``fix=True`` lowers that gate to 6.0, the smallest change that makes it run on Redis 7.0.
     """
 
-    def __init__(self, url: str, prefix: str, fix: bool) -> None:
+    def __init__(self, url: str, prefix: str, fix: bool, threads: int = 1) -> None:
         super().__init__()
         self.url = url
         self.prefix = prefix
@@ -240,8 +259,15 @@ class RedisClientSide(Reader):
         self.invalidations = 0
         self.client: Any = None
         self._cache: Any = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(threads, "csc-reader")
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def start(self) -> None:
+        await self._call(self._start)
+
+    def _start(self) -> None:
         import redis
         from redis.cache import CacheConfig, CacheKey, DefaultCache
         from redis.connection import CacheProxyConnection
@@ -270,21 +296,35 @@ class RedisClientSide(Reader):
         self.client.get(self.prefix + "warm-up")  # the first GET opens the tracked connection
 
     async def prefill(self, items: list[dict[str, Any]]) -> None:
-        for item in items:
-            self.client.get(self.prefix + item["key"])
+        def load() -> None:
+            for item in items:
+                self.client.get(self.prefix + item["key"])
 
-    async def get(self, key: str) -> tuple[int, bool]:
-        name = self.prefix + key
+        await self._call(load)
+
+    async def flush(self) -> None:
+        await self._call(self._cache.flush)
+
+    def _get(self, name: str) -> tuple[int, bool]:
+        t0, p0 = time.monotonic_ns(), time.perf_counter_ns()
         hit = self._cache.get(self._key("GET", (name,), ("GET", name))) is not None
         raw = self.client.get(name)
-        return int(json.loads(raw)["version"]), hit
+        version = int(json.loads(raw)["version"])
+        if hit:
+            self.hit_service.append((t0, time.perf_counter_ns() - p0))
+        return version, hit
+
+    async def get(self, key: str) -> tuple[int, bool]:
+        result: tuple[int, bool] = await self._call(self._get, self.prefix + key)
+        return result
 
     def events(self) -> int | None:
         return self.invalidations
 
     async def stop(self) -> None:
         if self.client is not None:
-            self.client.close()
+            await self._call(self.client.close)
+        self._thread.shutdown(wait=False)
 
 
 class Cashews(Reader):
@@ -310,7 +350,8 @@ class Cashews(Reader):
 
         self.invalidations = 0
         self.cache = Cache()
-        self.backend: Any = self.cache.setup(url, local_cache=CountingMemory(size=CACHE_ENTRIES))
+        self.local = CountingMemory(size=CACHE_ENTRIES)
+        self.backend: Any = self.cache.setup(url, local_cache=self.local)
 
     async def start(self) -> None:
         await self.cache.init()
@@ -319,6 +360,9 @@ class Cashews(Reader):
         keys = [item["key"] for item in items]
         for i in range(0, len(keys), 1000):
             await self.cache.get_many(*keys[i : i + 1000])
+
+    async def flush(self) -> None:
+        await self.local.clear()
 
     async def get(self, key: str) -> tuple[int, bool]:
         backend = self.backend

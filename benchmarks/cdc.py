@@ -47,6 +47,7 @@ import pymysql
 
 from benchmarks.outbox_relay import Subscriber
 from benchmarks.outbox_relay import latency as outbox_latency
+from benchmarks.stats import percentile
 from cachesync import CacheSync
 from cachesync.events import ChangeEvent, Op
 from cachesync.owner.feeds import ChangeFeed, Table
@@ -55,11 +56,6 @@ from cachesync.transports.base import from_url
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_MYSQL = "mysql://root@127.0.0.1:3306/test"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def _mysql(dsn: str) -> Any:
@@ -479,14 +475,14 @@ async def main(args: argparse.Namespace) -> None:
             async with database(kind, dsn) as db:
                 ms = [x * 1000 for x in await feed_latency(db, args.broker, args.latency_n)]
             add(f"{kind} CDC commit->event p50 (ms)", f"{statistics.median(ms):.2f}", "<= 5")
-            add(f"{kind} CDC commit->event p99 (ms)", f"{_percentile(ms, 99):.2f}", "<= 20")
+            add(f"{kind} CDC commit->event p99 (ms)", f"{percentile(ms, 99):.2f}", "<= 20")
         asyncpg_dsn = args.pg.replace("postgresql://", "postgresql+asyncpg://", 1)
         ms = [
             x * 1000
             for x in await outbox_latency(asyncpg_dsn, args.broker, args.latency_n, listen=True)
         ]
         add("outbox relay (PostgreSQL) commit->event p50 (ms)", f"{statistics.median(ms):.2f}")
-        add("outbox relay (PostgreSQL) commit->event p99 (ms)", f"{_percentile(ms, 99):.2f}")
+        add("outbox relay (PostgreSQL) commit->event p99 (ms)", f"{percentile(ms, 99):.2f}")
     if "drain" in only:
         for kind, dsn in dbs:
             for single in (False, True):

@@ -12,7 +12,6 @@ returns, also on Ctrl-C (KeyboardInterrupt goes through the ``finally``).
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import multiprocessing.connection
 import socket
@@ -27,6 +26,7 @@ import httpx
 
 from . import owner_app, reader_proc
 from .analysis import StrategyResult, analyze
+from .common import stop_processes
 from .progress import Progress
 from .reader_proc import ReaderJob
 from .strategies import Settings, Strategy, owner_config
@@ -54,6 +54,10 @@ READY_TIMEOUT = 120.0
 """Seconds a reader may take to connect and prefill (redis-py's prefill is 10,000 GETs)."""
 
 
+CURVE_BIN = 0.5
+"""Seconds per point of the cold-start curve (runs that start empty)."""
+
+
 class RunFailed(Exception):
     """A strategy could not run; the message says why."""
 
@@ -79,25 +83,9 @@ def _close(pipes: list[multiprocessing.connection.Connection]) -> None:
         pipe.close()
 
 
-def stop_processes(procs: list[BaseProcess], grace: float = 5.0) -> None:
-    """Stop ``procs``: wait up to ``grace`` seconds for those that end by themselves (readers),
-    SIGTERM the rest (uvicorn shuts down gracefully on it), then SIGKILL what is left. A second
-    Ctrl-C does not cut this short."""
-    started = [p for p in procs if p.pid is not None]
-    deadline = time.monotonic() + grace
-    for proc in started:
-        if not proc.name.startswith("owner"):
-            with contextlib.suppress(KeyboardInterrupt):
-                proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in started:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in started:
-        with contextlib.suppress(KeyboardInterrupt):
-            proc.join(5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
+def _stop(procs: list[BaseProcess], grace: float = 5.0) -> None:
+    """Readers end by themselves; the owner (uvicorn) is stopped by SIGTERM."""
+    stop_processes(procs, grace=grace, wait_for=lambda p: not p.name.startswith("owner"))
 
 
 class Harness:
@@ -182,11 +170,19 @@ class Harness:
         except BaseException:
             # Failed or interrupted: nothing to wait for.
             _close(pipes)
-            stop_processes(procs.all(), grace=0.0)
+            _stop(procs.all(), grace=0.0)
             raise
         _close(pipes)
-        stop_processes(procs.all())
-        return analyze(result, readers, log, schedule, after["requests"] - before["requests"])
+        _stop(procs.all())
+        return analyze(
+            result,
+            readers,
+            log,
+            schedule,
+            after["requests"] - before["requests"],
+            curve_bin=None if settings.prefill else CURVE_BIN,
+            flush_at=settings.flush_at,
+        )
 
     def _wait_healthy(self, http: httpx.Client, owner: BaseProcess) -> None:
         deadline = time.monotonic() + 30.0

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import pyplot  # noqa: E402
 from cachesync.transports.base import Transport, from_url  # noqa: E402
 from tests.clusters import (  # noqa: E402
     ProcessGroup,
@@ -407,10 +408,7 @@ def fanout(
 
 
 def _plot_fanout(curves: dict[str, list[tuple[int, float, float, int]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for name, points in curves.items():
@@ -431,10 +429,7 @@ def _plot_fanout(curves: dict[str, list[tuple[int, float, float, int]]], path: P
 
 
 def _plot(failovers: dict[str, list[tuple[float, bool]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(failovers)

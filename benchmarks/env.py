@@ -18,7 +18,11 @@ from cachesync.transports.base import from_url
 PACKAGES = (
     "cachesync",
     "redis",
+    "hiredis",
     "cashews",
+    "xxhash",
+    "bitarray",
+    "aiormq",
     "cachetools",
     "aio-pika",
     "fastapi",
@@ -177,6 +181,15 @@ def package_versions() -> str:
     return ", ".join(out)
 
 
+def _redis_parser() -> str:
+    """The parser redis-py picked (hiredis when it is installed)."""
+    try:
+        import redis.connection
+    except ImportError:
+        return "redis-py not installed"
+    return redis.connection.DefaultParser.__name__
+
+
 def speed_index() -> str:
     """How fast this process runs plain Python right now (best of 5 timings of a fixed loop):
     on a shared machine, compare it at the start and at the end of a run."""
@@ -200,6 +213,7 @@ def machine(redis_url: str, amqp_url: str, up: dict[str, bool]) -> dict[str, str
         "OS": f"{platform.system()} {platform.release()} ({platform.machine()})",
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": package_versions(),
+        "redis-py parser": _redis_parser(),
         "Redis server": _redis_version(redis_url) if up.get("redis") else "not running",
         "RabbitMQ server": _rabbitmq_version(amqp_url) if up.get("rabbitmq") else "not running",
         "load average at start (1/5/15 min)": f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",

@@ -6,8 +6,9 @@ For each transport (``redis://``, ``redis+stream://``, ``amqp://``) two consumer
 in turns (raw, ours, raw, ours, ...), each in a process of its own:
 
 - **raw**: the broker's client alone, doing nothing with a message but noting it: redis-py's
-  ``PubSub.listen()``, an ``XREAD COUNT 500 BLOCK`` loop (redis-py, RESP2), aio-pika's
-  ``Queue.consume(no_ack=True)`` on an exclusive queue bound to the channel's fanout exchange;
+  ``PubSub.listen()``, an ``XREAD COUNT 500 BLOCK`` loop (redis-py, RESP2), aiormq's
+  ``basic_consume(no_ack=True)`` (what cachesync's AMQP transport uses) on an exclusive queue
+  bound to the channel's fanout exchange;
   redis-py parses with hiredis (the ``bench`` and ``redis`` extras install it), as cachesync's
   Redis transports do, so both sides pay the same for parsing;
 - **ours**: :class:`~cachesync.CacheSync` on the same channel, with a namespace of
@@ -45,6 +46,7 @@ import gc
 import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import re
 import signal
 import sys
@@ -58,10 +60,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from cachesync import CacheSync, Publisher
 
 from . import env
-from .micro import _events
+from .common import pyplot, stop_processes
+from .micro import encoded_events
+from .stats import against_limit, bootstrap, percentile
 
 SCHEMES = ("redis", "redis+stream", "amqp")
 SIDES = ("raw", "ours")
@@ -143,15 +149,6 @@ TINY = LatencySizes(
 # -- results ----------------------------------------------------------------------------------
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile ``q`` (0-100) of ``samples``; NaN when empty."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 @dataclass
 class Latency:
     """Publish-to-applied latencies of one consumer at one rate, pooled over the rounds."""
@@ -184,7 +181,7 @@ class Check:
     raw: str
     ours: str
     limit: str
-    verdict: str  # PASS | FAIL | n/a
+    verdict: str  # PASS | FAIL | not shown | n/a
 
 
 @dataclass
@@ -215,19 +212,20 @@ class TransportResult:
         for rate in sorted(self.latency.get("raw", {})):
             raw, ours = self.at("raw", rate), self.at("ours", rate)
             for q, slack in ((50, P50_SLACK_MS), (99, P99_SLACK_MS)):
-                limit = raw.pct(q) + slack
-                mine = ours.pct(q)
-                verdict = "n/a" if math.isnan(limit) or math.isnan(mine) else "FAIL"
-                if verdict == "FAIL" and mine <= limit:
-                    verdict = "PASS"
+                # 95% bootstrap intervals (each event its own cluster): PASS when ours is below
+                # raw + slack with both intervals, FAIL when above, else "not shown".
+                raw_ci = _interval(raw.samples_ms, q)
+                our_ci = _interval(ours.samples_ms, q)
+                limit_ci = (raw_ci[0] + slack, raw_ci[1] + slack)
+                n = min(len(raw.samples_ms), len(ours.samples_ms))
                 out.append(
                     Check(
                         url,
                         f"p{q} latency @ {rate:,.0f}/s <= raw + {slack:g} ms",
-                        f"{raw.pct(q):.3f} ms",
-                        f"{mine:.3f} ms",
-                        f"{limit:.3f} ms",
-                        verdict,
+                        f"{raw.pct(q):.3f} ms [{raw_ci[0]:.3f}, {raw_ci[1]:.3f}]",
+                        f"{ours.pct(q):.3f} ms [{our_ci[0]:.3f}, {our_ci[1]:.3f}]",
+                        f"{raw.pct(q) + slack:.3f} ms",
+                        against_limit(our_ci, limit_ci, n, q),
                     )
                 )
         raw_rate, our_rate = self.best_rate("raw"), self.best_rate("ours")
@@ -245,6 +243,11 @@ class TransportResult:
                 )
             )
         return out
+
+
+def _interval(samples: list[float], q: float) -> tuple[float, float]:
+    found = bootstrap([np.array([x]) for x in samples], [q], reps=200)
+    return found[q]
 
 
 # -- the consumers (child processes) ----------------------------------------------------------
@@ -349,20 +352,25 @@ async def _raw_xread(url: str, channel: str, hit: Hit, ready: Callable[[], None]
 
 
 async def _raw_amqp(url: str, channel: str, hit: Hit, ready: Callable[[], None]) -> None:
-    """aio-pika: an exclusive queue bound to the channel's fanout exchange, ``consume(no_ack)``."""
-    import aio_pika
+    """aiormq, the client cachesync's AMQP transport consumes with: an exclusive queue bound to
+    the channel's fanout exchange, ``basic_consume(no_ack=True)`` (the same level as ours)."""
+    import aiormq
+    import aiormq.abc
 
-    connection = await aio_pika.connect(url)
+    connection = await aiormq.connect(url)
     try:
-        ch = await connection.channel(publisher_confirms=False)
-        exchange = await ch.declare_exchange(channel, aio_pika.ExchangeType.FANOUT, durable=False)
-        queue = await ch.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange)
+        ch = await connection.channel()
+        await ch.exchange_declare(exchange=channel, exchange_type="fanout", durable=False)
+        declared = await ch.queue_declare("", exclusive=True, auto_delete=True)
+        queue = declared.queue
+        if queue is None:
+            raise RuntimeError("the broker named no queue")
+        await ch.queue_bind(queue, channel)
 
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             hit(message.body)
 
-        await queue.consume(on_message, no_ack=True)
+        await ch.basic_consume(queue, on_message, no_ack=True)
         ready()
         await asyncio.Future()  # until cancelled
     finally:
@@ -556,7 +564,7 @@ def publisher_main(url: str, channels: dict[str, str], keys: int, pipe: Pipe) ->
 def flood_main(job: Job, n: int) -> None:
     """Process entry: publish ``n`` pre-encoded upserts as fast as the raw client can."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    payloads = _events(uuid.uuid4().hex, 1, n, job.keys)
+    payloads = encoded_events(uuid.uuid4().hex, 1, n, job.keys)
     if job.scheme == "amqp":
         asyncio.run(_flood_amqp(job.url, job.channel, payloads))
         return
@@ -611,26 +619,6 @@ def _expect(pipe: Pipe, kind: str, timeout: float, who: str) -> Any:
     if got != kind:
         raise SessionFailed(f"the {who} sent {got!r}, expected {kind!r}")
     return payload
-
-
-def stop(procs: list[BaseProcess], pipes: list[Pipe], grace: float) -> None:
-    """Tell the children to stop, wait up to ``grace`` s, then terminate and kill what is left."""
-    for pipe in pipes:
-        with contextlib.suppress(OSError):
-            pipe.send(("stop",))
-        pipe.close()
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(KeyboardInterrupt):
-            proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            with contextlib.suppress(KeyboardInterrupt):
-                proc.join(5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
 
 
 class Bench:
@@ -695,7 +683,7 @@ class Bench:
                         into.seconds += seconds
             grace = STOP_GRACE
         finally:
-            stop(procs, list(pipes.values()), grace)
+            stop_processes(procs, list(pipes.values()), grace)
 
     def _phase(
         self, pipes: dict[str, Pipe], side: str, rate: float, n: int
@@ -735,7 +723,7 @@ class Bench:
                 result.notes[side] = notes
             grace = STOP_GRACE
         finally:
-            stop(procs, list(pipes.values()), grace)
+            stop_processes(procs, list(pipes.values()), grace)
 
     def cleanup(self, redis_url: str, amqp_url: str) -> None:
         """Delete the stream keys and exchanges the sessions created (bounded, best effort)."""
@@ -844,11 +832,7 @@ def plot(results: list[TransportResult], path: Path) -> Path | None:
     measured = [r for r in results if r.status == "ok" and r.latency]
     if not measured:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4), squeeze=False)
     for ax, result in zip(axes[0], measured, strict=True):
         rates = sorted(result.latency.get("raw", {}))
@@ -875,6 +859,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=REDIS_URL)
     parser.add_argument("--amqp-url", default=AMQP_URL)
     parser.add_argument("--plot", help="write the latency box plots to this PNG (matplotlib)")
+    parser.add_argument(
+        "--rates",
+        help="update-rate sweep: comma-separated events/s (2 s of events each, at least 20), "
+        "2 rounds, one burst drain; e.g. 5,50,500,2000,5000,10000",
+    )
+    parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
     schemes = tuple(s.strip() for s in args.transports.split(",") if s.strip())
     unknown = [s for s in schemes if s not in SCHEMES]
@@ -888,14 +878,26 @@ def main(argv: list[str] | None = None) -> int:
             print(env.down_message(svcs[name], "its transports"), file=sys.stderr)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     sizes = FULL if args.full else SHORT
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        phases = tuple((rate, max(20, int(rate * 2))) for rate in rates)
+        sizes = LatencySizes(phases=phases, rounds=2, flood_rounds=1)
     try:
         results = run_all(sizes, args.redis_url, args.amqp_url, up, schemes, say)
     except KeyboardInterrupt:
         print("\nInterrupted: every process started was stopped.", file=sys.stderr)
         return 130
-    print(latency_table(results))
+    text = latency_table(results)
     if any(r.latency or r.drain for r in results):
-        print(f"\n{latency_detail_table(results)}\n\n{apply_rate_table(results)}")
+        text += f"\n\n{latency_detail_table(results)}\n\n{apply_rate_table(results)}"
+    print(text)
+    if args.markdown:
+        command = " ".join(["python -m benchmarks.latency", *(argv or sys.argv[1:])])
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        Path(args.markdown).write_text(
+            f"# Transport latency\n\nCommand: `{command}` (load average at the end: {load})."
+            f"\n\n{text}\n"
+        )
     if args.plot:
         try:
             print(f"\nplot written to {plot(results, Path(args.plot))}")

@@ -239,7 +239,7 @@ async def bench_async_hit(sizes: MicroSizes) -> MicroResult:
 # -- invalidation rate ------------------------------------------------------------------------
 
 
-def _events(source: str, first_seq: int, n: int, n_keys: int) -> list[bytes]:
+def encoded_events(source: str, first_seq: int, n: int, n_keys: int) -> list[bytes]:
     """``n`` encoded upserts of one source, seq from ``first_seq``, cycling over the keys with a
     growing version (each one really replaces what the cache holds).
 
@@ -291,8 +291,8 @@ async def bench_invalidations(sizes: MicroSizes) -> list[MicroResult]:
         end_to_end = alone = 0.0
         seq = 1
         for _ in range(sizes.event_rounds):  # best of a few rounds, as for the hit paths
-            on_bus = _events(source, seq, n, n_keys)
-            direct = _events(source, seq + n, n, n_keys)
+            on_bus = encoded_events(source, seq, n, n_keys)
+            direct = encoded_events(source, seq + n, n, n_keys)
             seq += 2 * n
             applied = sync.stats()["listener"]["messages"] + n
             gc.collect()

@@ -37,6 +37,8 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
+from benchmarks.common import pyplot
+from benchmarks.stats import percentile
 from cachesync.events import ChangeEvent, Op
 from cachesync.owner.outbox import Outbox, OutboxRelay
 from cachesync.transports.base import from_url
@@ -44,12 +46,6 @@ from cachesync.transports.base import from_url
 DEFAULT_DSN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 VALUE = {"code": "USD", "name": "US dollar", "rate": 1.0842, "version": 1}
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class Subscriber:
@@ -196,10 +192,7 @@ async def latency(dsn: str, broker: str, n: int, *, listen: bool) -> list[float]
 
 def _plot(path: str, notify: list[float], polling: list[float]) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'cachesync[bench]')")
         return
@@ -240,8 +233,8 @@ async def main(
     ):
         ms = [x * 1000 for x in samples]
         print(f"{name + ' p50 (ms)':<44}{statistics.median(ms):>14.3f}{target:>12}")
-        print(f"{name + ' p95 (ms)':<44}{_percentile(ms, 95):>14.3f}")
-        print(f"{name + ' p99 (ms)':<44}{_percentile(ms, 99):>14.3f}")
+        print(f"{name + ' p95 (ms)':<44}{percentile(ms, 95):>14.3f}")
+        print(f"{name + ' p99 (ms)':<44}{percentile(ms, 99):>14.3f}")
     if plot:
         _plot(plot, notify, polling)
 

@@ -5,31 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .analysis import StrategyResult
+from .common import pyplot
 from .micro import MicroResult
 
 FLOOR_MS = 0.1
 """Staleness below this is drawn at this value (log scale)."""
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _color(result: StrategyResult) -> str:
-    return {
-        "cachesync": "tab:green",
-        "ttl": "tab:blue",
-        "redis-csc": "tab:red",
-        "cashews": "tab:purple",
-    }.get(result.family, "tab:gray")
 
 
 def hit_rate_vs_staleness(results: Sequence[StrategyResult], path: Path) -> Path | None:
@@ -41,39 +23,52 @@ def hit_rate_vs_staleness(results: Sequence[StrategyResult], path: Path) -> Path
     ]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ttl = sorted((r for r in runs if r.family == "ttl"), key=lambda r: r.hit_rate)
-    if len(ttl) > 1:
+    ttl = sorted(
+        (r for r in runs if r.family == "ttl" and not r.window.lower_bound.get("p99")),
+        key=lambda r: r.hit_rate,
+    )
+    if len(ttl) > 1:  # only TTL points whose p99 is known (a censored one is a lower bound)
         ax.plot(
             [r.hit_rate * 100 for r in ttl],
             [max(r.window.values["p99"], FLOOR_MS) for r in ttl],
             "--",
             color="tab:blue",
             alpha=0.6,
-            label="TTL trade-off",
+            label="TTL trade-off (uncensored points)",
         )
+    cmap = plt.get_cmap("tab10")
     for i, r in enumerate(sorted(runs, key=lambda r: r.window.values["p99"])):
         y = max(r.window.values["p99"], FLOOR_MS)
-        marker = "^" if r.window.lower_bound.get("p99") else "o"
-        ax.scatter(r.hit_rate * 100, y, color=_color(r), marker=marker, s=60, zorder=3)
-        # Points crowd near 100 %: labels go left of them, alternating up and down.
-        left = r.hit_rate > 0.6
-        ax.annotate(
-            r.name,
-            (r.hit_rate * 100, y),
-            textcoords="offset points",
-            xytext=(-8 if left else 8, 6 if i % 2 else -10),
-            ha="right" if left else "left",
-            fontsize=7,
+        x = r.hit_rate * 100
+        censored = bool(r.window.lower_bound.get("p99"))
+        rates = [h * 100 for h in r.per_round.get("hit_rate", [])] or [x]
+        low, high = r.window_ci.get("p99", [y, y])
+        if math.isnan(low):
+            low, high = y, y
+        ax.errorbar(
+            x,
+            y,
+            xerr=[[max(0.0, x - min(rates))], [max(0.0, max(rates) - x)]],
+            yerr=[[max(0.0, y - max(low, FLOOR_MS))], [max(0.0, max(high, FLOOR_MS) - y)]],
+            fmt="^" if censored else "o",
+            color=cmap(i % 10),
+            markersize=7,
+            capsize=3,
+            zorder=3,
+            label=r.name + (" (p99 is a lower bound)" if censored else ""),
         )
+        if censored:
+            ax.annotate(
+                "", xy=(x, y * 4), xytext=(x, y), arrowprops={"arrowstyle": "->", "lw": 0.8}
+            )
     ax.set_yscale("log")
     ax.set_xlabel("hit rate (%)")
-    ax.set_ylabel("p99 staleness window (ms, log; ▲ = lower bound)")
-    ax.set_title("Hit rate vs p99 staleness (up-left is worse, down-right is better)")
+    ax.set_ylabel("p99 staleness window (ms, log; bars: 95% CI; ▲↑ = lower bound)")
+    ax.set_title("Hit rate (bars: range over rounds) vs p99 staleness; down-right is better")
     ax.grid(True, which="both", alpha=0.3)
-    if len(ttl) > 1:
-        ax.legend(loc="upper left")
+    ax.legend(loc="center left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -85,18 +80,25 @@ def staleness_cdf(results: Sequence[StrategyResult], path: Path) -> Path | None:
     runs = [r for r in results if r.status == "ok" and r.windows_ms]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     cmap = plt.get_cmap("tab20")
     styles = {"cachesync": "-", "ttl": "--", "redis-csc": ":", "cashews": "-."}
     for i, r in enumerate(runs):
         values = sorted(max(v, FLOOR_MS) for v in r.windows_ms)
         n = len(values)
+        # Censored windows are lower bounds: the curve stops below the smallest of them.
+        cut = min(
+            (v for v, c in zip(r.windows_ms, r.windows_censored, strict=False) if c),
+            default=math.inf,
+        )
+        shown = [v for v in values if v < cut]
+        label = r.name if cut == math.inf else f"{r.name} (censored from {cut:,.0f} ms)"
         ax.step(
-            values,
-            [(k + 1) / n for k in range(n)],
+            shown,
+            [(k + 1) / n for k in range(len(shown))],
             where="post",
-            label=r.name,
+            label=label,
             color=cmap(i % 20),
             linestyle=styles.get(r.family, "-"),
             linewidth=2 if r.family == "cachesync" else 1.3,
@@ -118,7 +120,7 @@ def micro_ratios(results: Sequence[MicroResult], path: Path) -> Path | None:
     ratios = [(r, r.ratio) for r in results if r.ratio is not None]
     if not ratios:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     names = [r.name.split(":")[0] for r, _ in ratios]
     values = [v for _, v in ratios]

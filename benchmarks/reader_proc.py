@@ -47,6 +47,7 @@ class ReaderResult:
     probe_applied: np.ndarray
     events: int | None
     extra: dict[str, Any] = field(default_factory=dict)
+    hit_service: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def collect(
         probe_applied=np.array(reader.probe_applied, dtype=np.int64),
         events=None if events_before is None or after is None else after - events_before,
         extra=reader.extra(),
+        hit_service=np.array(reader.hit_service, dtype=np.int64).reshape(-1, 2),
     )
 
 
@@ -99,6 +101,11 @@ def items_to_prefill(items: list[dict[str, Any]], keys: np.ndarray) -> list[dict
     the run measures, and redis-py and cashews load them one read at a time."""
     wanted = {key_name(int(i)) for i in np.unique(keys)} | {PROBE_KEY}
     return [item for item in items if item["key"] in wanted]
+
+
+async def _flush_at(reader: Reader, start_ns: int, seconds: float) -> None:
+    await asyncio.sleep(max(0.0, (start_ns + int(seconds * 1e9) - time.monotonic_ns()) / 1e9))
+    await reader.flush()
 
 
 async def _wait_for_owner(client: httpx.AsyncClient, timeout: float = 30.0) -> None:
@@ -145,10 +152,13 @@ async def run_reader(job: ReaderJob, conn: Connection) -> None:
             keys = planned_keys(settings, job.index)
             response = await client.get("/items")
             response.raise_for_status()
-            await reader.prefill(items_to_prefill(response.json(), keys))
+            if settings.prefill:
+                await reader.prefill(items_to_prefill(response.json(), keys))
             conn.send(("ready", None))
             schedule = await _wait_for_go(conn)
             events_before = asyncio.create_task(events_at(reader, schedule.measure))
+            if settings.flush_at is not None:
+                flush = asyncio.create_task(_flush_at(reader, schedule.start, settings.flush_at))
             reads, probe_log = await run_reads(
                 reader.get,
                 keys=keys,
@@ -158,6 +168,8 @@ async def run_reader(job: ReaderJob, conn: Connection) -> None:
                 probe_interval=settings.probe_interval if job.strategy.family != "none" else None,
             )
             before = await events_before
+            if settings.flush_at is not None:
+                await flush
             conn.send(("done", collect(reader, reads, probe_log, before)))
         finally:
             await reader.stop()

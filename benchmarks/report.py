@@ -5,27 +5,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .analysis import StrategyResult
-from .latency import TransportResult
-from .micro import MicroResult
-from .strategies import Settings
+from .analysis import QUANTILES, fmt_ms
+from .common import table
+from .stats import (
+    FAIL,
+    NOT_SHOWN,
+    PASS,
+    TIE,
+    against_limit,
+    compare,
+    median_spread,
+    nines_verdict,
+    rate_bounds,
+    shown,
+)
 
+if TYPE_CHECKING:  # types only: no module of benchmarks/ is imported at run time
+    from .analysis import StrategyResult
+    from .latency import TransportResult
+    from .micro import MicroResult
+    from .strategies import Settings
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown pipe table, padded so it also reads well in a terminal."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+__all__ = ["table"]
 
 
 def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
@@ -107,7 +110,7 @@ def apply_rate_table(results: Sequence[TransportResult]) -> str:
 
 
 def nines(result: StrategyResult) -> str:
-    """Stale reads as ``count (nines)``: ``0 (∞)``, ``12 (3.6)``."""
+    """Stale reads (10 ms grace) as ``count (nines)``: ``0 (∞)``, ``12 (3.6)``."""
     n = result.nines
     if math.isnan(n):
         return "-"
@@ -115,17 +118,42 @@ def nines(result: StrategyResult) -> str:
     return f"{result.stale_reads:,} ({shown})"
 
 
+def _spread(values: Sequence[float], fmt: str) -> str:
+    """``median (min–max)`` of per-round figures; the median alone for one round."""
+    mid, low, high = median_spread(values)
+    if math.isnan(mid):
+        return "-"
+    if len(values) < 2:
+        return fmt.format(mid)
+    return f"{fmt.format(mid)} ({fmt.format(low)}–{fmt.format(high)})"
+
+
+def _ci(r: StrategyResult, q: str) -> str:
+    """A window percentile with its bootstrap interval, or "not shown" beside it when the
+    sample holds too few windows beyond it."""
+    value = r.window.fmt(q)
+    if value == "-":
+        return value
+    low, high = r.window_ci.get(q, [math.nan, math.nan])
+    cell = value if math.isnan(low) else f"{value} [{fmt_ms(low)}, {fmt_ms(high)}]"
+    if not shown(r.window.n, QUANTILES[q]):
+        cell += " (not shown)"
+    return cell
+
+
 def strategy_table(results: Sequence[StrategyResult]) -> str:
-    """One row per strategy run (failed and skipped ones say why)."""
+    """One row per strategy (failed and skipped ones say why): medians of rounds with their
+    range, window percentiles over every round's probe updates with a 95% bootstrap interval."""
     headers = [
         "strategy",
+        "rounds",
         "reads/s/inst",
-        "hit rate",
+        "hit rate (min–max)",
         "owner req/s",
         "misses/s",
         "window p50",
-        "p99",
-        "p99.9",
+        "p99 [95% CI]",
+        "p99.9 [95% CI]",
         "max (ms)",
         "in hand p99",
         "stale reads (nines)",
@@ -141,19 +169,68 @@ def strategy_table(results: Sequence[StrategyResult]) -> str:
         rows.append(
             [
                 r.name,
+                str(r.rounds),
                 _num(r.reads_per_s),
-                _num(r.hit_rate * 100, "{:.2f}%"),
+                _spread([h * 100 for h in r.per_round.get("hit_rate", [])], "{:.2f}%"),
                 _num(r.owner_rps, "{:,.1f}"),
                 _num(r.misses_per_s, "{:,.1f}"),
                 r.window.fmt("p50"),
-                r.window.fmt("p99"),
-                r.window.fmt("p99.9"),
+                _ci(r, "p99"),
+                _ci(r, "p99.9"),
                 r.window.fmt("max"),
                 r.in_hand.fmt("p99"),
                 nines(r),
-                _num(r.hit_p50_us, "{:.1f}"),
-                _num(r.hit_p99_us, "{:.1f}"),
+                _num(r.hit_p50_us, "{:.1f}") + _in_thread(r.hit_service_p50_us),
+                _num(r.hit_p99_us, "{:.1f}") + _in_thread(r.hit_service_p99_us),
                 _num(r.events_per_s, "{:.1f}"),
+            ]
+        )
+    return table(headers, rows)
+
+
+def _in_thread(value: float) -> str:
+    return "" if math.isnan(value) else f" (in its thread: {value:.1f})"
+
+
+def hit_key(r: StrategyResult) -> str:
+    """The per-round hit latency a comparison uses: timed inside the library's own thread when
+    the reader has one (the peer's hit path without the wait for its thread), else around the
+    call."""
+    service = r.per_round.get("hit_service_p50_us", [])
+    return "hit_service_p50_us" if any(not math.isnan(v) for v in service) else "hit_p50_us"
+
+
+def zero_grace_table(results: Sequence[StrategyResult]) -> str:
+    """Stale reads with zero grace (any read that began after a newer commit) and how far
+    behind each was; the rarest rate the sample can rule out (95% upper bound)."""
+    headers = [
+        "strategy",
+        "reads",
+        "stale reads",
+        "rate (95% upper bound)",
+        "nines shown",
+        "behind p50 (ms)",
+        "p99",
+        "p99.9",
+        "max",
+    ]
+    rows = []
+    for r in results:
+        if r.status != "ok" or not r.reads:
+            continue
+        low, high = rate_bounds(r.stale0_reads, r.reads)
+        age = r.stale0_age
+        rows.append(
+            [
+                r.name,
+                f"{r.reads:,}",
+                f"{r.stale0_reads:,}",
+                f"{r.stale0_reads / r.reads:.2e} (≤ {high:.1e})",
+                f"{-math.log10(high):.1f}",
+                age.fmt("p50"),
+                age.fmt("p99") + ("" if shown(age.n, 99) else " (not shown)") * (age.n > 0),
+                age.fmt("p99.9") + ("" if shown(age.n, 99.9) else " (not shown)") * (age.n > 0),
+                age.fmt("max"),
             ]
         )
     return table(headers, rows)
@@ -222,8 +299,27 @@ def _by_name(results: Sequence[StrategyResult]) -> dict[str, StrategyResult]:
     return {r.name: r for r in results if r.status == "ok"}
 
 
+def _window(r: StrategyResult, q: str = "p99") -> tuple[float, float]:
+    low, high = r.window_ci.get(q, [math.nan, math.nan])
+    return low, high
+
+
+def _rounds_range(r: StrategyResult, key: str) -> tuple[float, float]:
+    _, low, high = median_spread(r.per_round.get(key, []))
+    return low, high
+
+
+def _higher_better(r: StrategyResult, key: str) -> tuple[float, float]:
+    """The range of a figure where higher is better, negated for :func:`compare`."""
+    low, high = _rounds_range(r, key)
+    return -high, -low
+
+
 def strategy_targets(results: Sequence[StrategyResult]) -> list[Target]:
-    """Check the comparison's targets against what ran."""
+    """Check the comparison's targets against what ran. Every verdict is symmetric: figures
+    whose intervals overlap are a TIE whichever is ahead; a claim the sample cannot support is
+    "not shown", never PASS. Window percentiles carry 95% bootstrap intervals (probe updates
+    resampled whole); per-round figures (hit rate, hit latency) carry their range over rounds."""
     runs = _by_name(results)
     out: list[Target] = []
     ttl60, ttl1 = runs.get("ttl-60s"), runs.get("ttl-1s")
@@ -231,60 +327,71 @@ def strategy_targets(results: Sequence[StrategyResult]) -> list[Target]:
     for r in invalidate:
         name = f"{r.name}: hit rate >= ttl-60s's and p99 window <= 1/100 of ttl-1s's"
         if ttl60 is None or ttl1 is None:
-            out.append(Target(name, "n/a", "ttl-60s and ttl-1s must both run"))
+            out.append(Target(name, NOT_SHOWN, "ttl-60s and ttl-1s must both run"))
             continue
-        limit = ttl1.window.values.get("p99", math.nan) / 100
-        p99 = r.window.values.get("p99", math.nan)
-        ok = r.hit_rate >= ttl60.hit_rate and p99 <= limit
+        hit = compare(_higher_better(r, "hit_rate"), _higher_better(ttl60, "hit_rate"))
+        t_low, t_high = _window(ttl1)
+        if ttl1.window.lower_bound.get("p99"):
+            t_high = math.inf  # censored: the TTL's true p99 is at least this
+        window = against_limit(_window(r), (t_low / 100, t_high / 100), r.window.n, 99)
+        if hit == "behind" or window == FAIL:
+            verdict = FAIL
+        elif window == PASS and hit == "ahead":
+            verdict = PASS
+        elif window == PASS and hit == TIE:
+            verdict = TIE
+        else:
+            verdict = NOT_SHOWN
+        low, high = _rounds_range(r, "hit_rate")
+        t60_low, t60_high = _rounds_range(ttl60, "hit_rate")
         out.append(
             Target(
                 name,
-                "PASS" if ok else "FAIL",
-                f"hit {r.hit_rate:.2%} vs {ttl60.hit_rate:.2%}; "
-                f"p99 {p99:.2f} ms vs limit {limit:.2f} ms "
-                f"({'≥' if ttl1.window.lower_bound.get('p99') else ''}"
-                f"{ttl1.window.values.get('p99', math.nan):.0f} ms / 100)",
+                verdict,
+                f"hit {low:.2%}–{high:.2%} vs {t60_low:.2%}–{t60_high:.2%} ({hit}); "
+                f"p99 CI [{_window(r)[0]:.2f}, {_window(r)[1]:.2f}] ms vs "
+                f"[{t_low / 100:.2f}, {t_high / 100:.2f}] ms ({window})",
             )
         )
-    redis_runs = [
-        r for name, r in runs.items() if name.startswith("cachesync-") and "-redis" in name
-    ]
-    if not redis_runs:
-        out.append(
-            Target(
-                "cachesync stale-read rate over loopback Redis >= 6 nines",
-                "n/a",
-                "no cachesync run over redis:// or redis+stream:// (see skipped runs)",
+    for r in [x for name, x in runs.items() if name.startswith("cachesync-")]:
+        for grace, stale in (("10 ms grace", r.stale_reads), ("zero grace", r.stale0_reads)):
+            verdict = nines_verdict(stale, r.reads, 6)
+            low, high = rate_bounds(stale, r.reads)
+            out.append(
+                Target(
+                    f"{r.name}: stale-read rate ({grace}) <= 1e-6 (6 nines)",
+                    verdict,
+                    f"{stale:,} stale of {r.reads:,} reads; 95% interval of the rate "
+                    f"[{low:.1e}, {high:.1e}]: this sample can show at most "
+                    f"{-math.log10(rate_bounds(0, r.reads)[1]):.1f} nines",
+                )
             )
-        )
-    for r in redis_runs:
-        ok = r.stale_reads == 0 or r.stale_rate <= 1e-6
-        out.append(
-            Target(
-                f"{r.name}: stale-read rate >= 6 nines",
-                "PASS" if ok else "FAIL",
-                f"{r.stale_reads} stale of {r.reads:,} reads"
-                + (f" (a sample this size can show at most {math.log10(r.reads):.1f} nines)")
-                * (r.stale_reads == 0),
-            )
-        )
     peers = [runs[n] for n in ("redis-py-csc-fixed", "cashews-fixed") if n in runs]
-    cachesync_runs = [r for name, r in runs.items() if name.startswith("cachesync-")]
-    for mine in cachesync_runs:
+    for n in ("redis-py-csc-fixed", "cashews-fixed"):
+        if n not in runs:
+            reason = next((x.reason for x in results if x.name == n), "not selected")
+            out.append(Target(f"cachesync ahead of {n}", NOT_SHOWN, f"{n} did not run: {reason}"))
+    for mine in [r for name, r in runs.items() if name.startswith("cachesync-")]:
         for peer in peers:
-            faster = mine.hit_p50_us < peer.hit_p50_us
-            mine_p99 = mine.window.values.get("p99", math.nan)
-            peer_p99 = peer.window.values.get("p99", math.nan)
-            # Windows closer than the probe's polling gap cannot be told apart.
-            resolution = max(mine.probe_gap_ms, peer.probe_gap_ms)
-            verdict = "PASS" if faster and mine_p99 <= peer_p99 else "FAIL"
-            detail = (
-                f"hit p50 {mine.hit_p50_us:.1f} vs {peer.hit_p50_us:.1f} µs; "
-                f"p99 window {mine_p99:.2f} vs {peer_p99:.2f} ms"
+            latency = compare(
+                _rounds_range(mine, hit_key(mine)), _rounds_range(peer, hit_key(peer))
             )
-            if verdict == "FAIL" and faster and mine_p99 - peer_p99 <= resolution:
-                verdict = "TIE"
-                detail += f" (within the probe's resolution, {resolution:.1f} ms)"
+            staleness = compare(_window(mine), _window(peer))
+            if latency == "ahead" and staleness == "ahead":
+                verdict = PASS
+            elif "behind" in (latency, staleness):
+                verdict = FAIL
+            elif latency == TIE and staleness == TIE:
+                verdict = TIE
+            else:
+                verdict = NOT_SHOWN
+            m_low, m_high = _rounds_range(mine, hit_key(mine))
+            p_low, p_high = _rounds_range(peer, hit_key(peer))
+            detail = (
+                f"hit p50 {m_low:.1f}–{m_high:.1f} vs {p_low:.1f}–{p_high:.1f} µs ({latency}); "
+                f"p99 window CI [{_window(mine)[0]:.2f}, {_window(mine)[1]:.2f}] vs "
+                f"[{_window(peer)[0]:.2f}, {_window(peer)[1]:.2f}] ms ({staleness})"
+            )
             out.append(
                 Target(
                     f"{mine.name} ahead of {peer.name} (hit latency and staleness)", verdict, detail
@@ -306,8 +413,10 @@ def settings_text(settings: Settings, strategies: int) -> str:
         f"{s.max_in_flight} in flight each) over {s.n_keys:,} keys drawn from Zipf({s.zipf_s:g}); "
         f"the owner updates {s.update_rate:g} keys/s ({s.update_dist}, Poisson arrivals) and the "
         f"probe key {s.probe_rate:g} times/s; every reader polls the probe key every "
-        f"{s.probe_interval * 1000:g} ms. Each of the {strategies} runs: prefill, "
-        f"{s.warmup:g} s warm-up, {s.duration:g} s measured."
+        f"{s.probe_interval * 1000:g} ms. Each of the {strategies} strategies, in each of "
+        f"{s.rounds} rounds: prefill, {s.warmup:g} s warm-up, {s.duration:g} s measured. "
+        "*owner req/s* includes the probe's own refetches (each probe update invalidates "
+        "the probe key in every instance); *misses/s* counts workload reads only."
     )
 
 

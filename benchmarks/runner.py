@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import env, latency, micro, plots
-from .analysis import StrategyResult
+from .analysis import StrategyResult, merge_rounds
 from .comparison import Harness
 from .latency import TransportResult
 from .micro import MicroResult
@@ -40,6 +41,7 @@ from .report import (
     strategy_table,
     strategy_targets,
     targets_table,
+    zero_grace_table,
 )
 from .strategies import FULL, SHORT_DEFAULT, Settings, Strategy, select, transport_url
 
@@ -69,9 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="cachesync benchmarks: micro benchmarks and the strategy comparison. "
-        "The default is the short run (about 2 minutes); --full is the documented long run.",
+        "The default is the short run (about 5 minutes); --full is the documented long run.",
     )
-    p.add_argument("--full", action="store_true", help="the long run (every strategy, 60 s each)")
+    p.add_argument("--full", action="store_true", help="long run (all strategies, 5 x 45 s)")
     p.add_argument("--only", choices=("all", "micro", "strategies", "latency"), default="all")
     p.add_argument(
         "--strategies",
@@ -87,6 +89,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--warmup",
         type=float,
         help=f"warm-up s per strategy ({short.warmup:g}; --full {full.warmup:g})",
+    )
+    p.add_argument(
+        "--rounds", type=int, help=f"rounds per strategy ({short.rounds}; --full {full.rounds})"
     )
     p.add_argument("--readers", type=int, help=f"reader processes ({short.readers})")
     p.add_argument("--rate", type=float, help=f"reads/s per reader ({short.rate:g})")
@@ -105,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-budget",
         action="store_true",
-        help="short run: run every strategy even past the ~2 minute budget",
+        help="short run: run every round even past the ~5 minute budget",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
@@ -117,6 +122,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     overrides = {
         "duration": args.duration,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "readers": args.readers,
         "rate": args.rate,
         "max_in_flight": args.max_in_flight,
@@ -180,8 +186,13 @@ def plan(run: Run, patterns: list[str], up: dict[str, bool]) -> list[Strategy]:
     return runnable
 
 
-SHORT_BUDGET = 112.0
-"""Seconds the short run may take in all: a strategy that would end past it is skipped."""
+SHORT_BUDGET = 300.0
+"""Seconds the short run may take in all: past :data:`MIN_ROUNDS`, a round that would end past
+it is not started, so every strategy runs the same number of rounds (never some strategies
+and not others)."""
+
+MIN_ROUNDS = 5
+"""Rounds every strategy runs whatever the budget (fewer leave the spread meaningless)."""
 
 RUN_OVERHEAD = 3.5
 """Seconds a strategy run takes besides its warm-up and measurement (start, prefill, stop)."""
@@ -190,31 +201,46 @@ RUN_OVERHEAD = 3.5
 def run_strategies(
     run: Run, strategies: list[Strategy], progress: Progress, budget: float | None
 ) -> None:
-    """Each strategy in turn, a summary line after each; skip what would overrun ``budget``
-    (seconds since the start of the whole run)."""
-    harness = Harness(run.settings, progress)
-    per_run = run.settings.warmup + run.settings.duration + RUN_OVERHEAD
-    for i, strategy in enumerate(strategies, 1):
-        elapsed = time.monotonic() - run.started
-        if budget is not None and elapsed + per_run > budget:
-            reason = f"not run: the short run's time budget ({budget:.0f} s) was used up"
-            run.strategies.append(_skip(strategy, reason))
-            progress.say(f"[{i}/{len(strategies)}] {strategy.name}: {reason}")
-            continue
-        progress.say(f"[{i}/{len(strategies)}] {strategy.name}: {strategy.label}")
-        try:
-            result = harness.run(strategy)
-        except KeyboardInterrupt:
-            run.strategies.append(_skip(strategy, "interrupted (Ctrl-C) while running"))
-            raise
-        run.strategies.append(result)
-        if result.status != "ok":
-            progress.say(f"    {result.status}: {result.reason}")
-            continue
-        progress.say(
-            f"    hit {result.hit_rate:.2%}, window p99 {result.window.fmt('p99')} ms, "
-            f"stale reads {result.stale_reads}, {result.reads_per_s:,.0f} reads/s/instance"
-        )
+    """Every strategy in each of ``settings.rounds`` rounds, in a new shuffled order each round
+    (so drifting load on a shared machine hits every strategy alike); then one result per
+    strategy from its rounds. A round that would overrun ``budget`` (seconds since the start
+    of the whole run) is not started, for any strategy."""
+    settings = run.settings
+    harness = Harness(settings, progress)
+    per_round = len(strategies) * (settings.warmup + settings.duration + RUN_OVERHEAD)
+    rng = random.Random(settings.seed)
+    done: dict[str, list[StrategyResult]] = {s.name: [] for s in strategies}
+    try:
+        for round_no in range(1, settings.rounds + 1):
+            elapsed = time.monotonic() - run.started
+            over = budget is not None and elapsed + per_round > budget
+            if over and round_no > min(MIN_ROUNDS, settings.rounds):
+                run.warnings.append(
+                    f"the short run's time budget ({budget:.0f} s) allowed {round_no - 1} of "
+                    f"{settings.rounds} rounds (every strategy ran in each)"
+                )
+                break
+            order = list(strategies)
+            rng.shuffle(order)
+            progress.say(f"round {round_no}/{settings.rounds}: {', '.join(s.name for s in order)}")
+            for strategy in order:
+                result = harness.run(strategy)
+                done[strategy.name].append(result)
+                if result.status != "ok":
+                    progress.say(f"    {strategy.name}: {result.status}: {result.reason}")
+                    continue
+                progress.say(
+                    f"    {strategy.name}: hit {result.hit_rate:.2%}, window p99 "
+                    f"{result.window.fmt('p99')} ms, stale reads {result.stale_reads}, "
+                    f"{result.reads_per_s:,.0f} reads/s/instance"
+                )
+    finally:
+        for strategy in strategies:
+            rounds = done[strategy.name]
+            if rounds:
+                run.strategies.append(merge_rounds(rounds))
+            else:
+                run.strategies.append(_skip(strategy, "interrupted (Ctrl-C) before it ran"))
 
 
 def _order(results: list[StrategyResult]) -> list[StrategyResult]:
@@ -250,10 +276,12 @@ def render(run: Run) -> str:
     if run.strategies:
         results = _order(run.strategies)
         lines += ["## Strategy comparison", "", settings_text(run.settings, run.planned), ""]
-        lines += [strategy_table(results), ""]
+        lines += [strategy_table(results), "", STATISTICS_NOTES, ""]
         if not_run(results):
             lines += [not_run(results), ""]
         lines += [COLUMN_NOTES, ""]
+        lines += ["### Staleness with zero grace", "", zero_grace_table(results), ""]
+        lines += [ZERO_GRACE_NOTES, ""]
         lines += ["### Where the window goes (ms)", "", diagnostics_table(results), ""]
         lines += [DIAGNOSTICS_NOTES, ""]
         reading = invalidate_vs_refresh(results)
@@ -271,6 +299,7 @@ def render(run: Run) -> str:
         lines += ["### How each strategy is configured", "", STRATEGY_NOTES, ""]
         notes = peer_notes(results, run.machine.get("Redis server", "?"))
         lines += ["### Peers that do not run as documented here", "", notes, ""]
+        lines += ["### Server versions each strategy supports", "", SERVER_VERSIONS, ""]
     if run.latency:
         lines += ["## Transport latency and apply rate, ours vs the raw client", ""]
         lines += [latency_table(run.latency), "", LATENCY_NOTES, ""]
@@ -304,6 +333,25 @@ none. *hit p50/p99*: latency of reads served by the local cache, measured around
 *events/s/inst*: change events (cachesync) or invalidation messages (peers) applied per
 instance per second."""
 
+ZERO_GRACE_NOTES = """\
+A read is stale here as soon as the owner had committed a newer version of its key before the
+read began (no 10 ms allowance); *behind* is how long before the read that newer version was
+committed: the staleness each stale read actually served. *rate (95% upper bound)*: the stale
+reads over all reads, with the exact Poisson upper bound; *nines shown* = -log10 of that bound,
+the most this sample can claim (with no stale read at all, about log10(reads / 3)). A
+percentile with fewer than 10 samples beyond it is marked "not shown"."""
+
+STATISTICS_NOTES = """\
+Method. Every strategy runs in each round, in a new shuffled order each round, so load that
+drifts on a shared machine falls on all of them alike. Per-round figures (reads/s, hit rate,
+owner req/s, hit latency) are the median of the rounds, the range beside them. Window
+percentiles pool every round's probe updates; the 95% interval is a percentile bootstrap (400
+resamples) that resamples probe updates whole, so the 4 instances that saw the same commit are
+not counted as independent evidence. Percentiles are nearest-rank everywhere
+(`benchmarks/stats.py`). A percentile with fewer than 10 windows beyond it says "not shown"
+(a p99.9 needs 10,000 windows: the full run). Verdicts are symmetric: overlapping intervals are
+a TIE whichever side is ahead; a claim the sample cannot support is "not shown", never PASS."""
+
 DIAGNOSTICS_NOTES = """\
 *announce*: from the owner's commit until its announcement was sent (`Publisher.changed`
 returned, or the Redis write did). *applied*: from the commit until the instance applied the
@@ -314,6 +362,19 @@ largest one. *probe gap*: median time between two probe reads in the slowest ins
 window's resolution; a blocking client or a saturated instance widens it). *problems*: read
 errors, a probe that saw a version go back, the oldest stale read, and the cachesync
 listener's gap, source-change, missed-heartbeat, reconnect and bad-event counts."""
+
+SERVER_VERSIONS = """\
+- cachesync `redis://`: Redis pub/sub, any server redis-py supports. Runs here.
+- cachesync `redis+stream://`: streams (Redis >= 5.0); losses to trimming are detected from
+  `XINFO STREAM`'s `entries-added`, Redis >= 7.0. Runs here.
+- cachesync `amqp://`: RabbitMQ with fanout exchanges. Runs here.
+- redis-py client-side caching (redis-py 8.x): Redis >= 7.4, enforced by
+  `CacheProxyConnection.MIN_ALLOWED_VERSION`, although what it uses (RESP3, `CLIENT TRACKING`)
+  exists since Redis 6.0. Refused as documented on this machine's Redis; the `-fixed` run
+  lowers the gate. On Redis >= 7.4 the documented form runs unchanged.
+- cashews `client_side=true`: Redis >= 6.0 (`CLIENT TRACKING … BCAST`); with redis-py >= 5
+  (RESP3 by default) its invalidations arrive only over RESP2: as documented it runs but never
+  invalidates on any server version; the `-fixed` run adds `protocol=2`."""
 
 STRATEGY_NOTES = """\
 - **no cache**: every read is `GET /items/{key}` on the owner (httpx).
@@ -329,11 +390,15 @@ STRATEGY_NOTES = """\
   warms: the first event of a publisher a client has not heard flushes every namespace that
   holds entries, so a warm-up done before it is thrown away (a finding, reported to the lead).
 - **redis-py client-side caching**: the owner also writes each item to Redis (`SET`); readers
-  `GET` through `redis.Redis(protocol=3, cache_config=CacheConfig(max_size=20000))` (sync
-  client: redis-py 8 has no client-side cache on `redis.asyncio`).
+  `GET` through `redis.Redis(protocol=3, cache_config=CacheConfig(max_size=20000))`, hiredis
+  parsing. redis-py 8 has client-side caching on the sync client only (nothing on
+  `redis.asyncio`), so each reader drives it as a threaded sync service would: each read in
+  flight runs on a thread of its own (32 threads per reader sharing the client, as request
+  threads would) and the event loop never blocks on it; the hit latency measured around the
+  call includes that thread hop.
 - **cashews client-side**: the owner writes each item through cashews; readers use
   `cache.setup("redis://…?client_side=true", local_cache=Memory(size=20000))` and
-  `await cache.get(key)`.
+  `await cache.get(key)`, with cashews' `speedup` extra installed (hiredis, xxhash, bitarray).
 - Every cache holds the whole data set (20,000 entries); before the updates start each reader
   loads the items it will read (cachesync: all of them, through `warm`), so every strategy is
   measured warm."""
@@ -343,7 +408,8 @@ LATENCY_NOTES = """\
 Each transport is measured with two consumers, each in a process of its own, in turns (raw,
 ours, raw, ours, ...): **raw** is the broker's client alone, noting each message and nothing
 more (redis-py `PubSub.listen()`; an `XREAD COUNT 500 BLOCK 1000` loop on redis-py, RESP2;
-aio-pika `Queue.consume(no_ack=True)` on an exclusive queue bound to the fanout exchange);
+aiormq `basic_consume(no_ack=True)`, the client our AMQP transport uses, on an exclusive
+queue bound to the fanout exchange; redis-py parses with hiredis);
 **ours** is `CacheSync` on a namespace of 10,000 entries, a message counting once
 `handle_message` has returned (every event invalidates an entry with a newer version: real
 work). *Latency*: a third process runs cachesync's `Publisher` (one per consumer's channel, so
@@ -453,6 +519,8 @@ def write_outputs(run: Run, out_dir: Path, with_plots: bool, progress: Progress)
         print(strategy_table(results))
         if not_run(results):
             print("\n" + not_run(results))
+        print("\nStaleness with zero grace\n")
+        print(zero_grace_table(results))
         print("\nWhere the window goes (ms)\n")
         print(diagnostics_table(results))
         targets = strategy_targets(results)
@@ -499,7 +567,10 @@ def _as_json(run: Run) -> dict[str, Any]:
             "settings": dataclasses.asdict(run.settings),
             "machine": run.machine,
             "micro": [dataclasses.asdict(m) | {"ratio": m.ratio} for m in run.micro],
-            "strategies": [dataclasses.asdict(s) for s in _order(run.strategies)],
+            "strategies": [
+                {k: v for k, v in dataclasses.asdict(s).items() if k != "samples"}
+                for s in _order(run.strategies)
+            ],
             "latency": [
                 dataclasses.asdict(t) | {"checks": [dataclasses.asdict(c) for c in t.checks()]}
                 for t in run.latency

@@ -111,7 +111,7 @@ def test_report_renders_without_absolute_paths() -> None:
     assert "| cachesync-invalidate-redis" in text and "skipped: redis is down" in text
     assert "/work/" not in text and "/tmp/" not in text
     assert strategy_table([ok, skipped]).count("\n") == 3
-    assert all(t.verdict in ("PASS", "FAIL", "TIE", "n/a") for t in strategy_targets([ok]))
+    assert all(t.verdict in ("PASS", "FAIL", "TIE", "not shown") for t in strategy_targets([ok]))
 
 
 # -- the transport latency benchmark (benchmarks/latency.py) ------------------------------------
@@ -124,17 +124,22 @@ def test_latency_checks_and_tables() -> None:
     ok = latency.TransportResult("redis")
     for side, shift in (("raw", 0.0), ("ours", 0.1)):
         lat = ok.at(side, 200.0)
-        lat.samples_ms += [0.5 + shift + i / 100 for i in range(100)]
-        lat.sent, lat.seconds = 101, 0.5
+        lat.samples_ms += [0.5 + shift + (i % 100) / 1000 for i in range(2000)]
+        lat.sent, lat.seconds = 2001, 0.5
+        few = ok.at(side, 1000.0)  # 100 events: a p99 rests on one of them
+        few.samples_ms += [0.5 + shift + i / 100 for i in range(100)]
+        few.sent, few.seconds = 100, 0.1
     ok.drain = {"raw": [40_000.0, 50_000.0], "ours": [39_000.0]}
     skipped = latency.TransportResult("amqp", "skipped", "rabbitmq is down")
     checks = ok.checks()
-    assert [c.verdict for c in checks] == ["PASS", "PASS", "FAIL"]  # p50, p99, 0.78x
+    # p50 and p99 at 200/s, then at 1,000/s (p99 not shown: too few events), then 0.78x
+    assert [c.verdict for c in checks][:2] == ["PASS", "PASS"]
+    assert checks[3].verdict == "not shown" and checks[-1].verdict == "FAIL"
     assert ok.at("ours", 200.0).lost == 1 and latency.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert skipped.checks()[0].verdict == "n/a"
     text = latency_table([ok, skipped])
     assert "rabbitmq is down" in text and "0.78x" in text
-    assert latency_detail_table([ok]).count("\n") == 3
+    assert latency_detail_table([ok]).count("\n") == 5
     assert "39,000" in apply_rate_table([ok])
     run = Run("python -m benchmarks --only latency", False, Settings(), latency=[ok, skipped])
     assert "## Transport latency" in render(run)
@@ -173,7 +178,7 @@ def test_latency_benchmark_runs(scheme: str) -> None:
         assert len(result.at(side, 1000.0).samples_ms) == 20
         assert result.drain[side][0] > 0
     assert "300 invalidations" in result.notes["ours"]
-    assert all(c.verdict in ("PASS", "FAIL") for c in result.checks())
+    assert all(c.verdict in ("PASS", "FAIL", "not shown") for c in result.checks())
 
 
 async def test_batch_benchmark_runs() -> None:
@@ -182,3 +187,105 @@ async def test_batch_benchmark_runs() -> None:
     results = await batch.run(0.0, 2)
     assert results["batch (1 call) owner calls"] == 1.0
     assert results["100 singles, sequential owner calls"] == 10.0
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """Module -> the benchmarks modules it imports at run time (anywhere in the file; imports
+    under ``if TYPE_CHECKING:`` left out)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    names = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        skip: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if node.level == 1 and not module:
+                found |= {a.name for a in node.names if a.name in names}
+            elif node.level == 1 or module.startswith("benchmarks."):
+                found.add(module.removeprefix("benchmarks.").split(".")[0])
+            elif module == "benchmarks":
+                found |= {a.name for a in node.names if a.name in names}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_no_import_cycle_in_benchmarks() -> None:
+    graph = _benchmark_imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert graph["common"] == set() and graph["stats"] == set()
+
+
+def test_one_percentile_rule_nearest_rank() -> None:
+    from benchmarks.stats import percentile
+
+    samples = [float(v) for v in range(1, 11)]  # 1..10
+    assert percentile(samples, 50) == 5.0  # ceil(0.5 * 10) = 5th smallest
+    assert percentile(samples, 99) == 10.0
+    assert percentile(samples, 0) == 1.0 and percentile(samples, 100) == 10.0
+    assert percentile(np.array(samples), 95) == 10.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_verdicts_are_symmetric_and_say_not_shown() -> None:
+    from benchmarks.stats import (
+        FAIL,
+        NOT_SHOWN,
+        PASS,
+        TIE,
+        against_limit,
+        bootstrap,
+        compare,
+        nines_verdict,
+    )
+
+    assert compare((1.0, 2.0), (1.5, 3.0)) == TIE == compare((1.5, 3.0), (1.0, 2.0))
+    assert compare((1.0, 2.0), (3.0, 4.0)) == "ahead"
+    assert compare((3.0, 4.0), (1.0, 2.0)) == "behind"
+    # 500 samples cannot show a p99.9; 20,000 can
+    assert against_limit((1.0, 2.0), (5.0, 5.0), 500, 99.9) == NOT_SHOWN
+    assert against_limit((1.0, 2.0), (5.0, 5.0), 20_000, 99.9) == PASS
+    assert against_limit((1.0, 6.0), (5.0, 5.0), 20_000, 99.9) == NOT_SHOWN
+    assert against_limit((6.0, 7.0), (5.0, 5.0), 20_000, 99.9) == FAIL
+    # 32,000 reads without a stale one cannot show 6 nines (the old PASS); 10 stale can FAIL it
+    assert nines_verdict(0, 32_000, 6) == NOT_SHOWN
+    assert nines_verdict(0, 5_000_000, 6) == PASS
+    assert nines_verdict(10, 32_000, 6) == FAIL
+    rng = np.random.default_rng(3)
+    clusters = [rng.exponential(1.0, 4) for _ in range(300)]
+    low, high = bootstrap(clusters, [50.0], reps=100)[50.0]
+    assert low <= high and 0.4 < low < high < 1.2
+
+
+def test_ideal_hits_follow_the_trace() -> None:
+    from benchmarks.analysis import ideal_hits
+
+    ms = 1_000_000
+    # key 1 read at 0, 10, 30 ms, changed at 20 ms; key 2 read at 5 and 40 ms; a flush at 35 ms
+    keys = np.array([1, 2, 1, 1, 2], dtype=np.int32)
+    t0 = np.array([0, 5, 10, 30, 40], dtype=np.int64) * ms
+    log_key, log_ts = np.array([1], dtype=np.int64), np.array([20 * ms], dtype=np.int64)
+    assert ideal_hits(keys, t0, log_key, log_ts).tolist() == [False, False, True, False, True]
+    flushed = ideal_hits(keys, t0, log_key, log_ts, flush_ns=35 * ms)
+    assert flushed.tolist() == [False, False, True, False, False]

@@ -7,7 +7,7 @@ the real memory bus into its listener. Afterwards the listener is up, a valid ev
 applied, and every message was either applied or counted as rejected.
 
 The payload budget is ``CACHESYNC_FUZZ_EXAMPLES`` (total over the fuzz tests of this module;
-default 3,000, a few seconds). The soak runs it at 100,000::
+default 3,000, a few seconds). At scale (the soak used to run it; it lives here now)::
 
     CACHESYNC_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_fuzz_listener.py
 """

@@ -30,10 +30,10 @@ rather than ``Queue.consume``, which skips building an ``IncomingMessage`` and o
 per message. A message over ``max_payload`` is dropped and counted (``oversized``) when the
 iterator reaches it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
 
-Measured with ``benchmarks/amqp_throughput.py`` on a local broker (2 CPUs, shared):
-publish-to-receive p50/p99 0.63/8.7 ms with confirms and 0.56/8.9 ms without (raw aio-pika:
-0.70/7.9 and 0.50/8.0); consumer ceiling about 6k msg/s with acks and a prefetch of 1000 (raw
-aio-pika no-ack 7.1k, with acks and a prefetch of 100 3.6k).
+Measured with an AMQP-only script (now part of ``python -m benchmarks.latency``) on a local
+broker (2 CPUs, shared): publish-to-receive p50/p99 0.63/8.7 ms with confirms and 0.56/8.9 ms
+without (raw aio-pika: 0.70/7.9 and 0.50/8.0); consumer ceiling about 6k msg/s with acks and a
+prefetch of 1000 (raw aio-pika no-ack 7.1k, with acks and a prefetch of 100 3.6k).
 
 URL options (query string; keyword arguments of the same meaning win):
 
