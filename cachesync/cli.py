@@ -9,6 +9,7 @@
 
 Exit status: 0 on success, 1 when the command failed (one line on stderr says why), 2 for a
 usage error (the usage, then one line saying what is wrong), 130 when interrupted with Ctrl-C.
+An unexpected error is one line too; ``CACHESYNC_DEBUG=1`` shows its traceback.
 
 ``publish --signing-key`` signs the event and ``listen --signing-key`` prints only the events
 signed with one of the keys given, as a deployment with ``signing_key``/``signing_keys`` needs;
@@ -36,7 +37,7 @@ from .errors import CacheSyncError, ConfigError, ConnectionLost, EventDecodeErro
 from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .publisher import Publisher
 from .signing import Signer
-from .transports.base import from_url, redact_url
+from .transports.base import from_url, redact_url, scrub
 
 if TYPE_CHECKING:
     from .demo import DemoConfig, DemoResult, ProgressPrinter
@@ -45,6 +46,7 @@ __all__ = ["CommandError", "UsageError", "bench", "fetch_state", "listen", "main
 
 MAX_NS_LENGTH = 256  # the longest namespace an event carries (ChangeEvent.ns)
 SIGNING_KEY_ENV = "CACHESYNC_SIGNING_KEY"
+DEBUG_ENV = "CACHESYNC_DEBUG"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -757,6 +759,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # Anything else is a bug or an environment the command did not expect: still one
+        # line (passwords redacted), and the traceback on demand.
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = _one_line(str(exc))
+        for url in (getattr(args, "url", None), getattr(args, "dsn", None)):
+            if isinstance(url, str):
+                message = scrub(message, url)
+        _fail(
+            f"cachesync: error: unexpected {type(exc).__name__}"
+            + (f": {message}" if message else "")
+            + f" (set {DEBUG_ENV}=1 for the traceback)"
+        )
+        return EXIT_FAILED
 
 
 def _explain(exc: Exception, url: str | None) -> str:

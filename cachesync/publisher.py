@@ -250,6 +250,17 @@ class Publisher(Service):
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
 
+    def stats(self) -> dict[str, Any]:
+        """Counters and state, as every long-running object gives them: events ``published``,
+        ``publish_errors`` (publishes that raised), and ``source``, ``channel``, ``seq``."""
+        return {
+            "published": self.published,
+            "publish_errors": self.publish_errors,
+            "source": self.source,
+            "channel": self.channel,
+            "seq": self.seq,
+        }
+
     def state(self) -> PublisherState:
         """Source id, channel, last seq and heartbeat interval (for ``/cachesync/state``)."""
         return PublisherState(
@@ -459,6 +470,10 @@ class BlockingPublisher:
     def publisher(self) -> Publisher:
         """The :class:`Publisher` behind this one (its ``source``, ``seq`` and counters)."""
         return self._running()[1]
+
+    def stats(self) -> dict[str, Any]:
+        """:meth:`Publisher.stats` of the publisher behind this one (starting it if needed)."""
+        return self.publisher.stats()
 
     # -- the API ---------------------------------------------------------------------------
 

@@ -318,6 +318,25 @@ async def test_publish_refuses_arguments_that_do_not_go_together() -> None:
         await publish("memory://x", "ns", ["a"], op="delete", value={"v": 1})
 
 
+@pytest.mark.timeout(10)
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_demand(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot talk to redis://app:s3cret@cache:6379\nsecond line")
+
+    monkeypatch.setattr(cli, "publish", broken)
+    argv = ["publish", "redis://app:s3cret@cache:6379/0", "ns", "k"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unexpected RuntimeError: cannot talk to redis://app:***@cache:6379 second line" in err
+    assert "CACHESYNC_DEBUG=1" in err and "s3cret" not in err and "Traceback" not in err
+    monkeypatch.setenv("CACHESYNC_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(argv)
+
+
 # -- signing --------------------------------------------------------------------------------
 
 KEY = "k" * 16
