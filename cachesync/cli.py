@@ -571,13 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from . import demo
-    except ImportError as exc:
-        raise CommandError(
-            f"the demo needs FastAPI and uvicorn ({exc.name} is not installed): "
-            "pip install 'cachesync[fastapi]'"
-        ) from None
+    from . import demo
+
     config = demo.DemoConfig(
         url=args.url,
         duration=args.duration,

@@ -17,11 +17,12 @@ from fastapi import FastAPI
 
 from cachesync import Publisher, cli
 from cachesync.cli import CommandError, UsageError, bench, fetch_state, listen, main, publish
-from cachesync.demo.owner import Owner, OwnerServer, build_app
+from cachesync.demo.owner import Owner, build_app
 from cachesync.transports import base
 from cachesync.transports.base import from_url
 from cachesync.transports.memory import bus_for
 
+from .asgiserver import AsgiServer
 from .helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -388,7 +389,7 @@ def test_the_signing_key_may_come_from_the_environment(
 @pytest.fixture
 async def owner_url(unique: str) -> AsyncIterator[tuple[str, Publisher]]:
     publisher = Publisher(f"memory://cli-{unique}", "prices", heartbeat_interval=None)
-    async with publisher, OwnerServer(build_app(Owner(publisher))) as server:
+    async with publisher, AsgiServer(build_app(Owner(publisher))) as server:
         yield server.url, publisher
 
 
@@ -403,7 +404,7 @@ async def test_state_reads_the_owner_state(owner_url: tuple[str, Publisher]) -> 
 
 @pytest.mark.timeout(20)
 async def test_state_of_something_that_is_not_an_owner() -> None:
-    async with OwnerServer(FastAPI()) as server:
+    async with AsgiServer(FastAPI()) as server:
         with pytest.raises(CommandError, match="answered 404"):
             await fetch_state(server.url)
 

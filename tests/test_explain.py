@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from cachesync import CacheSync, ChangeEvent
 from cachesync.cli import CommandError, fetch_explain, main
 from cachesync.contrib.fastapi import consumer_router
-from cachesync.demo.owner import OwnerServer
 
+from .asgiserver import AsgiServer
 from .helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(20)
@@ -101,7 +101,7 @@ async def test_explain_over_http_and_the_cli(
         await get_currency("a/b")
         app = FastAPI()
         app.include_router(consumer_router(sync))
-        async with OwnerServer(app) as server:
+        async with AsgiServer(app) as server:
             report = await fetch_explain(server.url, "currencies", "a/b")
             assert report["functions"][0]["state"] == "fresh"
             with pytest.raises(CommandError, match="nothing is cached under"):
@@ -109,7 +109,7 @@ async def test_explain_over_http_and_the_cli(
             status = await asyncio.to_thread(main, ["explain", server.url, "currencies", "a/b"])
             assert status == 0
             assert json.loads(capsys.readouterr().out)["key"] == "a/b"
-    async with OwnerServer(FastAPI()) as server:
+    async with AsgiServer(FastAPI()) as server:
         with pytest.raises(CommandError, match="consumer_router"):
             await fetch_explain(server.url, "currencies", "USD")
 

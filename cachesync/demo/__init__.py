@@ -2,7 +2,7 @@
 process, with a workload that measures staleness. Not part of the library: nothing else in
 cachesync imports it.
 
-- :mod:`cachesync.demo.owner`: the owner (a FastAPI app with an embedded publisher);
+- :mod:`cachesync.demo.owner`: the owner (a plain ASGI app with an embedded publisher);
 - :mod:`cachesync.demo.run`: the consumers, the workload and its report.
 """
 
