@@ -26,12 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Unpack
 
 from .backoff import Backoff
 from .batch import ManyDecorator
 from .cache import LocalCache
-from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
+from .cached import CacheOptions, CacheOptionsDict, Decorator, Mode, cache_options
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
 from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
@@ -41,7 +41,6 @@ from .logutil import RateLimitedLogger
 from .observe import Observer
 from .runner import BackgroundRunner
 from .signing import Signer
-from .tags import TagFunc
 from .tracing import Tracing
 from .transports.base import Transport, from_url, redact_url
 
@@ -270,63 +269,25 @@ class CacheSync(Service):
 
     # -- decorating ------------------------------------------------------------------------
 
-    def cached(
-        self,
-        ns: str,
-        *,
-        ttl: float = 3600.0,
-        maxsize: int | None = None,
-        key: KeyFunc | None = None,
-        mode: Mode = "invalidate",
-        stale_while_revalidate: float = 0.0,
-        stale_if_error: float = 0.0,
-        negative_ttl: float | None = None,
-        jitter: float = 0.1,
-        from_event: Callable[[Any], Any] | None = None,
-        version_of: VersionOf | None = None,
-        tags: TagFunc | None = None,
-        max_bytes: int | None = None,
-        weigher: Callable[[Any], int] | None = None,
-    ) -> Decorator:
+    def cached(self, ns: str, **options: Unpack[CacheOptionsDict]) -> Decorator:
         """Cache the results of a fetch function in namespace ``ns`` of this instance.
 
         ``ns`` is the owner's entity type, as its events name it. Several functions may cache
         under one namespace: each keeps its own entries and options, and an event for
         ``(ns, key)`` reaches all of them. The key is built from the arguments (see
         :mod:`cachesync.keys`; ``key=`` to build it yourself) and must be the key the owner's
-        events name. ``ttl`` is only the safety net: events keep entries coherent.
-        ``mode="refresh"`` stores the value an event carries (through ``from_event``) instead
-        of dropping the entry. A result of ``None`` means "absent" and is cached for
-        ``negative_ttl`` seconds if set. ``stale_while_revalidate`` serves an expired value
-        while one fetch refreshes it; ``stale_if_error`` serves the last value when the fetch
-        fails. ``version_of(value)`` gives the owner's version of a fetched value, so an older
-        fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
-        ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
-        invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
-        ``maxsize`` bounds the entries (10,000 by default); ``max_bytes`` bounds their weight
-        instead (``weigher(value)``, by default a cheap estimate; ``maxsize`` is then
-        unbounded unless given). Both evict the least recently used.
-        Works on coroutine functions and on plain functions (callable from any thread).
+        events name. ``options`` are the fields of :class:`~cachesync.cached.CacheOptions`,
+        which says what each does (``ttl``, ``maxsize``, ``key``, ``mode``,
+        ``stale_while_revalidate``, ``stale_if_error``, ``negative_ttl``, ``jitter``,
+        ``from_event``, ``version_of``, ``tags``, ``max_bytes``, ``weigher``); an unknown one
+        raises ``TypeError``. Works on coroutine functions and on plain functions (callable
+        from any thread).
         """
         self._check_ns(ns)
-        options = CacheOptions(
-            ttl=ttl,
-            maxsize=maxsize,
-            key=key,
-            mode=mode,
-            stale_while_revalidate=stale_while_revalidate,
-            stale_if_error=stale_if_error,
-            negative_ttl=negative_ttl,
-            jitter=jitter,
-            from_event=from_event,
-            version_of=version_of,
-            tags=tags,
-            max_bytes=max_bytes,
-            weigher=weigher,
-        )
+        checked = cache_options("cached", options)
         return Decorator(
             ns,
-            options,
+            checked,
             make_cache=self._make_cache,
             spawn=self._spawn,
             submit=self._submit,
@@ -335,7 +296,9 @@ class CacheSync(Service):
             wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
         )
 
-    def cached_many(self, ns: str, *, shares: Any = None, **options: Any) -> ManyDecorator:
+    def cached_many(
+        self, ns: str, *, shares: Any = None, **options: Unpack[CacheOptionsDict]
+    ) -> ManyDecorator:
         """Cache a *batch* fetch function in namespace ``ns``: it takes a list of keys and
         returns a mapping of the keys found to their values (async or plain).
 
@@ -358,7 +321,7 @@ class CacheSync(Service):
             raise ValueError("cached_many() takes no key=: batch keys are the owner's keys")
         return ManyDecorator(
             ns,
-            CacheOptions(**options),
+            cache_options("cached_many", options),
             shares=shares,
             make_cache=self._make_cache,
             spawn=self._spawn,
