@@ -329,6 +329,25 @@ def _fanout_point(
     ]
     for process in workers:
         process.start()
+    try:
+        return _drive_fanout(url, channel, rate, seconds, workers, ready, out, stop)
+    finally:
+        for process in workers:  # only the processes started here
+            if process.is_alive():
+                process.terminate()
+            process.join(10)
+
+
+def _drive_fanout(
+    url: str,
+    channel: str,
+    rate: float,
+    seconds: float,
+    workers: list[Any],
+    ready: Any,
+    out: Any,
+    stop: Any,
+) -> tuple[float, float, int]:
     for _ in workers:
         ready.get(timeout=60)
 
@@ -376,7 +395,11 @@ def fanout(
             if "cluster" in name:
                 channel += "{fx}"
             for count in counts:
-                p50, p99, n = _fanout_point(url, channel, count, rate, seconds)
+                try:
+                    p50, p99, n = _fanout_point(url, channel, count, rate, seconds)
+                except Exception as exc:  # a point that did not complete is shown as such
+                    print(f"{name} x{count}: did not complete ({type(exc).__name__})")
+                    p50, p99, n = float("nan"), float("nan"), 0
                 curves.setdefault(name, []).append((count, p50, p99, n))
                 print(f"{name} x{count}: p50 {p50:.2f} ms p99 {p99:.2f} ms ({n} deliveries)")
         return curves
@@ -421,6 +444,20 @@ def _plot(failovers: dict[str, list[tuple[float, bool]]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _write(lines: list[str], only: str | None) -> None:
+    path = RESULTS / "ENGINES.md"
+    text = "\n".join(lines)
+    if only is not None and path.exists():
+        # Keep the section of a part that was not run this time.
+        kept = [
+            part
+            for part in path.read_text().split("\n## ")[1:]
+            if not text.count("\n## " + part.splitlines()[0])
+        ]
+        text += "".join("\n## " + part for part in kept)
+    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -469,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         _plot(failovers, RESULTS / "engines_failover.png")
         lines += ["![failover](engines_failover.png)", ""]
+        _write(lines, args.only)
     if args.only in (None, "throughput"):
         figures = cluster_throughput(args.seconds)
         lines += [
@@ -482,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             print(name, f"received {received:,.0f}/s sent {sent:,.0f}/s")
         spread, same = (figures[k][0] for k in figures)
         lines += ["", f"Ratio spread / one shard: {spread / same:.2f}x.", ""]
+        _write(lines, args.only)
     if args.only in (None, "fanout"):
         counts = [int(c) for c in args.subscriptions.split(",")]
         curves = fanout(counts, args.rate, args.seconds)
@@ -501,17 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append("")
         _plot_fanout(curves, RESULTS / "engines_fanout.png")
         lines += ["![fan-out](engines_fanout.png)", ""]
-    path = RESULTS / "ENGINES.md"
-    text = "\n".join(lines)
-    if args.only is not None and path.exists():
-        # Keep the section of a part that was not run this time.
-        kept = [
-            part
-            for part in path.read_text().split("\n## ")[1:]
-            if not text.count("\n## " + part.splitlines()[0])
-        ]
-        text += "".join("\n## " + part for part in kept)
-    path.write_text(text)
+    _write(lines, args.only)
     print(f"wrote {RESULTS / 'ENGINES.md'}")
 
 

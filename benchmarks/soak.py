@@ -35,7 +35,7 @@ Stale beyond the bound, exactly
 Reported
     Lost-event detections by cause, kills per consumer, reads, stale reads and maximum
     staleness, reads stale beyond the bound (must be 0), the event lag, each consumer's RSS over
-    time (first, last, max, slope; must stay flat), a :class:`~cachesync.monitor.
+    time (first, last, max, slope; must stay flat), a :class:`~cachesync.contrib.monitor.
     ConsistencyMonitor`'s view. (The listener fuzz is a test: ``tests/test_fuzz_listener.py``.)
     Prints a table, writes ``benchmarks/results/SOAK.md`` and, with matplotlib,
     ``benchmarks/results/soak_rss.png``.
@@ -274,8 +274,8 @@ async def _consumer(
     import redis.asyncio as aioredis
 
     from cachesync import CacheSync, ConfigError
-    from cachesync.metrics import PrometheusMetrics
-    from cachesync.monitor import ConsistencyMonitor
+    from cachesync.contrib.monitor import ConsistencyMonitor
+    from cachesync.contrib.prometheus import PrometheusMetrics
 
     rng = random.Random(cfg.seed * 1000 + 500 + index)
 

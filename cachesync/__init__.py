@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import LocalCache
 from .client import CacheSync
+from .contrib.monitor import ConsistencyMonitor
+from .contrib.prometheus import PrometheusMetrics
 from .errors import (
     CacheSyncError,
     ConfigError,
@@ -16,11 +18,10 @@ from .errors import (
     FetchError,
     StateError,
     TransportError,
+    UnknownSchemaError,
 )
-from .events import ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .fetch import HttpFetcher
-from .metrics import PrometheusMetrics
-from .monitor import ConsistencyMonitor
 from .owner.feeds import ChangeFeed, FeedError
 from .publisher import BlockingPublisher, Change, Publisher
 from .transports.base import Transport, from_url
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .owner.outbox import Outbox, OutboxRelay
 
 __all__ = [
+    "DEFAULT_CHANNEL",
     "BlockingPublisher",
     "CacheSync",
     "CacheSyncError",
@@ -51,6 +53,7 @@ __all__ = [
     "StateError",
     "Transport",
     "TransportError",
+    "UnknownSchemaError",
     "from_url",
 ]
 

@@ -1,4 +1,4 @@
-"""Capped exponential backoff with full jitter, shared by every reconnect loop."""
+"""Capped exponential backoff with equal jitter, shared by every reconnect loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ __all__ = ["Backoff"]
 
 @dataclass
 class Backoff:
-    """Delays of ``initial * factor**n`` capped at ``maximum``, each drawn from [d/2, d].
+    """Delays of ``initial * factor**n`` capped at ``maximum``, each drawn from [d/2, d]
+    ("equal jitter": never shorter than half the step, so a retry storm still spreads out
+    without retrying at once, as full jitter's [0, d] may).
 
     ``next_delay()`` gives the next delay; ``reset()`` starts over after a success.
     """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
 from .cache import BulkFill, Entry, Flight, Generation, LocalCache, check_settings
 from .keys import KeyBuilder, KeyFunc
@@ -27,6 +28,7 @@ from .tags import TagFunc
 
 __all__ = [
     "CacheOptions",
+    "CacheOptionsDict",
     "CachedCoroutine",
     "CachedFunction",
     "Decorator",
@@ -502,8 +504,35 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 class CacheOptions:
     """The options of one cached function, checked once when ``cached()`` is called.
 
-    See :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>` for what each does.
-    Adding an option: a field here, its use where the wrappers or the client read it, a test.
+    This is their one definition: :meth:`CacheSync.cached <cachesync.client.CacheSync.cached>`
+    and :meth:`~cachesync.client.CacheSync.cached_many` take them as keywords
+    (``sync.cached("ns", ttl=60, mode="refresh")``), typed by :class:`CacheOptionsDict`.
+
+    - ``ttl``: seconds an entry lives. Only the safety net: events keep entries coherent.
+    - ``maxsize``: bound on the entries (10,000 by default; unbounded when ``max_bytes`` is
+      set). The least recently used is evicted.
+    - ``key``: builds the key from the arguments yourself (by default see
+      :mod:`cachesync.keys`); it must be the key the owner's events name.
+    - ``mode``: ``"invalidate"`` drops the entry on an event; ``"refresh"`` stores the value
+      the event carries (through ``from_event``) instead.
+    - ``stale_while_revalidate``: seconds an expired value is still served while one fetch
+      refreshes it.
+    - ``stale_if_error``: seconds the last value is served when the fetch fails.
+    - ``negative_ttl``: a result of ``None`` means "absent" and is cached this many seconds if
+      set (not at all otherwise).
+    - ``jitter``: spreads TTLs by this fraction, so entries do not all expire together.
+    - ``from_event``: turns the value an event carries into the cached value (refresh mode).
+    - ``version_of``: ``version_of(value)`` gives the owner's version of a fetched value, so an
+      older fetch or event never replaces a newer one.
+    - ``tags``: ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
+      invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
+    - ``max_bytes``: bounds the entries' weight instead of their count (least recently used
+      evicted).
+    - ``weigher``: ``weigher(value)`` weighs an entry against ``max_bytes`` (by default a
+      cheap estimate).
+
+    Adding an option: a field here and in :class:`CacheOptionsDict` (a test checks they
+    match), its use where the wrappers or the client read it, a test.
     """
 
     ttl: float = 3600.0
@@ -549,6 +578,36 @@ class CacheOptions:
             stale_while_revalidate=self.stale_while_revalidate,
             stale_if_error=self.stale_if_error,
         )
+
+
+class CacheOptionsDict(TypedDict, total=False):
+    """The fields of :class:`CacheOptions` as keywords, each optional: the type of
+    ``**options`` in ``cached()``. Kept identical to :class:`CacheOptions` (a test checks the
+    names and types); what each does is in :class:`CacheOptions`."""
+
+    ttl: float
+    maxsize: int | None
+    key: KeyFunc | None
+    mode: Mode
+    stale_while_revalidate: float
+    stale_if_error: float
+    negative_ttl: float | None
+    jitter: float
+    from_event: Callable[[Any], Any] | None
+    version_of: VersionOf | None
+    tags: TagFunc | None
+    max_bytes: int | None
+    weigher: Callable[[Any], int] | None
+
+
+def cache_options(caller: str, options: CacheOptionsDict) -> CacheOptions:
+    """``CacheOptions(**options)``, with an error naming ``caller`` and the valid options
+    for a keyword that is not one."""
+    unknown = options.keys() - {field.name for field in dataclasses.fields(CacheOptions)}
+    if unknown:
+        valid = ", ".join(field.name for field in dataclasses.fields(CacheOptions))
+        raise TypeError(f"{caller}() got unknown options {sorted(unknown)}; the options: {valid}")
+    return CacheOptions(**options)
 
 
 WrapFetch = Callable[[Callable[..., Any], str], Callable[..., Any]]

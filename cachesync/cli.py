@@ -8,7 +8,13 @@
     cachesync cdc      publish a database's committed changes (PostgreSQL, MySQL/MariaDB)
 
 Exit status: 0 on success, 1 when the command failed (one line on stderr says why), 2 for a
-usage error, 130 when interrupted with Ctrl-C.
+usage error (the usage, then one line saying what is wrong), 130 when interrupted with Ctrl-C.
+An unexpected error is one line too; ``CACHESYNC_DEBUG=1`` shows its traceback.
+
+``publish --signing-key`` signs the event and ``listen --signing-key`` prints only the events
+signed with one of the keys given, as a deployment with ``signing_key``/``signing_keys`` needs;
+the key may also come from the ``CACHESYNC_SIGNING_KEY`` environment variable, which keeps it
+out of the process list.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,16 +34,19 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import CacheSyncError, ConfigError, ConnectionLost, EventDecodeError
-from .events import ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, ChangeEvent, Op
 from .publisher import Publisher
-from .transports.base import from_url, redact_url
+from .signing import Signer
+from .transports.base import from_url, redact_url, scrub
 
 if TYPE_CHECKING:
     from .demo import DemoConfig, DemoResult, ProgressPrinter
 
 __all__ = ["CommandError", "UsageError", "bench", "fetch_state", "listen", "main", "publish"]
 
-DEFAULT_CHANNEL = "cachesync"
+MAX_NS_LENGTH = 256  # the longest namespace an event carries (ChangeEvent.ns)
+SIGNING_KEY_ENV = "CACHESYNC_SIGNING_KEY"
+DEBUG_ENV = "CACHESYNC_DEBUG"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -59,6 +69,7 @@ async def listen(
     channel: str = DEFAULT_CHANNEL,
     ns: str | None = None,
     count: int | None = None,
+    signing_keys: Sequence[bytes | str] = (),
     out: TextIO | None = None,
     err: TextIO | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -68,8 +79,12 @@ async def listen(
     With ``ns``, only events of that namespace are printed (so no heartbeats). With ``count``,
     returns after printing that many. A message that is not a valid event is printed to ``err``
     as a JSON line with an ``"error"`` field. ``on_ready`` is called once the subscription is
-    live. Raises :class:`CommandError` when the connection is lost.
+    live. With ``signing_keys``, an event without a signature made with one of them is not
+    printed: it goes to ``err`` as a JSON line with an ``"error"`` field, as a consumer with
+    those ``signing_keys`` would drop it. Raises :class:`CommandError` when the connection is
+    lost.
     """
+    signer = Signer(signing_keys) if signing_keys else None
     output = out or sys.stdout
     errors = err or sys.stderr
     printed = 0
@@ -88,6 +103,10 @@ async def listen(
                     event = ChangeEvent.decode(payload)
                 except EventDecodeError as exc:
                     _write_line(errors, {"error": str(exc), "payload": _preview(payload)})
+                    continue
+                if signer is not None and not signer.verify(event):
+                    reason = "bad signature" if event.sig else "not signed"
+                    _write_line(errors, {"error": reason, "payload": _preview(payload)})
                     continue
                 if ns is not None and event.ns != ns:
                     continue
@@ -115,23 +134,32 @@ async def publish(
     op: str = "upsert",
     version: int | None = None,
     value: Any = None,
+    signing_key: bytes | str | None = None,
     out: TextIO | None = None,
 ) -> ChangeEvent:
     """Publish one event with a fresh :class:`~cachesync.Publisher` (no heartbeats), print it
     to ``out`` as a JSON line, and return it.
 
     ``op`` is ``upsert`` (``changed``, optionally carrying ``value`` for one key), ``delete``
-    or ``flush`` (the whole namespace). Raises :class:`UsageError` for arguments that do not go
-    together.
+    or ``flush`` (the whole namespace). ``signing_key`` signs the event. Raises
+    :class:`UsageError` for arguments that do not go together.
     """
     _check_publish(op, keys, version, value)
-    async with Publisher(url, channel, heartbeat_interval=None) as publisher:
+    try:
+        publisher = Publisher(url, channel, heartbeat_interval=None, signing_key=signing_key)
+    except ConfigError:
+        raise  # the URL: a runtime error, as for listen
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    async with publisher:
         if op == Op.UPSERT:
             event = await publisher.changed(ns, *keys, version=version, value=value)
         elif op == Op.DELETE:
             event = await publisher.deleted(ns, *keys, version=version)
         else:
             event = await publisher.flush(ns)
+    if signing_key is not None:
+        event = Signer([signing_key]).sign(event)  # print it as it went on the wire
     _write_line(out or sys.stdout, event.encode().decode())
     return event
 
@@ -276,10 +304,40 @@ def _positive_int(text: str) -> int:
 
 
 def _json_value(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not a JSON number")
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=refuse)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+
+
+def _namespace(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a non-empty namespace name")
+    if len(text) > MAX_NS_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_NS_LENGTH} characters long, got {len(text)}"
+        )
+    return text
+
+
+def _channel(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a non-empty channel name")
+    return text
+
+
+def _signing_key(text: str) -> str:
+    if len(text.encode()) < 16:
+        raise argparse.ArgumentTypeError("a signing key must be at least 16 bytes long")
+    return text
+
+
+def _env_signing_keys() -> list[str]:
+    key = os.environ.get(SIGNING_KEY_ENV)
+    return [key] if key else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,10 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen_.add_argument("url", metavar="URL", help="broker URL, e.g. redis://127.0.0.1:6379/0")
     listen_.add_argument(
-        "--channel", default=DEFAULT_CHANNEL, help="channel to listen on (default: %(default)s)"
+        "--channel",
+        type=_channel,
+        default=DEFAULT_CHANNEL,
+        help="channel to listen on (default: %(default)s)",
     )
     listen_.add_argument(
-        "--ns", metavar="NS", help="print only the events of this namespace (no heartbeats)"
+        "--ns",
+        type=_namespace,
+        metavar="NS",
+        help="print only the events of this namespace (no heartbeats)",
+    )
+    listen_.add_argument(
+        "--signing-key",
+        dest="signing_keys",
+        type=_signing_key,
+        action="append",
+        metavar="KEY",
+        help="print only the events signed with KEY (repeat for several keys, as during a "
+        f"rotation); default: ${SIGNING_KEY_ENV} when set. Others go to stderr",
     )
     listen_.add_argument(
         "--count", type=_positive_int, metavar="N", help="exit after printing N events"
@@ -376,12 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
         "owner restarts.",
     )
     publish_.add_argument("url", metavar="URL", help="broker URL, e.g. redis://127.0.0.1:6379/0")
-    publish_.add_argument("ns", metavar="NS", help="namespace, e.g. currencies")
+    publish_.add_argument("ns", metavar="NS", type=_namespace, help="namespace, e.g. items")
     publish_.add_argument(
         "keys", metavar="KEY", nargs="*", help="keys that changed (none for --op flush)"
     )
     publish_.add_argument(
-        "--channel", default=DEFAULT_CHANNEL, help="channel to publish on (default: %(default)s)"
+        "--channel",
+        type=_channel,
+        default=DEFAULT_CHANNEL,
+        help="channel to publish on (default: %(default)s)",
+    )
+    publish_.add_argument(
+        "--signing-key",
+        type=_signing_key,
+        metavar="KEY",
+        help=f"sign the event with KEY (at least 16 bytes); default: ${SIGNING_KEY_ENV} when set",
     )
     publish_.add_argument(
         "--op",
@@ -421,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flush of its namespace and why; the sources heard, their last seq and lag.",
     )
     explain.add_argument("url", metavar="URL", help="the instance's base URL")
-    explain.add_argument("ns", metavar="NS", help="the namespace")
+    explain.add_argument("ns", metavar="NS", type=_namespace, help="the namespace")
     explain.add_argument("key", metavar="KEY", help="the key")
     explain.set_defaults(parser=explain, handler=_cmd_explain)
 
@@ -459,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
         "currencies:code or currencies:code:version=version:value=*; repeat for more tables",
     )
     cdc.add_argument("--to", dest="url", metavar="URL", help="broker URL, e.g. redis://HOST:6379/0")
-    cdc.add_argument("--channel", default=DEFAULT_CHANNEL, help="channel (default: %(default)s)")
+    cdc.add_argument(
+        "--channel", type=_channel, default=DEFAULT_CHANNEL, help="channel (default: %(default)s)"
+    )
     cdc.add_argument(
         "--name",
         default="cachesync",
@@ -487,13 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from . import demo
-    except ImportError as exc:
-        raise CommandError(
-            f"the demo needs FastAPI and uvicorn ({exc.name} is not installed): "
-            "pip install 'cachesync[fastapi]'"
-        ) from None
+    from . import demo
+
     config = demo.DemoConfig(
         url=args.url,
         duration=args.duration,
@@ -549,7 +628,10 @@ async def _run_demo(config: DemoConfig, printer: ProgressPrinter | None) -> Demo
 
 def _cmd_listen(args: argparse.Namespace) -> int:
     _warn_if_in_process(args.url, "nothing outside this process can publish to it")
-    return asyncio.run(listen(args.url, channel=args.channel, ns=args.ns, count=args.count))
+    keys = args.signing_keys or _env_signing_keys()
+    return asyncio.run(
+        listen(args.url, channel=args.channel, ns=args.ns, count=args.count, signing_keys=keys)
+    )
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -563,6 +645,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             op=args.op,
             version=args.version,
             value=args.value,
+            signing_key=args.signing_key or next(iter(_env_signing_keys()), None),
         )
     )
     return 0
@@ -659,13 +742,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except UsageError as exc:
         args.parser.print_usage(sys.stderr)
-        _fail(f"{args.parser.prog}: error: {exc}")
+        _fail(f"{args.parser.prog}: error: {_one_line(str(exc))}")
         return EXIT_USAGE
     except (CommandError, CacheSyncError) as exc:
-        _fail(f"cachesync: error: {_explain(exc, getattr(args, 'url', None))}")
+        _fail(f"cachesync: error: {_one_line(_explain(exc, getattr(args, 'url', None)))}")
+        return EXIT_FAILED
+    except ValueError as exc:
+        # A value the library refused (ValueError is its "fix the argument" error): still
+        # one line, whatever the message looks like.
+        _fail(f"cachesync: error: {_one_line(str(exc))}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # Anything else is a bug or an environment the command did not expect: still one
+        # line (passwords redacted), and the traceback on demand.
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = _one_line(str(exc))
+        for url in (getattr(args, "url", None), getattr(args, "dsn", None)):
+            if isinstance(url, str):
+                message = scrub(message, url)
+        _fail(
+            f"cachesync: error: unexpected {type(exc).__name__}"
+            + (f": {message}" if message else "")
+            + f" (set {DEBUG_ENV}=1 for the traceback)"
+        )
+        return EXIT_FAILED
 
 
 def _explain(exc: Exception, url: str | None) -> str:
@@ -681,6 +784,10 @@ def _explain(exc: Exception, url: str | None) -> str:
             "from this installation of cachesync; use another URL scheme, e.g. memory://"
         )
     return str(exc)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _fail(message: str) -> None:

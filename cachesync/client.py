@@ -25,23 +25,22 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Unpack
 
 from .backoff import Backoff
 from .batch import ManyDecorator
 from .cache import LocalCache
-from .cached import CacheOptions, Decorator, KeyFunc, Mode, VersionOf
+from .cached import CacheOptions, CacheOptionsDict, Decorator, Mode, cache_options
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import MAX_EVENT_BYTES, ChangeEvent, Op
-from .explain import History, as_dict, describe_entry
+from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
+from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
 from .observe import Observer
 from .runner import BackgroundRunner
 from .signing import Signer
-from .tags import TagFunc
 from .tracing import Tracing
 from .transports.base import Transport, from_url, redact_url
 
@@ -106,6 +105,7 @@ class _Source:
     seq: int
     last_seen: float
     timeout: float | None
+    last_ts: float | None = None  # the owner's ts of its last message heard (for explain)
 
 
 @dataclass(slots=True)
@@ -126,6 +126,8 @@ class _Namespace:
     members: list[_Member]
     heard: set[str]
     silent: bool = False
+    # key -> (the last event applied to it, or its summary; monotonic time), for explain()
+    recent: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
 
 class _GuardedObserver:
@@ -174,7 +176,9 @@ class CacheSync(Service):
     """Keeps the local caches of this instance coherent with the owner's change events.
 
     ``url`` picks the transport (``memory://``, ``redis://``, ``redis+stream://``,
-    ``amqp://``); events arrive on ``channel``. Decorate fetch functions with :meth:`cached`,
+    ``amqp://``, and past one node ``redis+sentinel://``, ``redis+cluster://``, ``nats://``,
+    ``amqp+stream://``); events arrive on ``channel`` (on ``redis+cluster://``, on a channel
+    per namespace derived from it). Decorate fetch functions with :meth:`cached`,
     then run the client with ``async with sync:``, which connects, subscribes and starts the
     listener, and returns once the subscription is live (or raises
     :class:`~cachesync.errors.TransportError` after ``connect_timeout``). Until then, and
@@ -191,7 +195,7 @@ class CacheSync(Service):
     def __init__(
         self,
         url: str = "memory://",
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         *,
         transport: Transport | None = None,
         connect_timeout: float = 10.0,
@@ -265,63 +269,25 @@ class CacheSync(Service):
 
     # -- decorating ------------------------------------------------------------------------
 
-    def cached(
-        self,
-        ns: str,
-        *,
-        ttl: float = 3600.0,
-        maxsize: int | None = None,
-        key: KeyFunc | None = None,
-        mode: Mode = "invalidate",
-        stale_while_revalidate: float = 0.0,
-        stale_if_error: float = 0.0,
-        negative_ttl: float | None = None,
-        jitter: float = 0.1,
-        from_event: Callable[[Any], Any] | None = None,
-        version_of: VersionOf | None = None,
-        tags: TagFunc | None = None,
-        max_bytes: int | None = None,
-        weigher: Callable[[Any], int] | None = None,
-    ) -> Decorator:
+    def cached(self, ns: str, **options: Unpack[CacheOptionsDict]) -> Decorator:
         """Cache the results of a fetch function in namespace ``ns`` of this instance.
 
         ``ns`` is the owner's entity type, as its events name it. Several functions may cache
         under one namespace: each keeps its own entries and options, and an event for
         ``(ns, key)`` reaches all of them. The key is built from the arguments (see
         :mod:`cachesync.keys`; ``key=`` to build it yourself) and must be the key the owner's
-        events name. ``ttl`` is only the safety net: events keep entries coherent.
-        ``mode="refresh"`` stores the value an event carries (through ``from_event``) instead
-        of dropping the entry. A result of ``None`` means "absent" and is cached for
-        ``negative_ttl`` seconds if set. ``stale_while_revalidate`` serves an expired value
-        while one fetch refreshes it; ``stale_if_error`` serves the last value when the fetch
-        fails. ``version_of(value)`` gives the owner's version of a fetched value, so an older
-        fetch or event never replaces a newer one. ``jitter`` spreads TTLs by that fraction.
-        ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
-        invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
-        ``maxsize`` bounds the entries (10,000 by default); ``max_bytes`` bounds their weight
-        instead (``weigher(value)``, by default a cheap estimate; ``maxsize`` is then
-        unbounded unless given). Both evict the least recently used.
-        Works on coroutine functions and on plain functions (callable from any thread).
+        events name. ``options`` are the fields of :class:`~cachesync.cached.CacheOptions`,
+        which says what each does (``ttl``, ``maxsize``, ``key``, ``mode``,
+        ``stale_while_revalidate``, ``stale_if_error``, ``negative_ttl``, ``jitter``,
+        ``from_event``, ``version_of``, ``tags``, ``max_bytes``, ``weigher``); an unknown one
+        raises ``TypeError``. Works on coroutine functions and on plain functions (callable
+        from any thread).
         """
         self._check_ns(ns)
-        options = CacheOptions(
-            ttl=ttl,
-            maxsize=maxsize,
-            key=key,
-            mode=mode,
-            stale_while_revalidate=stale_while_revalidate,
-            stale_if_error=stale_if_error,
-            negative_ttl=negative_ttl,
-            jitter=jitter,
-            from_event=from_event,
-            version_of=version_of,
-            tags=tags,
-            max_bytes=max_bytes,
-            weigher=weigher,
-        )
+        checked = cache_options("cached", options)
         return Decorator(
             ns,
-            options,
+            checked,
             make_cache=self._make_cache,
             spawn=self._spawn,
             submit=self._submit,
@@ -330,7 +296,9 @@ class CacheSync(Service):
             wrap_fetch=self._tracing.wrap_fetch if self._tracing is not None else None,
         )
 
-    def cached_many(self, ns: str, *, shares: Any = None, **options: Any) -> ManyDecorator:
+    def cached_many(
+        self, ns: str, *, shares: Any = None, **options: Unpack[CacheOptionsDict]
+    ) -> ManyDecorator:
         """Cache a *batch* fetch function in namespace ``ns``: it takes a list of keys and
         returns a mapping of the keys found to their values (async or plain).
 
@@ -353,7 +321,7 @@ class CacheSync(Service):
             raise ValueError("cached_many() takes no key=: batch keys are the owner's keys")
         return ManyDecorator(
             ns,
-            CacheOptions(**options),
+            cache_options("cached_many", options),
             shares=shares,
             make_cache=self._make_cache,
             spawn=self._spawn,
@@ -613,6 +581,11 @@ class CacheSync(Service):
             raise ValueError(f"{name!r} is a reserved stats section")
         self._stats_sources[name] = source
 
+    def stats_source(self, name: str) -> Callable[[], dict[str, Any]] | None:
+        """What :meth:`add_stats` was given under ``name`` (None if nothing), so add-ons of
+        one kind can share one section."""
+        return self._stats_sources.get(name)
+
     def invalidate_tags(self, ns: str, *tags: str) -> int:
         """Drop, in this instance, every entry of ``ns`` stored with one of ``tags`` (every
         function cached under it); how many were dropped. Other instances hear of it through
@@ -636,14 +609,17 @@ class CacheSync(Service):
         sources = []
         for name in sorted(namespace.heard):
             live = self._sources.get(name)
-            lag = self._history.source_lag.get(name)
+            lag = None
+            if live is not None and live.last_ts is not None:
+                # The owner's commit time of its last message to when it was heard here.
+                lag = wall - (now - live.last_seen) - live.last_ts
             info: dict[str, Any] = {
                 "source": name,
                 "live": live is not None,
                 "last_seq": live.seq if live is not None else self._retired.get(name),
                 "last_heard_ago": round(now - live.last_seen, 6) if live is not None else None,
                 "heartbeat_timeout": live.timeout if live is not None else None,
-                "lag": round(lag[0], 6) if lag is not None else None,
+                "lag": round(lag, 6) if lag is not None else None,
             }
             sources.append(info)
         return {
@@ -652,7 +628,7 @@ class CacheSync(Service):
             "listener_up": self._stats.listener_up,
             "namespace_silent": namespace.silent,
             "functions": [describe_entry(m.cache, key) for m in namespace.members],
-            "last_event": as_dict(self._history.last_event(ns, key), wall),
+            "last_event": as_dict(key_event(namespace.recent.get(key), wall, now), wall),
             "last_flush": as_dict(self._history.last_flush(ns), wall),
             "sources": sources,
         }
@@ -787,8 +763,6 @@ class CacheSync(Service):
                 return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
-                wall = self._wall_clock()
-                self._history.heard(event.source, wall - event.ts, wall)
             else:
                 self._apply(event, now)
         except Exception as exc:
@@ -836,14 +810,22 @@ class CacheSync(Service):
             if ns.silent:  # a live source names it: it is fed again
                 self._unsilence(ns)
         op = event.op
-        wall = self._wall_clock()
-        self._history.applied(event, wall)
         if self._observer is not None:
-            self._observer.event_applied(event.ns, str(op), wall - event.ts)
+            self._observer.event_applied(event.ns, str(op), self._wall_clock() - event.ts)
         version = event.version
         keys = event.keys
-        refresh = op == _UPSERT and event.value is not None and len(keys) == 1
         tags = event.tags
+        value = event.value
+        if keys:  # for explain(): the last event applied to each key (the event is immutable)
+            recent = ns.recent
+            record = (event if value is None else summary(event), now)
+            for key in keys:
+                recent[key] = record
+            if len(recent) > MAX_RECENT_KEYS:
+                trim(recent, MAX_RECENT_KEYS)
+        if op == _FLUSH or tags is not None:
+            self._history.flushed_by(event, self._wall_clock())
+        refresh = op == _UPSERT and value is not None and len(keys) == 1
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1
@@ -852,7 +834,7 @@ class CacheSync(Service):
             if op == _FLUSH:
                 cache.clear()
             elif refresh and member.mode == "refresh":
-                self._refresh(member, keys[0], event.value, version)
+                self._refresh(member, keys[0], value, version)
             else:
                 for key in keys:
                     cache.invalidate(key, version)
@@ -862,7 +844,9 @@ class CacheSync(Service):
         if member.from_event is not None:
             try:
                 value = member.from_event(value)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # A plain function cannot be cancelled: a CancelledError from it is its own
+                # bug, and must not end the listener.
                 cache.stats.errors += 1
                 self._warn.warning("from_event", "from_event() refused an event's value: %s", exc)
                 cache.invalidate(key, version)
@@ -895,7 +879,7 @@ class CacheSync(Service):
             at_start = seq == (last if heartbeat else last + 1)
             # Another publisher (not this one on another channel) may have lost events.
             others = any(_source_id(known) != event.source for known in self._sources)
-            self._sources[name] = _Source(seq, now, timeout)
+            self._sources[name] = _Source(seq, now, timeout, event.ts)
             self._heard_again(name)
             if retired is not None:
                 if not at_start:
@@ -923,6 +907,7 @@ class CacheSync(Service):
                 )
             return False
         source.last_seen = now
+        source.last_ts = event.ts
         if heartbeat:
             timeout = self._timeout_for(event)
             if timeout is not None:

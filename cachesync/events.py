@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import EventDecodeError, UnknownSchemaError
 
 __all__ = [
+    "DEFAULT_CHANNEL",
     "MAX_EVENT_BYTES",
     "PREVIOUS_SCHEMA_VERSION",
     "READABLE_SCHEMAS",
@@ -38,6 +39,10 @@ READABLE_SCHEMAS = (PREVIOUS_SCHEMA_VERSION, SCHEMA_VERSION)
 
 MAX_EVENT_BYTES = 1 << 20
 """Default upper bound for one encoded event (1 MiB)."""
+
+DEFAULT_CHANNEL = "cachesync"
+"""The channel events go on unless told otherwise: the one default of the client, the
+publishers, the outbox, the change feeds and the command line."""
 
 
 class Op(enum.StrEnum):

@@ -1,14 +1,14 @@
 """ "Why is this key stale here?": what one instance knows about one key, for an operator.
 
-The client keeps a small :class:`History` as it applies events (off the read path): the last
-event applied to each recently named key, the last flush of each namespace and why, and the
-lag of each source's last message. :meth:`CacheSync.explain <cachesync.client.CacheSync.explain>`
-joins it with what each cache holds for the key, into a plain JSON-ready dict.
+As it applies events (off the read path) the client keeps, per namespace, the last event
+applied to each recently named key (the immutable event itself, or a summary of one that
+carried a value), a :class:`History` of the last flush of each namespace and why, and per
+source its last seq and the owner's time of its last message. ``CacheSync.explain`` joins
+them with what each cache holds for the key, into a plain JSON-ready dict.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +17,19 @@ from .cache import NOBODY, TOMBSTONE, LocalCache
 if TYPE_CHECKING:
     from .events import ChangeEvent
 
-__all__ = ["FlushRecord", "History", "KeyEvent", "describe_entry"]
+__all__ = [
+    "MAX_RECENT_KEYS",
+    "FlushRecord",
+    "History",
+    "KeyEvent",
+    "describe_entry",
+    "key_event",
+    "summary",
+    "trim",
+]
 
-MAX_KEYS = 100_000
-"""How many (namespace, key) pairs the history remembers the last event of (LRU)."""
+MAX_RECENT_KEYS = 100_000
+"""How many keys of each namespace the client remembers the last event of."""
 
 
 @dataclass(slots=True)
@@ -47,45 +56,19 @@ class FlushRecord:
 
 
 class History:
-    """What the listener did lately, bounded; written only on the event path."""
+    """What the listener did lately, bounded; written only on the event path, so kept in
+    plain dicts (the listener pays a dict store per key)."""
 
-    def __init__(self, max_keys: int = MAX_KEYS) -> None:
-        self.max_keys = max_keys
-        self.keys: OrderedDict[tuple[str, str], KeyEvent] = OrderedDict()
+    def __init__(self) -> None:
         self.flushes: dict[str, FlushRecord] = {}
         self.everything: FlushRecord | None = None
-        self.source_lag: dict[str, tuple[float, float]] = {}  # source -> (lag, wall at)
 
-    def applied(self, event: ChangeEvent, wall: float) -> None:
-        """Remember ``event`` as the last one of each of its keys (and its source's lag)."""
-        self.source_lag[event.source] = (wall - event.ts, wall)
+    def flushed_by(self, event: ChangeEvent, wall: float) -> None:
+        """A flush event, or a tag invalidation, reached ``event.ns``."""
         if event.op == "flush":
             self.flush(event.ns, "flush", wall, source=event.source, seq=event.seq)
         elif event.tags is not None:
             self.flush(event.ns, "tags", wall, tags=list(event.tags), source=event.source)
-        if not event.keys:
-            return
-        record = KeyEvent(
-            str(event.op),
-            event.source,
-            event.seq,
-            event.version,
-            event.ts,
-            wall,
-            event.value is not None,
-        )
-        keys = self.keys
-        ns = event.ns
-        for key in event.keys:
-            pair = (ns, key)
-            keys[pair] = record
-            keys.move_to_end(pair)
-        while len(keys) > self.max_keys:
-            keys.popitem(last=False)
-
-    def heard(self, source: str, lag: float, wall: float) -> None:
-        """A heartbeat of ``source`` arrived ``lag`` seconds after it was sent."""
-        self.source_lag[source] = (lag, wall)
 
     def flush(self, ns: str | None, cause: str, wall: float, **details: Any) -> None:
         """Namespace ``ns`` (None: every namespace) was flushed because of ``cause``."""
@@ -102,9 +85,41 @@ class History:
             return self.everything
         return own
 
-    def last_event(self, ns: str, key: str) -> KeyEvent | None:
-        """The last event applied to ``key`` of ``ns``, if still remembered."""
-        return self.keys.get((ns, key))
+
+def key_event(record: tuple[Any, float] | None, wall: float, now: float) -> KeyEvent | None:
+    """The :class:`KeyEvent` of a record the client keeps per key (the event, or its
+    summary, and the monotonic time it was applied); ``wall`` and ``now`` date it."""
+    if record is None:
+        return None
+    event, at = record
+    carried = isinstance(event, _Summary) or event.value is not None
+    return KeyEvent(
+        str(event.op), event.source, event.seq, event.version, event.ts, wall - (now - at), carried
+    )
+
+
+def trim(recent: dict[str, Any], bound: int) -> None:
+    """Drop the first inserted keys of ``recent`` until it holds ``bound``."""
+    while len(recent) > bound:
+        del recent[next(iter(recent))]
+
+
+class _Summary:
+    """The fields of an event that carried a value, without the value."""
+
+    __slots__ = ("op", "source", "seq", "version", "ts")
+
+    def __init__(self, op: str, source: str, seq: int, version: int | None, ts: float) -> None:
+        self.op = op
+        self.source = source
+        self.seq = seq
+        self.version = version
+        self.ts = ts
+
+
+def summary(event: ChangeEvent) -> _Summary:
+    """The fields of ``event`` explain() reports, without its value."""
+    return _Summary(str(event.op), event.source, event.seq, event.version, event.ts)
 
 
 def describe_entry(cache: LocalCache, key: str) -> dict[str, Any]:

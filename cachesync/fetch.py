@@ -73,7 +73,7 @@ class HttpFetcher(Generic[T]):
     def __init__(
         self: HttpFetcher[Any],
         base_url: str,
-        path: str = ...,
+        path: str,
         model: None = None,
         *,
         timeout: float = ...,
@@ -92,8 +92,8 @@ class HttpFetcher(Generic[T]):
     def __init__(
         self,
         base_url: str,
-        path: str = ...,
-        model: type[T] | TypeAdapter[T] = ...,
+        path: str,
+        model: type[T] | TypeAdapter[T],
         *,
         timeout: float = ...,
         retries: int = ...,
@@ -110,7 +110,7 @@ class HttpFetcher(Generic[T]):
     def __init__(
         self,
         base_url: str,
-        path: str = "/currencies/{key}",
+        path: str,
         model: type[T] | TypeAdapter[T] | None = None,
         *,
         timeout: float = 5.0,
@@ -127,7 +127,7 @@ class HttpFetcher(Generic[T]):
         if not isinstance(base_url, str) or not base_url:
             raise ValueError("base_url must be a non-empty URL string")
         if "{key}" not in path:
-            raise ValueError("path must contain the '{key}' placeholder, e.g. '/currencies/{key}'")
+            raise ValueError("path must contain the '{key}' placeholder, e.g. '/items/{key}'")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if retries < 0:
@@ -136,7 +136,7 @@ class HttpFetcher(Generic[T]):
             raise ValueError("etag_cache_size must be >= 0")
         if many_path is not None and "{keys}" not in many_path:
             raise ValueError(
-                "many_path must contain the '{keys}' placeholder, e.g. '/currencies?codes={keys}'"
+                "many_path must contain the '{keys}' placeholder, e.g. '/items?keys={keys}'"
             )
         if many_max < 1:
             raise ValueError("many_max must be >= 1")
@@ -174,7 +174,10 @@ class HttpFetcher(Generic[T]):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this fetcher created it. Safe to call twice."""
+        """Close the HTTP client if this fetcher created it. Safe to call twice.
+
+        A fetcher runs nothing in the background, so it has no ``start``/``stop``; like the
+        ``httpx.AsyncClient`` it wraps it is closed with ``aclose()`` or ``async with``."""
         self._closed = True
         if self._owns_client:
             await self._client.aclose()
@@ -326,11 +329,12 @@ class HttpFetcher(Generic[T]):
     async def warm(
         self,
         cached_fn: Primeable,
-        list_path: str = "/currencies",
-        key: Callable[[T], str] = lambda item: item.code,  # type: ignore[attr-defined]
+        list_path: str,
+        key: Callable[[T], str],
         version: Callable[[T], int | None] | None = None,
     ) -> int:
-        """Preload a namespace from a list endpoint so a new instance starts hot.
+        """Preload a namespace from a list endpoint (``GET {base_url}{list_path}``, a JSON
+        array of items) so a new instance starts hot; ``key(item)`` is the cache key of an item.
 
         With a ``@sync.cached`` function, a bulk reservation is taken *before* the list is
         read (``cached_fn.bulk()``), so a key that an event changed while the list was on its

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
-from .events import READABLE_SCHEMAS, SCHEMA_VERSION, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, READABLE_SCHEMAS, SCHEMA_VERSION, ChangeEvent, Op
 from .lifecycle import Service
 from .runner import INHERITED, LoopThread
 from .signing import Signer
@@ -80,7 +80,7 @@ class Publisher(Service):
     def __init__(
         self,
         url: str = "memory://",
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         *,
         heartbeat_interval: float | None = 1.0,
         publish_timeout: float = 10.0,
@@ -250,6 +250,17 @@ class Publisher(Service):
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
 
+    def stats(self) -> dict[str, Any]:
+        """Counters and state, as every long-running object gives them: events ``published``,
+        ``publish_errors`` (publishes that raised), and ``source``, ``channel``, ``seq``."""
+        return {
+            "published": self.published,
+            "publish_errors": self.publish_errors,
+            "source": self.source,
+            "channel": self.channel,
+            "seq": self.seq,
+        }
+
     def state(self) -> PublisherState:
         """Source id, channel, last seq and heartbeat interval (for ``/cachesync/state``)."""
         return PublisherState(
@@ -390,14 +401,16 @@ class BlockingPublisher:
 
     It starts on first use in each process, so one made before a fork (gunicorn
     ``--preload``) works in every worker: each worker publishes as a source of its own.
-    ``with BlockingPublisher(...) as pub:`` or :meth:`close` stops it; so does the
-    interpreter's exit. Thread-safe.
+    ``with BlockingPublisher(...) as pub:`` or :meth:`stop` stops it; so does the
+    interpreter's exit. Thread-safe. Like every long-running object of cachesync it has
+    ``start``/``stop`` (blocking ones, for sync code) and a context manager; ``close`` is
+    ``stop`` under the name sync libraries use.
     """
 
     def __init__(
         self,
         url: str = "memory://",
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         *,
         heartbeat_interval: float | None = 1.0,
         publish_timeout: float = 10.0,
@@ -427,7 +440,7 @@ class BlockingPublisher:
         """Connect now rather than at the first publish (a no-op when already started)."""
         self._running()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         """Stop the heartbeat, close the connection and the thread. Idempotent."""
         with self._lock:
             self._closed = True
@@ -449,12 +462,18 @@ class BlockingPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.stop()
+
+    close = stop
 
     @property
     def publisher(self) -> Publisher:
         """The :class:`Publisher` behind this one (its ``source``, ``seq`` and counters)."""
         return self._running()[1]
+
+    def stats(self) -> dict[str, Any]:
+        """:meth:`Publisher.stats` of the publisher behind this one (starting it if needed)."""
+        return self.publisher.stats()
 
     # -- the API ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from cachesync import ChangeFeed
-from cachesync.integrations.fastapi import feed_lifespan
+from cachesync.contrib.fastapi import feed_lifespan
 from cachesync.owner.feeds import Table
 
 TABLES = [

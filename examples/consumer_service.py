@@ -22,8 +22,8 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 
 from cachesync import CacheSync, FetchError
+from cachesync.contrib.fastapi import consumer_lifespan
 from cachesync.fetch import HttpFetcher
-from cachesync.integrations.fastapi import consumer_lifespan
 
 from .models import Currency, Customer
 

@@ -29,7 +29,7 @@ from sqlalchemy import String, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from cachesync.integrations.fastapi import owner_lifespan, state_router
+from cachesync.contrib.fastapi import owner_lifespan, state_router
 from cachesync.owner.outbox import Outbox, OutboxRelay
 
 from .models import Currency, CurrencyIn, Customer, CustomerIn

@@ -242,9 +242,9 @@ class SentinelDeployment:
         finally:
             client.close()
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, wait: bool = True) -> None:
         """Start a killed Redis node again, as a replica of the current master (the sentinels
-        would convert it too, but only after about 8 s)."""
+        would convert it too, but only after about 8 s); ``wait`` until all is settled."""
         if not self.group.alive(name):
             node = self.group.nodes[name]
             argv = node.argv
@@ -252,6 +252,11 @@ class SentinelDeployment:
                 argv = argv[: argv.index("--replicaof")]
             node.argv = [*argv, "--replicaof", "127.0.0.1", str(self.master_port())]
             self.group.start(name)
+        if wait:
+            self.wait_settled()
+
+    def wait_settled(self) -> None:
+        """Wait until a failover can happen again (what a fault test needs first)."""
         wait_until(self.settled, 20.0, "sentinel deployment back to master + replica")
 
 
@@ -347,10 +352,15 @@ class RedisClusterDeployment:
         except Exception:
             return False
 
-    def restart(self, name: str) -> None:
-        """Start a killed node again (it rejoins as a replica) and wait for a healthy cluster."""
+    def restart(self, name: str, wait: bool = True) -> None:
+        """Start a killed node again (it rejoins as a replica); ``wait`` for a healthy cluster."""
         if not self.group.alive(name):
             self.group.start(name)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        """Wait until every primary has a replica in sync (what a fault test needs first)."""
         wait_until(self.healthy, 30.0, "Redis Cluster back to 3 primaries with replicas")
 
 

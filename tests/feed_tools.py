@@ -1,4 +1,5 @@
-"""What the change feed tests share: a raw event collector and a feed run as a subprocess."""
+"""What the change feed tests share: a feed run as a subprocess, and the raw event collector
+of the outbox tests."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from cachesync.events import ChangeEvent, Op
-from cachesync.transports.base import from_url
+
+from .outbox_tools import Collector
+
+__all__ = ["Collector", "FeedProcess", "assert_none_lost", "require_setting"]
 
 CONFIGURE = "run .ci/configure-cdc (as root) to enable it"
 
@@ -27,51 +31,6 @@ def require_setting(ok: bool, what: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
-
-
-class Collector:
-    """A raw subscriber: every change event of ``channel``, decoded, in arrival order."""
-
-    def __init__(self, url: str, channel: str = "cachesync") -> None:
-        self.transport = from_url(url)
-        self.channel = channel
-        self.events: list[ChangeEvent] = []
-        self._changed = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def changes(self) -> list[ChangeEvent]:
-        return [e for e in self.events if e.op != Op.HEARTBEAT]
-
-    async def __aenter__(self) -> Collector:
-        await self.transport.connect()
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(5):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await self.transport.close()
-
-    async def _run(self) -> None:
-        async for payload in self.transport.subscribe(self.channel, lambda _: self._ready.set()):
-            self.events.append(ChangeEvent.decode(payload))
-            self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def wait_changes(self, count: int, timeout: float = 10.0) -> list[ChangeEvent]:
-        await self.wait_for(lambda: len(self.changes) >= count, timeout)
-        return self.changes
 
 
 class FeedProcess:

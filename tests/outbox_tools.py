@@ -50,13 +50,13 @@ class Collector:
             self.events.append(ChangeEvent.decode(payload))
             self._changed.set()
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
             while not predicate():
                 self._changed.clear()
                 await self._changed.wait()
 
-    async def wait_changes(self, count: int, timeout: float = 5.0) -> list[ChangeEvent]:
+    async def wait_changes(self, count: int, timeout: float = 10.0) -> list[ChangeEvent]:
         await self.wait_for(lambda: len(self.changes) >= count, timeout)
         return self.changes
 

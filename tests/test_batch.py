@@ -375,14 +375,17 @@ async def test_http_fetcher_batch_array_chunks_and_errors() -> None:
     assert sorted(found) == [f"C{i}" for i in range(5)]
     assert len(requests) == 3  # 6 keys, 2 per request
     no_key = HttpFetcher(
-        "http://owner", client=client, many_path="/currencies?as=list&codes={keys}"
+        "http://owner",
+        "/currencies/{key}",
+        client=client,
+        many_path="/currencies?as=list&codes={keys}",
     )
     with pytest.raises(FetchError, match="many_key"):
         await no_key.get_many(["C1"])
     with pytest.raises(FetchError, match="no batch endpoint"):
-        await HttpFetcher("http://owner", client=client).get_many(["C1"])
+        await HttpFetcher("http://owner", "/c/{key}", client=client).get_many(["C1"])
     with pytest.raises(ValueError, match="{keys}"):
-        HttpFetcher("http://owner", many_path="/currencies")
+        HttpFetcher("http://owner", "/c/{key}", many_path="/currencies")
     await client.aclose()
 
 

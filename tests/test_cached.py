@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
+from typing import get_type_hints
 
 import pytest
 
 from cachesync import CacheSync
+from cachesync.cached import CacheOptions, CacheOptionsDict
 
 from .helpers import FakeClock, Owner, eventually
 
@@ -87,6 +90,56 @@ def test_bad_options_raise_value_error_naming_the_argument(
 ) -> None:
     with pytest.raises(ValueError, match=name):
         CacheSync("memory://bad-options").cached("ns", **options)  # type: ignore[arg-type]
+
+
+# A value for each option, unlike its default: a new field of CacheOptions fails the tests
+# below until it has one here.
+OPTION_SAMPLES: dict[str, object] = {
+    "ttl": 60.0,
+    "maxsize": 5,
+    "key": lambda code: code,
+    "mode": "refresh",
+    "stale_while_revalidate": 1.0,
+    "stale_if_error": 2.0,
+    "negative_ttl": 3.0,
+    "jitter": 0.0,
+    "from_event": lambda value: value,
+    "version_of": lambda value: 1,
+    "tags": lambda value: ["t"],
+    "max_bytes": 1_000,
+    "weigher": len,
+}
+
+
+def test_every_option_is_accepted_by_cached_and_cached_many() -> None:
+    names = [field.name for field in dataclasses.fields(CacheOptions)]
+    assert sorted(OPTION_SAMPLES) == sorted(names)
+    sync = CacheSync("memory://all-options")
+    for name in names:
+        value = OPTION_SAMPLES[name]
+        extra: dict[str, object] = {"max_bytes": 10} if name == "weigher" else {}
+        decorator = sync.cached("ns", **{name: value, **extra})  # type: ignore[arg-type]
+        assert getattr(decorator.options, name) == value, name
+        assert getattr(decorator.options, name) != getattr(CacheOptions(), name), name
+        if name != "key":  # batch keys are the owner's keys
+            many = sync.cached_many("ns", **{name: value, **extra})  # type: ignore[arg-type]
+            assert getattr(many.options, name) == value, name
+    everything = sync.cached("ns", **OPTION_SAMPLES)  # type: ignore[arg-type]
+    assert everything.options == CacheOptions(**OPTION_SAMPLES)  # type: ignore[arg-type]
+
+
+def test_the_keywords_of_cached_are_the_fields_of_cache_options() -> None:
+    # The TypedDict that types **options in cached() is kept identical to CacheOptions.
+    assert get_type_hints(CacheOptionsDict) == get_type_hints(CacheOptions)
+    assert CacheOptionsDict.__required_keys__ == frozenset()
+
+
+def test_an_unknown_option_is_a_type_error_naming_it() -> None:
+    sync = CacheSync("memory://unknown-option")
+    with pytest.raises(TypeError, match=r"cached\(\) got unknown options \['tll'\].*ttl"):
+        sync.cached("ns", tll=60)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"cached_many\(\) got unknown options \['size'\]"):
+        sync.cached_many("ns", size=3)  # type: ignore[call-arg]
 
 
 async def test_invalidate_and_cache_clear(sync: CacheSync) -> None:

@@ -17,10 +17,13 @@ from fastapi import FastAPI
 
 from cachesync import Publisher, cli
 from cachesync.cli import CommandError, UsageError, bench, fetch_state, listen, main, publish
-from cachesync.demo_owner import Owner, OwnerServer, build_app
+from cachesync.demo.owner import Owner, build_app
 from cachesync.transports import base
 from cachesync.transports.base import from_url
 from cachesync.transports.memory import bus_for
+
+from .asgiserver import AsgiServer
+from .helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["demo", "listen", "publish", "state", "bench"]
@@ -89,6 +92,16 @@ def test_help_through_the_module_entry_point() -> None:
         (["listen", "memory://x", "--count", "0"], ">= 1"),
         (["state", "localhost:8000"], "base URL, like http://"),
         (["listen", "memory://x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["publish", "memory://x", "", "k"], "non-empty namespace"),
+        (["publish", "memory://x", "n" * 257, "k"], "at most 256 characters"),
+        (["listen", "memory://x", "--ns", ""], "non-empty namespace"),
+        (["publish", "memory://x", "ns", "k", "--channel", ""], "non-empty channel"),
+        (["listen", "memory://x", "--channel", ""], "non-empty channel"),
+        (["cdc", "postgresql://h/db", "--channel", ""], "non-empty channel"),
+        (["publish", "memory://x", "ns", "k", "--value", "NaN"], "NaN is not a JSON number"),
+        (["publish", "memory://x", "ns", "k", "--value", "[-Infinity]"], "not a JSON number"),
+        (["publish", "memory://x", "ns", "k", "--signing-key", "short"], "at least 16 bytes"),
+        (["listen", "memory://x", "--signing-key", "short"], "at least 16 bytes"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -98,6 +111,43 @@ def test_usage_errors_exit_2(
     err = capsys.readouterr().err
     assert message in err
     assert "usage: cachesync" in err
+    [error] = [line for line in err.splitlines() if "error:" in line]
+    assert message in error
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("memory://x?max_backlog=0", "max_backlog='0' is not valid"),
+        ("redis+stream://127.0.0.1:1/0?maxlen=0", "maxlen='0' is not valid"),
+        ("memory://x?maxlen=0", "unknown option 'maxlen'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["publish", "listen"])
+def test_bad_url_options_are_one_line(
+    url: str, message: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, url, "ns", "k"] if command == "publish" else [command, url]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("cachesync: note:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(10)
+def test_a_value_error_from_the_library_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("first line\n  second line")
+
+    monkeypatch.setattr(cli, "publish", refuse)
+    assert main(["publish", "memory://x", "ns", "k"]) == 1
+    err = capsys.readouterr().err
+    assert "cachesync: error: first line second line\n" in err
+    assert "Traceback" not in err
 
 
 # -- runtime errors -------------------------------------------------------------------------
@@ -269,13 +319,77 @@ async def test_publish_refuses_arguments_that_do_not_go_together() -> None:
         await publish("memory://x", "ns", ["a"], op="delete", value={"v": 1})
 
 
+@pytest.mark.timeout(10)
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_demand(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot talk to redis://app:s3cret@cache:6379\nsecond line")
+
+    monkeypatch.setattr(cli, "publish", broken)
+    argv = ["publish", "redis://app:s3cret@cache:6379/0", "ns", "k"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unexpected RuntimeError: cannot talk to redis://app:***@cache:6379 second line" in err
+    assert "CACHESYNC_DEBUG=1" in err and "s3cret" not in err and "Traceback" not in err
+    monkeypatch.setenv("CACHESYNC_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(argv)
+
+
+# -- signing --------------------------------------------------------------------------------
+
+KEY = "k" * 16
+OLD_KEY = "o" * 16
+
+
+@pytest.mark.timeout(20)
+async def test_publish_signs_and_listen_verifies(unique: str) -> None:
+    url = f"memory://cli-{unique}"
+    out, err, printed = io.StringIO(), io.StringIO(), io.StringIO()
+    task = await _listening(url, out, err, ns="items", count=2, signing_keys=[KEY, OLD_KEY])
+    await publish(url, "items", ["unsigned"], out=printed)
+    await publish(url, "items", ["forged"], signing_key="x" * 16, out=printed)
+    await publish(url, "items", ["a"], signing_key=KEY, out=printed)
+    await publish(url, "items", ["b"], signing_key=OLD_KEY, out=printed)
+    assert await _finish(task) == 0
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["keys"] for e in events] == [["a"], ["b"]]
+    assert all(e["sig"] for e in events)
+    errors = [json.loads(line) for line in err.getvalue().splitlines() if line.startswith("{")]
+    assert [e["error"] for e in errors] == ["not signed", "bad signature"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_signed_event_reaches_a_client_with_the_key(unique: str) -> None:
+    from cachesync import CacheSync
+
+    url = f"memory://cli-{unique}"
+    async with CacheSync(url, signing_keys=[KEY]) as sync:
+        await publish(url, "items", ["a"], signing_key="x" * 16, out=io.StringIO())
+        await publish(url, "items", ["a"], signing_key=KEY, out=io.StringIO())
+        await eventually(lambda: sync.stats()["listener"]["messages"] >= 2, timeout=5)
+        assert sync.stats()["listener"]["bad_signatures"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_the_signing_key_may_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CACHESYNC_SIGNING_KEY", KEY)
+    assert main(["publish", f"memory://cli-{unique}", "items", "a"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert event["sig"]
+
+
 # -- state ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
 async def owner_url(unique: str) -> AsyncIterator[tuple[str, Publisher]]:
     publisher = Publisher(f"memory://cli-{unique}", "prices", heartbeat_interval=None)
-    async with publisher, OwnerServer(build_app(Owner(publisher))) as server:
+    async with publisher, AsgiServer(build_app(Owner(publisher))) as server:
         yield server.url, publisher
 
 
@@ -290,7 +404,7 @@ async def test_state_reads_the_owner_state(owner_url: tuple[str, Publisher]) -> 
 
 @pytest.mark.timeout(20)
 async def test_state_of_something_that_is_not_an_owner() -> None:
-    async with OwnerServer(FastAPI()) as server:
+    async with AsgiServer(FastAPI()) as server:
         with pytest.raises(CommandError, match="answered 404"):
             await fetch_state(server.url)
 

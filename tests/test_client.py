@@ -178,3 +178,33 @@ async def test_send_many_publishes_consecutive_seqs_in_order(
             await eventually(lambda: len(received) == 50)
     assert [e.keys[0] for e in received] == [f"K{i}" for i in range(50)]
     assert sync.stats()["listener"]["gaps"] == 0
+
+
+async def test_every_long_running_object_has_one_lifecycle_and_one_stats_shape(
+    unique: str,
+) -> None:
+    """start()/stop(), ``async with`` (``with`` for the blocking publisher), and a ``stats()``
+    that returns a plain dict."""
+    from cachesync import BlockingPublisher, ConsistencyMonitor, HttpFetcher
+    from cachesync.lifecycle import Service
+
+    url = f"memory://{unique}"
+    sync = CacheSync(url)
+
+    async def current_version(key: str) -> int | None:
+        return None
+
+    async with Publisher(url, heartbeat_interval=None) as publisher, sync:
+        await publisher.changed("fx", "USD")
+        monitor = ConsistencyMonitor(sync, "fx", current_version)
+        async with monitor:
+            for service in (publisher, sync, monitor):
+                assert isinstance(service, Service)
+                assert isinstance(service.stats(), dict)
+        assert publisher.stats()["published"] == 1
+    async with HttpFetcher("http://owner.invalid", "/x/{key}") as fetcher:
+        assert isinstance(fetcher.stats(), dict)
+    with BlockingPublisher(url, heartbeat_interval=None) as blocking:
+        blocking.changed("fx", "EUR")
+        assert blocking.stats()["published"] == 1
+    assert blocking.close == blocking.stop

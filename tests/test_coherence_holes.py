@@ -136,7 +136,7 @@ async def test_reader_threads_never_break_a_flush_nor_the_listener(unique: str) 
         assert listener["gaps"] == 20
         assert listener["bad_events"] == 0
         assert sync.listener_up
-        assert monitor.stats.checked > 0
+        assert monitor.stats()["checked"] > 0
 
 
 # 2 -----------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ async def test_an_http_fetcher_as_the_body_caches_its_result(sync: CacheSync) ->
         return httpx.Response(200, json={"code": "USD", "n": requests})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        get = sync.cached("fx")(HttpFetcher("http://owner", client=client))
+        get = sync.cached("fx")(HttpFetcher("http://owner", "/currencies/{key}", client=client))
         assert await get("USD") == {"code": "USD", "n": 1}
         assert await get("USD") == {"code": "USD", "n": 1}
         sync.handle_message(event(1, "USD").encode())

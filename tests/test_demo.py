@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cachesync import CacheSync, Publisher
@@ -26,7 +25,7 @@ from cachesync.demo import (
     format_table,
     run_demo,
 )
-from cachesync.demo_owner import NAMESPACE, Owner, OwnerServer, build_app
+from cachesync.demo.owner import CURRENCY_NAMES, NAMESPACE, Owner, build_app, owner_client
 
 ROOT = Path(__file__).resolve().parent.parent
 # The demo's stale-read bound is 10 ms after the commit. That bound measures the machine as well
@@ -144,8 +143,7 @@ async def test_owner_serves_updates_and_publishes_them(unique: str) -> None:
     async with (
         publisher,
         sync,
-        OwnerServer(build_app(Owner(publisher))) as server,
-        httpx.AsyncClient(base_url=server.url) as http,
+        owner_client(build_app(Owner(publisher))) as http,
     ):
         before = (await http.get("/currencies/USD")).json()
         assert before == {"code": "USD", "name": "US Dollar", "rate": 1.0, "version": 1}
@@ -153,10 +151,15 @@ async def test_owner_serves_updates_and_publishes_them(unique: str) -> None:
         assert changed.status_code == 200
         assert changed.json() == {**before, "rate": 1.25, "version": 2}
         assert (await http.get("/currencies/USD")).json()["version"] == 2
+        listed = (await http.get("/currencies")).json()
+        assert len(listed) == len(CURRENCY_NAMES) and listed[0]["version"] == 2
         assert publisher.seq == 1
         assert (await http.get("/currencies/XXX")).status_code == 404
         assert (await http.put("/currencies/XXX", json={"rate": 1.0})).status_code == 404
         assert (await http.put("/currencies/USD", json={"rate": -1})).status_code == 422
+        assert (await http.put("/currencies/USD", content=b"{")).status_code == 422
+        assert (await http.delete("/currencies/USD")).status_code == 405
+        assert (await http.get("/nowhere")).status_code == 404
         state = (await http.get("/cachesync/state")).json()
         assert state["source"] == publisher.source
         assert state["channels"]["prices"]["seq"] == 1
@@ -263,3 +266,20 @@ def test_ctrl_c_stops_the_demo_with_partial_results() -> None:
     assert "(interrupted)" in out
     assert "hit rate" in out
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(60)
+def test_demo_needs_no_web_framework() -> None:
+    # A plain `pip install cachesync` has neither FastAPI nor uvicorn: block their import.
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'starlette', 'uvicorn'):\n"
+        "    sys.modules[name] = None\n"
+        "from cachesync.cli import main\n"
+        "sys.exit(main(['demo', '--duration', '1', '--instances', '1', '--json']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reads"] > 0

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 
 from cachesync import CacheSync, ChangeEvent
 from cachesync.cli import CommandError, fetch_explain, main
-from cachesync.demo_owner import OwnerServer
-from cachesync.integrations.fastapi import consumer_router
+from cachesync.contrib.fastapi import consumer_router
 
+from .asgiserver import AsgiServer
 from .helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(20)
@@ -101,7 +101,7 @@ async def test_explain_over_http_and_the_cli(
         await get_currency("a/b")
         app = FastAPI()
         app.include_router(consumer_router(sync))
-        async with OwnerServer(app) as server:
+        async with AsgiServer(app) as server:
             report = await fetch_explain(server.url, "currencies", "a/b")
             assert report["functions"][0]["state"] == "fresh"
             with pytest.raises(CommandError, match="nothing is cached under"):
@@ -109,6 +109,29 @@ async def test_explain_over_http_and_the_cli(
             status = await asyncio.to_thread(main, ["explain", server.url, "currencies", "a/b"])
             assert status == 0
             assert json.loads(capsys.readouterr().out)["key"] == "a/b"
-    async with OwnerServer(FastAPI()) as server:
+    async with AsgiServer(FastAPI()) as server:
         with pytest.raises(CommandError, match="consumer_router"):
             await fetch_explain(server.url, "currencies", "USD")
+
+
+async def test_the_history_holds_no_values_and_is_bounded(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachesync import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_RECENT_KEYS", 10)
+    async with CacheSync(f"memory://{unique}") as sync:
+
+        @sync.cached("currencies", ttl=60, mode="refresh")
+        async def get_currency(code: str) -> Any:
+            return code
+
+        await get_currency("USD")
+        big = {"blob": "x" * 10_000}
+        sync.handle_message(_event(1, "currencies", "USD", value=big, version=2))
+        last = sync.explain("currencies", "USD")["last_event"]
+        assert last["carried_value"] and last["version"] == 2 and "value" not in last
+        for seq in range(2, 30):
+            sync.handle_message(_event(seq, "currencies", f"K{seq}"))
+        assert sync.explain("currencies", "USD")["last_event"] is None  # dropped, oldest first
+        assert sync.explain("currencies", "K29")["last_event"]["seq"] == 29

@@ -1,4 +1,4 @@
-"""cachesync.integrations.fastapi: lifespans, the state router, the missing-extra message; and
+"""cachesync.contrib.fastapi: lifespans, the state router, the missing-extra message; and
 the two example services wired together in one process over the memory bus."""
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, HTTPException
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from cachesync import CacheSync, Publisher
 from cachesync.client import ClientState
+from cachesync.contrib.fastapi import (
+    consumer_lifespan,
+    consumer_router,
+    owner_lifespan,
+    state_router,
+)
 from cachesync.fetch import HttpFetcher
-from cachesync.integrations.fastapi import consumer_lifespan, owner_lifespan, state_router
 from cachesync.owner.outbox import Outbox, OutboxRelay
 
 from .helpers import eventually
@@ -90,7 +95,7 @@ async def test_owner_lifespan_runs_an_outbox_relay_and_nests_the_app_lifespan(
 @pytest.mark.timeout(5)
 async def test_consumer_lifespan_runs_cachesync_and_closes_the_fetchers(unique: str) -> None:
     sync = CacheSync(f"memory://{unique}")
-    fetcher = HttpFetcher("http://owner.invalid")
+    fetcher = HttpFetcher("http://owner.invalid", "/items/{key}")
     seen: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -105,6 +110,77 @@ async def test_consumer_lifespan_runs_cachesync_and_closes_the_fetchers(unique: 
     assert seen == {"listener_up": True, "state": sync}
     assert sync.state is ClientState.CLOSED
     assert fetcher._client.is_closed
+
+
+async def operators_only(authorization: str | None = Header(default=None)) -> None:
+    if authorization != "Bearer ops-token":
+        raise HTTPException(status_code=401, detail="operators only")
+
+
+@pytest.mark.timeout(5)
+async def test_the_routers_take_dependencies_for_authentication(unique: str) -> None:
+    publisher = Publisher(f"memory://{unique}", heartbeat_interval=None)
+    sync = CacheSync(f"memory://{unique}")
+    app = FastAPI(lifespan=owner_lifespan(publisher))
+    app.include_router(state_router(publisher, dependencies=[Depends(operators_only)]))
+    app.include_router(
+        consumer_router(sync, prefix="/consumer", dependencies=[Depends(operators_only)])
+    )
+    async with running(app) as client, sync:
+        for path in ("/cachesync/state", "/consumer/stats", "/consumer/explain?ns=a&key=b"):
+            assert (await client.get(path)).status_code == 401, path
+            granted = await client.get(path, headers={"Authorization": "Bearer ops-token"})
+            assert granted.status_code in (200, 404), path  # 404: nothing cached under "a"
+        answer = await client.get("/cachesync/state", headers={"Authorization": "Bearer ops-token"})
+        assert answer.json()["source"] == publisher.source
+
+
+class _Relay:
+    """Stands for an OutboxRelay whose database refused it (what the router reads of one)."""
+
+    def __init__(self, publisher: Publisher, error: str) -> None:
+        self.publisher = publisher
+        self.error = error
+
+    def stats(self) -> dict[str, Any]:
+        return {"published": 3, "db_up": False, "last_error": self.error}
+
+
+DB_ERROR = (
+    'database: OperationalError: connection to server at "db.internal" (10.1.2.3), port 5433 '
+    'failed: FATAL: password authentication failed for user "billing" database "ledger"'
+)
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (DB_ERROR, "database: OperationalError"),
+        ("broker: cannot reach redis://app@cache.internal:6380/4", "broker"),
+        ("ConnectionError: Error 111 connecting to 10.1.2.3:6380.", "ConnectionError"),
+        ("could not connect to 10.1.2.3", "error"),
+    ],
+)
+async def test_the_state_keeps_connection_details_out_by_default(
+    unique: str, error: str, shown: str
+) -> None:
+    publisher = Publisher(f"memory://{unique}", heartbeat_interval=None)
+    relay = _Relay(publisher, error)
+    app = FastAPI(lifespan=owner_lifespan(publisher))
+    app.include_router(state_router(relay))  # type: ignore[arg-type]
+    app.include_router(state_router(relay, prefix="/ops", show_errors=True))  # type: ignore[arg-type]
+    async with running(app) as client:
+        default = await client.get("/cachesync/state")
+        chosen = (await client.get("/ops/state")).json()
+    assert default.json()["outbox"]["cachesync"] == {
+        "published": 3,
+        "db_up": False,
+        "last_error": shown,
+    }
+    for detail in ("db.internal", "10.1.2.3", "5433", "6380", "billing", "ledger", "app@"):
+        assert detail not in default.text
+    assert chosen["outbox"]["cachesync"]["last_error"] == error
 
 
 @pytest.mark.timeout(5)
@@ -122,9 +198,9 @@ def test_arguments_are_checked() -> None:
 @pytest.mark.timeout(5)
 def test_without_fastapi_the_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes "import fastapi" fail
-    monkeypatch.delitem(sys.modules, "cachesync.integrations.fastapi")
+    monkeypatch.delitem(sys.modules, "cachesync.contrib.fastapi")
     with pytest.raises(ImportError, match=r"pip install 'cachesync\[fastapi\]'"):
-        importlib.import_module("cachesync.integrations.fastapi")
+        importlib.import_module("cachesync.contrib.fastapi")
 
 
 def _free_port() -> int:

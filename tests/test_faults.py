@@ -173,7 +173,10 @@ async def test_broker_closes_the_amqp_connection(amqp_url: str, unique: str) -> 
 
     sync, owner, reads = await run_scenario(consumer_url, amqp_url, unique, close, bound=0.5)
     assert_coherent(sync, owner, reads, 0.5)
-    assert sync.stats()["listener"]["reconnects"] >= 1
+    listener = sync.stats()["listener"]
+    # rabbitmqctl can take seconds on a loaded machine: the watchdog may restart the connection
+    # on missed heartbeats before the broker closes it. Either way the cut was noticed.
+    assert listener["reconnects"] + listener["heartbeat_misses"] >= 1
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pymysql
 import pytest
@@ -32,11 +33,21 @@ class My:
             return list(cur.fetchall())
 
 
+def _connect(dsn: str) -> Any:
+    parts = urlsplit(dsn)
+    return pymysql.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        database=parts.path.lstrip("/"),
+        autocommit=True,
+    )
+
+
 @pytest.fixture
 def my(mariadb_dsn: str, unique: str) -> Iterator[My]:
-    conn = pymysql.connect(
-        host="127.0.0.1", port=3306, user="root", database="test", autocommit=True
-    )
+    conn = _connect(mariadb_dsn)
     env = My(mariadb_dsn, f"cdc_{unique}", f"cs_{unique}", conn)
     try:
         (log_bin, fmt) = env.sql("SELECT @@log_bin, @@binlog_format")[0]
@@ -138,9 +149,7 @@ async def test_a_feed_killed_mid_stream_and_restarted_loses_nothing(
     ]
     keys = [f"K{i}" for i in range(10)]
     committed: dict[str, list[int]] = {key: [] for key in keys}
-    writer = pymysql.connect(
-        host="127.0.0.1", port=3306, user="root", database="test", autocommit=True
-    )
+    writer = _connect(my.dsn)
     feed = FeedProcess(args)
 
     def write(first: int, last: int) -> None:

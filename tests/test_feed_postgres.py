@@ -298,7 +298,7 @@ async def test_fastapi_lifespan_and_prometheus_metrics_show_the_feed(pg: Pg, uni
     from fastapi import FastAPI
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from cachesync.integrations.fastapi import feed_lifespan
+    from cachesync.contrib.fastapi import feed_lifespan
     from cachesync.owner.feeds.prometheus import register_feed_metrics
 
     url = f"memory://{unique}"

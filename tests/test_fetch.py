@@ -232,7 +232,7 @@ async def test_a_304_for_a_validator_forgotten_meanwhile_refetches_unconditional
         return httpx.Response(200, json={"code": "USD", "rate": 1.0}, headers={"ETag": '"1"'})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        fetcher = HttpFetcher("http://owner", model=Currency, client=client)
+        fetcher = HttpFetcher("http://owner", "/currencies/{key}", model=Currency, client=client)
         await fetcher.get("USD")
         value = await fetcher.get("USD")
     assert value == Currency(code="USD", rate=1.0)
@@ -247,7 +247,7 @@ async def test_owned_client_is_closed_and_a_passed_client_is_not() -> None:
         pass
     assert not client.is_closed
     await client.aclose()
-    async with HttpFetcher("http://owner") as own:
+    async with HttpFetcher("http://owner", "/x/{key}") as own:
         inner = own._client
     assert inner.is_closed
     with pytest.raises(FetchError):
@@ -261,9 +261,9 @@ def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError):
         HttpFetcher("", "/x/{key}")
     with pytest.raises(ValueError):
-        HttpFetcher("http://owner", retries=-1)
+        HttpFetcher("http://owner", "/x/{key}", retries=-1)
     with pytest.raises(ValueError):
-        HttpFetcher("http://owner", timeout=0)
+        HttpFetcher("http://owner", "/x/{key}", timeout=0)
 
 
 @pytest.mark.timeout(5)
@@ -307,10 +307,12 @@ async def test_warm_leaves_alone_a_key_changed_while_the_list_was_read(unique: s
     get_currency = get_currency_fn
     async with (
         httpx.AsyncClient(transport=httpx.MockTransport(owner)) as client,
-        HttpFetcher("http://owner", model=Currency, client=client) as fetcher,
+        HttpFetcher("http://owner", "/currencies/{key}", model=Currency, client=client) as fetcher,
         sync,
     ):
-        assert await fetcher.warm(get_currency, "/currencies") == 1  # EUR only
+        assert (
+            await fetcher.warm(get_currency, "/currencies", key=lambda c: c.code) == 1
+        )  # EUR only
         usd = await get_currency("USD")
         assert usd is not None and usd.rate == 2.0  # fetched, not the stale listed value
 
@@ -327,10 +329,10 @@ async def test_warm_with_a_bad_list_raises() -> None:
 
     async with client:
         with pytest.raises(FetchError):
-            await fetcher.warm(Recorder())
+            await fetcher.warm(Recorder(), "/currencies", key=lambda c: c.code)
         owner.script = [httpx.Response(200, json=[{"code": "USD"}])]
         with pytest.raises(FetchError):
-            await fetcher.warm(Recorder())
+            await fetcher.warm(Recorder(), "/currencies", key=lambda c: c.code)
 
 
 @pytest.mark.timeout(5)
@@ -386,7 +388,9 @@ async def test_against_a_real_uvicorn_server() -> None:
         while not server.started:
             assert not task.done(), "uvicorn did not start"
             await asyncio.sleep(0.01)
-        async with HttpFetcher(f"http://127.0.0.1:{port}", model=Currency) as fetcher:
+        async with HttpFetcher(
+            f"http://127.0.0.1:{port}", "/currencies/{key}", model=Currency
+        ) as fetcher:
             usd = await fetcher.get("USD")
             assert usd == Currency(code="USD", rate=1.0, version=1)
             assert await fetcher.get("XXX") is None

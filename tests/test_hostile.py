@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from cachesync import CacheSync, ChangeEvent, Op
+from cachesync import CacheSync, ChangeEvent, Op, Publisher
 from cachesync.cache import LocalCache
 from cachesync.cached import wrap_sync
 
-from .helpers import FakeClock
+from .helpers import FakeClock, eventually
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -541,3 +541,32 @@ async def test_an_event_numbered_zero_is_not_dropped_unnoticed(unique: str) -> N
         assert await get("USD") == 2
         listener = sync.stats()["listener"]
         assert (listener["gaps"], listener["duplicates"]) == (1, 0)
+
+
+async def test_from_event_raising_cancelled_error_does_not_end_the_listener(unique: str) -> None:
+    url = f"memory://{unique}"
+
+    def from_event(value: Any) -> Any:
+        raise asyncio.CancelledError
+
+    async with Publisher(url, heartbeat_interval=None) as pub, CacheSync(url) as sync:
+        get = sync.cached("fx", mode="refresh", from_event=from_event)(_counting_fetch())
+        assert await get("USD") == 1
+        await pub.changed("fx", "USD", version=2, value={"rate": 2})
+        await eventually(lambda: sync.stats()["namespaces"]["fx"]["errors"] == 1)
+        assert sync.listener_up
+        assert await get("USD") == 2  # the entry was dropped; the listener goes on
+        await pub.changed("fx", "EUR")
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 2)
+        assert sync.listener_up
+
+
+def _counting_fetch() -> Any:
+    calls = 0
+
+    async def fetch(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    return fetch

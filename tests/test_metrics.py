@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,8 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cachesync import CacheSync, ChangeEvent, Op, Publisher
-from cachesync.metrics import PrometheusMetrics
+from cachesync.contrib.monitor import ConsistencyMonitor
+from cachesync.contrib.prometheus import PrometheusMetrics, exported_names
 from cachesync.transports.memory import bus_for
 
 from .helpers import Owner, eventually
@@ -34,7 +36,7 @@ async def observed(unique: str) -> AsyncIterator[tuple[CacheSync, PrometheusMetr
 @pytest.mark.timeout(10)
 def test_importing_the_module_does_not_import_prometheus_client() -> None:
     code = (
-        "import sys, cachesync, cachesync.metrics, cachesync.monitor;"
+        "import sys, cachesync, cachesync.contrib.prometheus, cachesync.contrib.monitor;"
         "assert 'prometheus_client' not in sys.modules, 'imported at import time'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -244,3 +246,84 @@ async def test_metrics_endpoint_in_fastapi(observed: tuple[CacheSync, Prometheus
         assert 'cachesync_reads_total{namespace="fx",result="hit"} 1.0' in response.text
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     assert openmetrics.text.rstrip().endswith("# EOF")
+
+
+# -- every entry of stats() is exported -------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+async def test_every_entry_of_stats_is_exported(
+    observed: tuple[CacheSync, PrometheusMetrics],
+) -> None:
+    sync, metrics = observed
+    owner = Owner(USD=1.0)
+    get = sync.cached("fx", ttl=60, max_bytes=10_000, version_of=lambda _: 1)(owner.fetch)
+    await get("USD")
+
+    async def current_version(key: str) -> int | None:
+        return 1
+
+    ConsistencyMonitor(sync, "fx", current_version)
+    stats = sync.stats()
+    assert {"namespaces", "listener", "consistency"} <= set(stats)
+    scraped = {
+        sample.name
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    names = exported_names(stats)
+    expected = {
+        f"{section}.{field}"
+        for section, value in stats.items()
+        for field in (value if section == "listener" else next(iter(value.values())))
+    }
+    assert set(names) == expected
+    # An entry with no value yet (None: no event so far) has its family, without a sample.
+    families = {family.name for family in metrics.registry.collect()}
+
+    def exported(entry: str, name: str) -> bool:
+        section, field = entry.split(".")
+        value = stats[section] if section == "listener" else next(iter(stats[section].values()))
+        return name in scraped or (value[field] is None and name in families)
+
+    missing = {entry: name for entry, name in names.items() if not exported(entry, name)}
+    assert not missing, f"entries of stats() not exported to Prometheus: {missing}"
+
+
+@pytest.mark.timeout(10)
+async def test_a_new_counter_is_exported_without_a_change_to_the_exporter(
+    observed: tuple[CacheSync, PrometheusMetrics], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync, metrics = observed
+    sync.cached("fx", ttl=60)(Owner(USD=1.0).fetch)
+    stats = CacheSync.stats
+
+    def with_new_counters(self: CacheSync) -> dict[str, Any]:
+        result = stats(self)
+        result["listener"]["brand_new"] = 3
+        result["namespaces"]["fx"]["also_new"] = 4
+        return result
+
+    monkeypatch.setattr(CacheSync, "stats", with_new_counters)
+    assert value(metrics, "cachesync_brand_new_total") == 3
+    assert value(metrics, "cachesync_also_new_total", namespace="fx") == 4
+    assert exported_names(sync.stats())["listener.brand_new"] == "cachesync_brand_new_total"
+
+
+@pytest.mark.timeout(10)
+async def test_the_monitor_section_is_held_by_the_client(unique: str) -> None:
+    sync = CacheSync(f"memory://{unique}")
+
+    async def current_version(key: str) -> int | None:
+        return None
+
+    first = ConsistencyMonitor(sync, "a", current_version)
+    second = ConsistencyMonitor(sync, "b", current_version)
+    assert set(sync.stats()["consistency"]) == {"a", "b"}
+    assert first.counters is not second.counters
+    sync.add_stats("other", dict)
+    other = CacheSync(f"memory://{unique}")
+    other.add_stats("consistency", dict)
+    with pytest.raises(ValueError, match="taken"):
+        ConsistencyMonitor(other, "a", current_version)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from cachesync import CacheSync, ChangeEvent, Op, StateError
-from cachesync.metrics import PrometheusMetrics
-from cachesync.monitor import ConsistencyMonitor
+from cachesync.contrib.monitor import ConsistencyMonitor
+from cachesync.contrib.prometheus import PrometheusMetrics
 
 from .helpers import FakeClock, eventually
 

@@ -150,13 +150,18 @@ async def _stream_leader(url: str, channel: str) -> str:
         await nc.close()
 
 
-def _restart(group: ProcessGroup, name: str) -> None:
-    """Start a killed node again and wait until every node reports JetStream healthy (the
-    node caught up), so the next test can lose another one."""
-    import httpx
-
+def _restart(group: ProcessGroup, name: str, wait: bool = True) -> None:
+    """Start a killed node again; ``wait`` until it caught up (see ``_wait_healthy``)."""
     if not group.alive(name):
         group.start(name)
+    if wait:
+        _wait_healthy(group)
+
+
+def _wait_healthy(group: ProcessGroup) -> None:
+    """Wait until every node reports JetStream healthy (a restarted node caught up), so a
+    test can lose another one."""
+    import httpx
 
     def healthy() -> bool:
         try:
@@ -187,6 +192,7 @@ def _meta_leader(group: ProcessGroup) -> str:
 async def test_cluster_loses_a_node_while_events_flow(
     nats_nodes: ProcessGroup, unique: str, victim: str
 ) -> None:
+    _wait_healthy(nats_nodes)
     url = _cluster_url(nats_nodes)
     channel = f"cachesync-cluster-{unique}"
     pub = await _stream_ready(url, channel)
@@ -241,7 +247,7 @@ async def test_cluster_loses_a_node_while_events_flow(
     finally:
         await feeder.stop()
         await reader.stop()
-        _restart(nats_nodes, killed)
+        _restart(nats_nodes, killed, wait=False)
 
 
 async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
@@ -251,6 +257,7 @@ async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
     # node the consumer is connected to is killed; no read is older than the bound.
     from .test_faults import assert_coherent, run_scenario
 
+    _wait_healthy(nats_nodes)
     url = _cluster_url(nats_nodes)
     channel = f"cachesync-e2e-{unique}"
     await (await _stream_ready(url + "?replicas=3", channel)).close()
@@ -273,4 +280,4 @@ async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
         )
         assert_coherent(sync, owner, reads, bound=0.5)
     finally:
-        _restart(nats_nodes, nodes[0].name)
+        _restart(nats_nodes, nodes[0].name, wait=False)

@@ -156,7 +156,7 @@ async def test_publish_timeout_bounds_a_publish_on_a_stalled_network(
                 elapsed = time.monotonic() - started
                 # The deadline, plus at most one heartbeat that held the lock (itself bounded
                 # by the heartbeat interval): never the 10 s of the transport's own timeouts.
-                assert elapsed < TIMEOUT + 0.5, elapsed
+                assert elapsed < TIMEOUT + 1.0, elapsed
             proxy.resume()
             await proxy.cut()
             await publish_until_it_works(pub, 4)
@@ -190,8 +190,13 @@ async def test_the_outbox_relay_publishes_every_row_after_a_long_outage(
             await asyncio.sleep(OUTAGE)  # longer than every timeout
 
             proxy.refuse(False)
-            changes = await collector.wait_changes(3, timeout=15)
-            assert [c.keys for c in changes] == [("a",), ("b",), ("c",)]
+
+            # At least once: a row whose publish raced the cut may go out twice.
+            def first_seen() -> list[tuple[str, ...]]:
+                return list(dict.fromkeys(c.keys for c in collector.changes))
+
+            await collector.wait_for(lambda: len(first_seen()) == 3, timeout=15)
+            assert first_seen() == [("a",), ("b",), ("c",)]
 
 
 class _Unreliable(MemoryTransport):

@@ -178,6 +178,7 @@ def _replica_of(deployment: RedisClusterDeployment, primary: int) -> int:
 async def test_a_graceful_failover_ends_the_subscription_and_it_comes_back(
     redis_cluster: RedisClusterDeployment, unique: str
 ) -> None:
+    redis_cluster.wait_healthy()
     transport = RedisClusterTransport(redis_cluster.url, health_check_interval=1.0)
     pub = RedisClusterTransport(redis_cluster.url)
     wire = transport.channel_for(unique, "fx")
@@ -215,12 +216,12 @@ async def test_a_graceful_failover_ends_the_subscription_and_it_comes_back(
     finally:
         await transport.close()
         await pub.close()
-        wait_until(redis_cluster.healthy, 20.0, "a healthy cluster")
 
 
 async def test_a_killed_primary_while_events_flow(
     redis_cluster: RedisClusterDeployment, unique: str
 ) -> None:
+    redis_cluster.wait_healthy()
     url = f"{redis_cluster.url}?health_check_interval=1&socket_timeout=1"
     channel = RedisClusterTransport(url).channel_for(f"cachesync-{unique}", "fx")
     victim = redis_cluster.node_at(_owner_of(redis_cluster, channel))
@@ -246,7 +247,7 @@ async def test_a_killed_primary_while_events_flow(
     finally:
         await feeder.stop()
         await reader.stop()
-        redis_cluster.restart(victim)
+        redis_cluster.restart(victim, wait=False)
 
 
 async def test_cached_reads_stay_coherent_when_a_primary_is_killed(
@@ -254,6 +255,7 @@ async def test_cached_reads_stay_coherent_when_a_primary_is_killed(
 ) -> None:
     from .test_faults import assert_coherent, run_scenario
 
+    redis_cluster.wait_healthy()
     url = f"{redis_cluster.url}?health_check_interval=1&socket_timeout=1"
     channel = f"cachesync-{unique}"
     victim = redis_cluster.node_at(
@@ -268,4 +270,4 @@ async def test_cached_reads_stay_coherent_when_a_primary_is_killed(
         assert_coherent(sync, owner, reads, bound=0.5)
         assert sync.stats()["listener"]["reconnects"] >= 1
     finally:
-        redis_cluster.restart(victim)
+        redis_cluster.restart(victim, wait=False)

@@ -35,6 +35,7 @@ def test_url_is_parsed_and_checked() -> None:
 async def test_publisher_and_subscriber_follow_a_killed_master(
     sentinel: SentinelDeployment, unique: str
 ) -> None:
+    sentinel.wait_settled()
     channel = f"cachesync-sentinel-{unique}"
     url = f"{sentinel.url}?health_check_interval=1"
     reader = Reader(RedisSentinelTransport(url, connect_timeout=5.0), channel)
@@ -65,7 +66,7 @@ async def test_publisher_and_subscriber_follow_a_killed_master(
     finally:
         await feeder.stop()
         await reader.stop()
-        sentinel.restart(victim)
+        sentinel.restart(victim, wait=False)
 
 
 async def test_cached_reads_stay_coherent_when_the_master_is_killed(
@@ -73,6 +74,7 @@ async def test_cached_reads_stay_coherent_when_the_master_is_killed(
 ) -> None:
     from .test_faults import assert_coherent, run_scenario
 
+    sentinel.wait_settled()
     victim = sentinel.node_at(sentinel.master_port())
     url = f"{sentinel.url}?health_check_interval=1&socket_timeout=1"
 
@@ -84,4 +86,4 @@ async def test_cached_reads_stay_coherent_when_the_master_is_killed(
         assert_coherent(sync, owner, reads, bound=0.5)
         assert sync.stats()["listener"]["reconnects"] >= 1
     finally:
-        sentinel.restart(victim)
+        sentinel.restart(victim, wait=False)

@@ -131,7 +131,7 @@ async def test_no_password_in_the_state_endpoint_or_relay_stats(
     from fastapi import FastAPI
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    from cachesync.integrations.fastapi import state_router
+    from cachesync.contrib.fastapi import state_router
     from cachesync.owner.outbox import Outbox, OutboxRelay
     from cachesync.transports.memory import MemoryTransport
 
@@ -162,6 +162,8 @@ async def test_no_password_in_the_state_endpoint_or_relay_stats(
             assert response.status_code == 200
             assert "last_error" in response.text  # the error is there, its password is not
             assert "s3cret" not in response.text
+            assert unique not in response.text  # nor the broker's host
+            assert response.json()["outbox"]["state"]["last_error"] == "broker"
             assert "s3cret" not in repr(relay.stats())
             assert "s3cret" not in caplog.text
     finally:

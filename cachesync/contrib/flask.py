@@ -28,9 +28,11 @@ into every worker by itself (see :mod:`cachesync.runner`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
+from ..cached import CacheOptionsDict, Decorator
 from ..client import CacheSync, ClientState
+from ..events import DEFAULT_CHANNEL
 from ..publisher import BlockingPublisher
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ __all__ = ["FlaskCacheSync"]
 
 DEFAULTS: dict[str, Any] = {
     "CACHESYNC_URL": "memory://",
-    "CACHESYNC_CHANNEL": "cachesync",
+    "CACHESYNC_CHANNEL": DEFAULT_CHANNEL,
     "CACHESYNC_CONNECT_TIMEOUT": 10.0,
     "CACHESYNC_START": True,
     "CACHESYNC_WAIT": True,
@@ -92,6 +94,7 @@ class FlaskCacheSync:
         if config["CACHESYNC_START"] and self._sync.state is ClientState.UNOPENED:
             self._sync.start_in_background(wait=bool(config["CACHESYNC_WAIT"]))
 
-    def cached(self, ns: str, **options: Any) -> Any:
-        """``sync.cached(ns, **options)`` of the client (see :meth:`CacheSync.cached`)."""
+    def cached(self, ns: str, **options: Unpack[CacheOptionsDict]) -> Decorator:
+        """``sync.cached(ns, **options)`` of the client (see :meth:`CacheSync.cached`; the
+        options are those of :class:`~cachesync.cached.CacheOptions`)."""
         return self.sync.cached(ns, **options)

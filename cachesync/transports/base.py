@@ -21,6 +21,10 @@ over each one):
   away from its cache until ``on_ready`` and flushes when ``resumed`` is false.
   When the connection breaks the iterator raises :class:`~cachesync.errors.ConnectionLost`;
   it never reconnects on its own. Calling ``subscribe`` again (after ``connect()``) starts over.
+  Reconnecting is the caller's job, so that the caller sees every break: the client's listener
+  reconnects with backoff (flushing or replaying), and the :class:`~cachesync.Publisher`
+  reconnects on its next publish. That is how "every publisher and consumer comes back by
+  itself" holds while no transport reconnects behind the client's back.
 - ``max_payload`` (set by the client to its ``max_event_bytes``): a transport drops a payload
   larger than this instead of yielding it, without buffering it whole where its client library
   allows, and counts it in ``oversized``. A transport that ignores it is still correct: the

@@ -25,7 +25,8 @@ retries off: the slot map comes from ``CLUSTER SLOTS`` (asked of the nodes of th
 ``PubSub`` per node. (redis-py's ``RedisCluster`` reloads its slot map by itself in the middle of
 a command, which would hide a failover from the client, and leaves connections behind when a
 command is cancelled during that reload.) A ``MOVED`` reply marks the map stale; the caller's
-``connect()`` reloads it.
+``connect()`` reloads it. Only ``PubSub.ssubscribe`` and ``spublish`` are needed (redis-py 5 and
+later), not ``ClusterPubSub``.
 
 URL options (query string; keyword arguments of the same name win):
 

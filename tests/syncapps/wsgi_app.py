@@ -30,6 +30,17 @@ def get_item(key: str) -> str | None:
 
 sync.start_in_background()
 
+# The counters a worker inherits from the master (whose listener runs too): a worker has heard
+# the publisher once it counted a heartbeat of its own.
+_inherited = {"heartbeats": 0}
+
+
+def _forked() -> None:
+    _inherited["heartbeats"] = sync.stats()["listener"]["heartbeats"]
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "")
@@ -40,8 +51,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     stats = sync.namespace("items").stats
     fetches = stats.fetches
     # Read before the value: a reply that says "heard" was served after the publisher's first
-    # message, which may flush what was cached before it.
-    heard = sync.stats()["listener"]["messages"] > 0
+    # message, which may flush what was cached before it (a heartbeat is counted once it was
+    # checked against its source, that flush included).
+    heard = sync.stats()["listener"]["heartbeats"] > _inherited["heartbeats"]
     value = get_item(key)
     listener = sync.stats()["listener"]
     body = json.dumps(

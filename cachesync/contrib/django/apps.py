@@ -10,12 +10,13 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from ...client import CacheSync, ClientState
+from ...events import DEFAULT_CHANNEL
 from ...publisher import BlockingPublisher
 
 DEFAULTS: dict[str, Any] = {
     "CLIENT": None,
     "URL": "memory://",
-    "CHANNEL": "cachesync",
+    "CHANNEL": DEFAULT_CHANNEL,
     "CONNECT_TIMEOUT": 10.0,
     "START": True,
     "WAIT": True,

@@ -9,12 +9,14 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from ...events import DEFAULT_CHANNEL
+
 
 class OutboxEvent(models.Model):
     """One change waiting to be published (``sent_at`` is NULL until the broker took it)."""
 
     id = models.BigAutoField(primary_key=True)
-    channel = models.CharField(max_length=255, default="cachesync")
+    channel = models.CharField(max_length=255, default=DEFAULT_CHANNEL)
     ns = models.CharField(max_length=256)
     op = models.CharField(max_length=16, default="upsert")
     keys = models.JSONField()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from ...backoff import Backoff
 from ...errors import CacheSyncError, ConfigError, StateError, TransportError
-from ...events import Op
+from ...events import DEFAULT_CHANNEL, Op
 from ...lifecycle import Service
 from ...publisher import Change, Publisher
 from ...transports.base import redact_url
@@ -219,7 +219,7 @@ class ChangeFeed(Service):
         tables: Iterable[Table | str],
         publisher: str | Publisher = "memory://",
         *,
-        channel: str = "cachesync",
+        channel: str = DEFAULT_CHANNEL,
         name: str = "cachesync",
         batch_size: int = 1000,
         lag_interval: float = 5.0,
@@ -341,8 +341,10 @@ class ChangeFeed(Service):
     def stats(self) -> dict[str, Any]:
         """Counts (transactions, changes by op, reconnects, schema errors), the source's
         position, and its lag: ``lag_bytes`` (log the confirmed position is behind, refreshed
-        every ``lag_interval``) and ``lag_seconds`` (how long the oldest change not yet
-        confirmed has waited since its commit; 0 when caught up)."""
+        every ``lag_interval``) and ``lag_seconds`` (while changes wait: how long the oldest
+        one not yet confirmed has waited since its commit; after a batch: its last commit's
+        age when confirmed; 0 once the feed has read all the log had). MySQL commit times
+        have a resolution of one second."""
         result = dict(self._stats)
         if self._pending_since is not None:
             result["lag_seconds"] = max(0.0, time.time() - self._pending_since)
@@ -404,6 +406,7 @@ class ChangeFeed(Service):
                 self._pending_since = None
             if not batch.changes and batch.position is None:
                 self._caught_up.set()
+                self._stats["lag_seconds"] = 0.0
             else:
                 self._caught_up.clear()
 

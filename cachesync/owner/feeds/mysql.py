@@ -56,7 +56,8 @@ _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,
 )
-_END = object()
+# Statements logged inside a transaction: the position after them is not a commit boundary.
+_IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
 
 
 def _settings(dsn: str) -> tuple[dict[str, Any], str]:
@@ -241,10 +242,11 @@ class MySQLSource(Source):
                     here = (stream.log_file, stream.log_pos)
                     if here != last:
                         last = here
-                        self._put(("idle", here, None))
+                        self._put([("idle", here, None)])
                     continue
-                for item in self._items(event, stream):
-                    self._put(item)
+                items = self._items(event, stream)
+                if items:
+                    self._put(items)  # one queue operation per binlog event, not per row
         except BaseException as exc:  # handed to the loop, which reconnects
             self._put(exc)
         finally:
@@ -258,8 +260,9 @@ class MySQLSource(Source):
             return [("commit", (stream.log_file, stream.log_pos), ts)]
         if isinstance(event, QueryEvent):
             query = event.query.strip() if isinstance(event.query, str) else ""
-            if query.upper() in ("BEGIN", "COMMIT", "ROLLBACK"):
-                return []
+            upper = query.upper()
+            if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
+                return []  # not a commit boundary: no position to confirm here
             items: list[Any] = []
             match = _TRUNCATE.match(query)
             if match is not None:
@@ -307,7 +310,7 @@ class MySQLSource(Source):
         get = self._queue.get_nowait
         while len(changes) < max_changes:
             try:
-                item = get()
+                items = get()
             except queue.Empty:
                 if changes or batch.position is not None:
                     return batch
@@ -317,15 +320,16 @@ class MySQLSource(Source):
                 await self._wait(1.0)
                 continue
             self._idle_reported = False
-            if isinstance(item, RowChange):
-                changes.append(item)
-            elif isinstance(item, tuple):
-                kind, batch.position, ts = item
-                if kind == "commit":
-                    batch.commit_ts = ts
-                    batch.commits += 1
-            else:
-                raise item
+            if isinstance(items, BaseException):
+                raise items
+            for item in items:
+                if isinstance(item, RowChange):
+                    changes.append(item)
+                else:
+                    kind, batch.position, ts = item
+                    if kind == "commit":
+                        batch.commit_ts = ts
+                        batch.commits += 1
         return batch
 
     async def _wait(self, timeout: float) -> None:

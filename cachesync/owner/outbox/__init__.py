@@ -11,7 +11,7 @@ transaction as its data, and :class:`OutboxRelay` publishes the committed rows::
                    value=CurrencyOut.model_validate(currency))
 
     async with OutboxRelay(engine, "redis://localhost:6379/0"):
-        ...   # runs beside the app; see cachesync.integrations.fastapi.owner_lifespan
+        ...   # runs beside the app; see cachesync.contrib.fastapi.owner_lifespan
 
 The modules: :mod:`.model` (the table, ``Outbox.add``, the DDL), :mod:`.rows` (a row as the
 event to publish), :mod:`.relay` (the loop), :mod:`.election` (one relay per channel on

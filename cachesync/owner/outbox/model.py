@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ...events import Op
+from ...events import DEFAULT_CHANNEL, Op
 
 __all__ = [
     "DEFAULT_CHANNEL",
@@ -48,7 +48,6 @@ __all__ = [
     "quote_ident",
 ]
 
-DEFAULT_CHANNEL = "cachesync"
 TABLE_NAME = "cachesync_outbox"
 SEQUENCE_NAME = "cachesync_outbox_commit_seq"
 MAX_NS = 256

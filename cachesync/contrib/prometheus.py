@@ -12,9 +12,13 @@ Two sources feed it, so the read hot path pays nothing:
 - As the client's :class:`~cachesync.observe.Observer` it records what needs a distribution or
   an edge: fetch latency by namespace and outcome, event lag (owner commit to applied) by
   namespace and op, lost-event detections by cause, and whether the listener is up.
-- Bound to the client, a collector reads ``sync.stats()`` at scrape time: reads by namespace and
-  result (hit, miss, stale, bypass), fetches, fetch errors, events, invalidations, cache size,
-  and the listener's messages, bad events, bad signatures and the like.
+- Bound to the client, a collector reads ``sync.stats()`` at scrape time and exports every
+  entry of it: reads by namespace and result (hit, miss, stale, bypass), every other counter
+  of each namespace (fetches, fetch errors, events, invalidations, cache size...) and of the
+  listener (messages, bad events, gaps, reconnects...), and the sections add-ons add with
+  ``sync.add_stats`` (the consistency monitor's, by namespace). The export is derived from
+  the stats, so a new counter needs no change here; :func:`exported_names` names the metric
+  of each entry.
 
 Nothing is created at import time: ``prometheus_client`` is imported when the first
 :class:`PrometheusMetrics` is built, and every metric lives in that instance's registry, so two
@@ -25,13 +29,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.metrics_core import Metric
 
-    from .client import CacheSync
+    from ..client import CacheSync
 
 __all__ = [
     "CONSISTENCY_OUTCOMES",
@@ -39,6 +44,7 @@ __all__ = [
     "LAG_BUCKETS",
     "LOST_CAUSES",
     "PrometheusMetrics",
+    "exported_names",
 ]
 
 LOST_CAUSES = ("gap", "source", "reconnect", "heartbeat", "schema")
@@ -46,7 +52,7 @@ LOST_CAUSES = ("gap", "source", "reconnect", "heartbeat", "schema")
 over them exists before the first detection."""
 
 CONSISTENCY_OUTCOMES = ("fresh", "caught_up", "stale", "error")
-"""What a consistency sample can end as (see :mod:`cachesync.monitor`)."""
+"""What a consistency sample can end as (see :mod:`cachesync.contrib.monitor`)."""
 
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Buckets (seconds) of the fetch latency histogram: a REST call to the owner."""
@@ -73,36 +79,108 @@ LAG_BUCKETS = (
 
 _INSTALL_HINT = "pip install 'cachesync[prometheus]'"
 
-# stats()["namespaces"][ns] counter -> (metric suffix, help). Reads are exported separately,
-# with a ``result`` label, because "hit ratio" is the question people ask of them.
-_NAMESPACE_COUNTERS = (
-    ("fetches", "fetches", "Fetches from the owner (cache fills)."),
-    ("fetch_errors", "fetch_errors", "Fetches from the owner that failed."),
-    ("events", "events", "Events applied to the namespace (heartbeats excluded)."),
-    ("invalidations", "invalidations", "Entries dropped by events or invalidate()."),
-    ("refreshes", "refreshes", "Entries replaced in place by a value an event carried."),
-    ("ignored_older", "ignored_older", "Events or fetches ignored as older than the known value."),
-    ("flushes", "flushes", "Whole-namespace flushes (flush events, lost events, clears)."),
-    ("evictions", "evictions", "Entries evicted to keep maxsize."),
-    ("errors", "errors", "Values refused by from_event() or version_of()."),
+# How the entries of ``sync.stats()`` are exported. The export is derived from the stats
+# themselves: every entry of ``stats()["namespaces"][ns]`` and ``stats()["listener"]`` is a
+# metric, a counter named after it unless listed here, so a new counter is exported without
+# a change in this file (its help text defaults to where it comes from; add one to _HELP).
+# Sections added with ``sync.add_stats(name, source)`` whose value is ``{ns: {field: n}}``
+# (the consistency monitor's) are exported as ``{prefix}_{name}_{field}`` by namespace.
+# ``exported_names`` says which metric carries each entry; a test checks them all.
+
+# Reads are one family with a ``result`` label, because "hit ratio" is the question people
+# ask of them.
+_READ_RESULTS = {"hits": "hit", "misses": "miss", "stale_serves": "stale", "bypassed": "bypass"}
+# Entries renamed on export (the name alone would not say what is counted).
+_RENAMED = {
+    "size": "cache_entries",
+    "bytes": "cache_bytes",
+    "silent": "namespace_silent",
+    "unknown_namespace": "unknown_namespace_events",
+    "unknown_schema": "unknown_schema_events",
+    "last_event_lag": "last_event_lag_seconds",
+}
+# Entries that are levels, not counts.
+_GAUGES = frozenset(
+    {
+        "size",
+        "bytes",
+        "functions",
+        "silent",
+        "silent_namespaces",
+        "last_event_lag",
+        "pending",
+        "bound",
+        "sample_rate",
+        "stale_ratio",
+    }
 )
-_READ_RESULTS = (
-    ("hits", "hit"),
-    ("misses", "miss"),
-    ("stale_serves", "stale"),
-    ("bypassed", "bypass"),
-)
-# stats()["listener"] counter -> (metric suffix, help). Lost-event causes are not here: the
-# observer counts them by cause.
-_LISTENER_COUNTERS = (
-    ("messages", "messages", "Messages received by the listener."),
-    ("heartbeats", "heartbeats", "Heartbeats received."),
-    ("bad_events", "bad_events", "Messages dropped as malformed (or that failed to apply)."),
-    ("bad_signatures", "bad_signatures", "Events dropped for a missing or bad signature."),
-    ("unknown_namespace", "unknown_namespace_events", "Events for namespaces not cached here."),
-    ("unknown_schema", "unknown_schema_events", "Events of a schema this consumer cannot read."),
-    ("replays", "replays", "Reconnects after which the transport replayed what was missed."),
-)
+# Entries another metric carries: the observer keeps ``{prefix}_listener_up`` current as it
+# changes, which a read at scrape time cannot do better.
+_BY_OBSERVER = {"listener_up": "listener_up"}
+_HELP = {
+    "fetches": "Fetches from the owner (cache fills).",
+    "fetch_errors": "Fetches from the owner that failed.",
+    "events": "Events applied to the namespace (heartbeats excluded).",
+    "invalidations": "Entries dropped by events or invalidate().",
+    "refreshes": "Entries replaced in place by a value an event carried.",
+    "ignored_older": "Events or fetches ignored as older than the known value.",
+    "flushes": "Whole-namespace flushes (flush events, lost events, clears).",
+    "evictions": "Entries evicted to keep maxsize or max_bytes.",
+    "errors": "Values refused by from_event() or version_of().",
+    "size": "Entries held per namespace (tombstones, and entries a flush retired until "
+    "evicted, included).",
+    "bytes": "Estimated bytes held per namespace, by the functions cached with max_bytes.",
+    "functions": "Functions cached under the namespace.",
+    "silent": "1 while the namespace is silent (no event for longer than its silence bound).",
+    "messages": "Messages received by the listener.",
+    "heartbeats": "Heartbeats received.",
+    "bad_events": "Messages dropped as malformed (or that failed to apply).",
+    "bad_signatures": "Events dropped for a missing or bad signature.",
+    "unknown_namespace": "Events for namespaces not cached here.",
+    "unknown_schema": "Events of a schema this consumer cannot read.",
+    "gaps": "Gaps in a source's sequence numbers (events lost: caches flushed).",
+    "source_changes": "New sources heard (an owner restarted: caches flushed).",
+    "reconnects": "Reconnects of the listener.",
+    "heartbeat_misses": "Sources whose heartbeats stopped (caches flushed).",
+    "replays": "Reconnects after which the transport replayed what was missed.",
+    "duplicates": "Events received again and ignored (at or below the last applied seq).",
+    "apply_failures": "Events that could not be applied (their namespace was flushed).",
+    "silent_namespaces": "Namespaces silent now.",
+    "oversized_dropped": "Messages dropped by the transport as larger than the limit.",
+    "last_event_lag": "Lag of the last event received (commit to receipt), heartbeats excluded.",
+}
+
+
+def _metric_suffix(field: str) -> str:
+    return _RENAMED.get(field, field)
+
+
+def exported_names(stats: Mapping[str, Any], prefix: str = "cachesync") -> dict[str, str]:
+    """Which metric carries each entry of ``stats`` (a ``sync.stats()``), as
+    ``{"section.field": metric name}``; counters are named as exposed (``..._total``)."""
+    names: dict[str, str] = {}
+
+    def name_of(field: str, section_prefix: str = "") -> str:
+        if field in _READ_RESULTS:
+            return f"{prefix}_reads_total"
+        if field in _BY_OBSERVER:
+            return f"{prefix}_{_BY_OBSERVER[field]}"
+        base = f"{prefix}_{section_prefix}{_metric_suffix(field)}"
+        return base if field in _GAUGES else base + "_total"
+
+    for counters in stats.get("namespaces", {}).values():
+        for field in counters:
+            names[f"namespaces.{field}"] = name_of(field)
+    for field in stats.get("listener", {}):
+        names[f"listener.{field}"] = name_of(field)
+    for section, value in stats.items():
+        if section in ("namespaces", "listener") or not isinstance(value, Mapping):
+            continue
+        for counters in value.values():
+            if isinstance(counters, Mapping):
+                for field in counters:
+                    names[f"{section}.{field}"] = name_of(field, f"{section}_")
+    return names
 
 
 def _import_prometheus() -> Any:
@@ -110,7 +188,7 @@ def _import_prometheus() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ImportError(
-            f"cachesync.metrics needs prometheus-client: {_INSTALL_HINT}", name=exc.name
+            f"cachesync.contrib.prometheus needs prometheus-client: {_INSTALL_HINT}", name=exc.name
         ) from exc
     return prometheus_client
 
@@ -261,8 +339,8 @@ class _StatsCollector:
         self._core = prom.metrics_core
 
     def describe(self) -> Iterator[Metric]:
-        # Fixed names, so the registry can detect clashes without calling stats().
-        return self._families(None)
+        # The names of what collect() gives, so the registry can detect clashes at bind().
+        return self._families(self._stats())
 
     def collect(self) -> Iterator[Metric]:
         return self._families(self._stats())
@@ -275,11 +353,14 @@ class _StatsCollector:
         except RuntimeError:
             return self._sync.stats()
 
-    def _families(self, stats: Mapping[str, Any] | None) -> Iterator[Metric]:
+    def _families(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
+        from ..cache import NamespaceStats
+        from ..client import ClientStats
+
         core = self._core
         p = self._prefix
-        namespaces: Mapping[str, Mapping[str, Any]] = (stats or {}).get("namespaces", {})
-        listener: Mapping[str, Any] = (stats or {}).get("listener", {})
+        namespaces: Mapping[str, Mapping[str, Any]] = stats.get("namespaces", {})
+        listener: Mapping[str, Any] = stats.get("listener", {})
 
         reads = core.CounterMetricFamily(
             f"{p}_reads",
@@ -288,55 +369,73 @@ class _StatsCollector:
             labels=["namespace", "result"],
         )
         for ns, counters in namespaces.items():
-            for field, result in _READ_RESULTS:
-                value = counters.get(field)
-                if isinstance(value, int):
+            for field, result in _READ_RESULTS.items():
+                value = _number(counters.get(field))
+                if value is not None:
                     reads.add_metric([ns, result], value)
         yield reads
 
-        for field, suffix, doc in _NAMESPACE_COUNTERS:
-            family = core.CounterMetricFamily(f"{p}_{suffix}", doc, labels=["namespace"])
+        # The fields the stats classes declare (so the families exist before the first
+        # namespace), then any other entry the stats hold.
+        ns_fields = _union(
+            [f.name for f in dataclass_fields(NamespaceStats)] + ["size", "bytes", "functions"],
+            *namespaces.values(),
+        )
+        for field in ns_fields:
+            if field in _READ_RESULTS or field in _BY_OBSERVER:
+                continue
+            family = self._family(
+                f"{p}_{_metric_suffix(field)}", field, "namespaces", ["namespace"]
+            )
             for ns, counters in namespaces.items():
-                value = counters.get(field)
-                if isinstance(value, int):
+                value = _number(counters.get(field))
+                if value is not None:
                     family.add_metric([ns], value)
             yield family
 
-        size = core.GaugeMetricFamily(
-            f"{p}_cache_entries",
-            "Entries held per namespace (tombstones, and entries a flush retired until "
-            "evicted, included).",
-            labels=["namespace"],
+        listener_fields = _union(
+            [f.name for f in dataclass_fields(ClientStats)] + ["last_event_lag"], listener
         )
-        for ns, counters in namespaces.items():
-            value = counters.get("size")
-            if isinstance(value, int):
-                size.add_metric([ns], value)
-        yield size
-
-        held = core.GaugeMetricFamily(
-            f"{p}_cache_bytes",
-            "Estimated bytes held per namespace, by the functions cached with max_bytes.",
-            labels=["namespace"],
-        )
-        for ns, counters in namespaces.items():
-            value = counters.get("bytes")
-            if isinstance(value, int):
-                held.add_metric([ns], value)
-        yield held
-
-        for field, suffix, doc in _LISTENER_COUNTERS:
-            family = core.CounterMetricFamily(f"{p}_{suffix}", doc)
-            value = listener.get(field)
-            if isinstance(value, int):
+        for field in listener_fields:
+            if field in _BY_OBSERVER:
+                continue
+            family = self._family(f"{p}_{_metric_suffix(field)}", field, "listener", [])
+            value = _number(listener.get(field))
+            if value is not None:
                 family.add_metric([], value)
             yield family
 
-        lag = core.GaugeMetricFamily(
-            f"{p}_last_event_lag_seconds",
-            "Lag of the last event received (commit to receipt), heartbeats excluded.",
-        )
-        value = listener.get("last_event_lag")
-        if isinstance(value, int | float) and math.isfinite(value):
-            lag.add_metric([], float(value))
-        yield lag
+        for section, value in stats.items():
+            if section in ("namespaces", "listener") or not isinstance(value, Mapping):
+                continue
+            per_ns = {ns: c for ns, c in value.items() if isinstance(c, Mapping)}
+            for field in _union([], *per_ns.values()):
+                family = self._family(
+                    f"{p}_{section}_{_metric_suffix(field)}", field, section, ["namespace"]
+                )
+                for ns, counters in per_ns.items():
+                    number = _number(counters.get(field))
+                    if number is not None:
+                        family.add_metric([ns], number)
+                yield family
+
+    def _family(self, name: str, field: str, section: str, labels: list[str]) -> Any:
+        doc = _HELP.get(field, f'sync.stats()["{section}"]: {field}.')
+        kind = self._core.GaugeMetricFamily if field in _GAUGES else self._core.CounterMetricFamily
+        return kind(name, doc, labels=labels)
+
+
+def _union(first: list[str], *mappings: Mapping[str, Any]) -> list[str]:
+    names = dict.fromkeys(first)
+    for mapping in mappings:
+        names.update(dict.fromkeys(mapping))
+    return list(names)
+
+
+def _number(value: Any) -> float | None:
+    """A sample value, or None for what is not one (None, text, NaN)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None

@@ -2,9 +2,10 @@
 
 :class:`Owner` holds the reference data in a dict and commits every change as a new version,
 then publishes ``changed("currencies", code, version=v)`` through its embedded
-:class:`~cachesync.Publisher`. :func:`build_app` puts a small FastAPI app in front of it, and
-:class:`OwnerServer` serves that app with uvicorn inside the running event loop on a free port
-of 127.0.0.1, so the demo needs no server of its own.
+:class:`~cachesync.Publisher`. :class:`OwnerApp` puts a small REST API in front of it, a plain
+ASGI app, and :func:`owner_client` calls that app in-process through ``httpx.ASGITransport``:
+the demo needs no web framework, no server and no free port, only cachesync's core
+dependencies (a plain ``pip install cachesync``).
 
 The owner also remembers when each version was committed, so the demo can tell a read that
 returned an old version from one that was simply concurrent with the change.
@@ -12,24 +13,32 @@ returned an old version from one that was simply concurrent with the change.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
+import json
 import random
-import socket
 import time
-from collections.abc import Callable, Generator
-from types import TracebackType
-from typing import Self
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-import uvicorn
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .integrations.fastapi import state_router
-from .publisher import Publisher
+from ..publisher import Publisher
 
-__all__ = ["CURRENCY_NAMES", "NAMESPACE", "Currency", "Owner", "OwnerServer", "build_app"]
+__all__ = [
+    "CURRENCY_NAMES",
+    "NAMESPACE",
+    "OWNER_BASE_URL",
+    "Currency",
+    "Owner",
+    "OwnerApp",
+    "build_app",
+    "owner_client",
+]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 NAMESPACE = "currencies"
 """The namespace the owner publishes its changes in."""
@@ -182,91 +191,102 @@ def _initial_rate(code: str, rng: random.Random) -> float:
     return 1.0 if code == "USD" else round(rng.lognormvariate(0.0, 2.0), 6)
 
 
-def build_app(owner: Owner) -> FastAPI:
-    """The owner's REST API: ``GET``/``PUT /currencies/{code}`` and ``GET /cachesync/state``."""
-    app = FastAPI(title="cachesync demo owner", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/currencies/{code}")
-    async def get_currency(code: str) -> Currency:
-        owner.gets += 1
-        currency = owner.currencies.get(code)
-        if currency is None:
-            raise HTTPException(status_code=404, detail=f"unknown currency {code!r}")
-        return currency
-
-    @app.put("/currencies/{code}")
-    async def put_currency(code: str, change: RateChange) -> Currency:
-        if code not in owner.currencies:
-            raise HTTPException(status_code=404, detail=f"unknown currency {code!r}")
-        return await owner.update(code, change.rate)
-
-    app.include_router(state_router(owner.publisher))
-    return app
+def build_app(owner: Owner) -> OwnerApp:
+    """The owner's REST API as a plain ASGI app (see :class:`OwnerApp`)."""
+    return OwnerApp(owner)
 
 
-class _EmbeddedServer(uvicorn.Server):
-    # uvicorn installs its own SIGINT handler while it serves; inside a host program that
-    # handler would swallow the host's Ctrl-C, so the host keeps signals to itself.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
+class OwnerApp:
+    """The owner's REST API, a plain ASGI application with no web framework under it.
 
-
-class OwnerServer:
-    """Serves an ASGI app with uvicorn in the running event loop, on a free 127.0.0.1 port.
-
-    ``async with OwnerServer(app) as server:`` returns once the socket accepts connections;
-    ``server.url`` is the base URL. Leaving the block stops the server and waits for it.
+    ``GET /currencies`` lists every row, ``GET``/``PUT /currencies/{code}`` read and change
+    one (``PUT`` takes ``{"rate": R}`` with ``R > 0``), and ``GET /cachesync/state`` answers
+    what the owner's publisher has sent, in the shape of
+    :func:`cachesync.contrib.fastapi.state_router`. Errors answer ``{"detail": ...}`` with
+    404, 405 or 422. Any ASGI server serves it; the demo calls it in-process through
+    :func:`owner_client`.
     """
 
-    def __init__(self, app: FastAPI, *, host: str = "127.0.0.1") -> None:
-        self.app = app
-        self.host = host
-        self.url = ""
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
 
-    async def __aenter__(self) -> Self:
-        # Binding the socket here, rather than passing port=0 to uvicorn, lets us know the
-        # port before serving, with no window in which another process could take it. The
-        # explicit IPPROTO_TCP matters: asyncio turns Nagle off only on sockets that name it,
-        # and with Nagle on every response waits ~40 ms for a delayed ACK.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, 0))
-        except OSError:
-            sock.close()
-            raise
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            ws="none",
-            timeout_graceful_shutdown=2,
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"the demo owner serves HTTP only, not {scope['type']!r}")
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        status, payload = await self._route(scope["method"], scope["path"], body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
         )
-        server = _EmbeddedServer(config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="demo-owner")
-        while not server.started:
-            if self._task.done():
-                sock.close()
-                await self._task  # raises what stopped it
-                raise RuntimeError("the owner's HTTP server stopped while starting")
-            await asyncio.sleep(0.005)
-        self.url = f"http://{self.host}:{port}"
-        return self
+        await send({"type": "http.response.body", "body": payload})
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            await self._task
+    async def _route(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        owner = self.owner
+        if path == "/cachesync/state":
+            if method != "GET":
+                return _error(405, "method not allowed")
+            return 200, json.dumps(self._state()).encode()
+        if path == "/currencies":
+            if method != "GET":
+                return _error(405, "method not allowed")
+            rows = [currency.model_dump() for currency in owner.currencies.values()]
+            return 200, json.dumps(rows).encode()
+        if not path.startswith("/currencies/") or "/" in path[len("/currencies/") :]:
+            return _error(404, "not found")
+        code = path[len("/currencies/") :]
+        if method == "GET":
+            owner.gets += 1
+            currency = owner.currencies.get(code)
+            if currency is None:
+                return _error(404, f"unknown currency {code!r}")
+            return 200, currency.model_dump_json().encode()
+        if method == "PUT":
+            if code not in owner.currencies:
+                return _error(404, f"unknown currency {code!r}")
+            try:
+                change = RateChange.model_validate_json(body)
+            except ValidationError as exc:
+                errors = exc.json(include_url=False, include_input=False)
+                return 422, f'{{"detail": {errors}}}'.encode()
+            currency = await owner.update(code, change.rate)
+            return 200, currency.model_dump_json().encode()
+        return _error(405, "method not allowed")
+
+    def _state(self) -> dict[str, Any]:
+        publisher = self.owner.publisher
+        state = dict(publisher.state())
+        channel = state.pop("channel")
+        return {
+            "source": publisher.source,
+            "heartbeat_interval": publisher.heartbeat_interval,
+            "channels": {channel: state},
+            "outbox": {},
+        }
+
+
+def _error(status: int, detail: str) -> tuple[int, bytes]:
+    return status, json.dumps({"detail": detail}).encode()
+
+
+OWNER_BASE_URL = "http://owner.demo"
+"""The base URL of :func:`owner_client`: requests never leave the process."""
+
+
+def owner_client(app: OwnerApp, *, timeout: float = 5.0) -> httpx.AsyncClient:
+    """An HTTP client of ``app`` that calls it in-process (``httpx.ASGITransport``): no
+    socket and no server, so the demo needs nothing beyond cachesync's core dependencies."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=OWNER_BASE_URL, timeout=timeout
+    )

@@ -1,11 +1,12 @@
 """``cachesync demo``: one owner, several consumer instances, and how stale they get.
 
-:func:`run_demo` starts the owner of :mod:`cachesync.demo_owner` (a FastAPI app served by
-uvicorn in this process, with an embedded :class:`~cachesync.Publisher`) and ``instances``
-consumers, each a :class:`~cachesync.CacheSync` with its own ``@cached`` function over the
-owner's REST API. Then, for ``duration`` seconds, ``readers`` tasks per consumer read currencies
-(a few popular codes most of the time) while the owner changes ``update_rate`` of them per
-second: commit the new version, then publish ``changed(ns, code, version=v)``.
+:func:`run_demo` starts the owner of :mod:`cachesync.demo.owner` (a plain ASGI app called
+in-process through ``httpx.ASGITransport``, with an embedded :class:`~cachesync.Publisher`)
+and ``instances`` consumers, each a :class:`~cachesync.CacheSync` with its own ``@cached``
+function over the owner's REST API. Then, for ``duration`` seconds, ``readers`` tasks per
+consumer read currencies (a few popular codes most of the time) while the owner changes
+``update_rate`` of them per second: commit the new version, then publish
+``changed(ns, code, version=v)``.
 
 What it measures:
 
@@ -47,11 +48,11 @@ from typing import Any, Self, TextIO
 
 import httpx
 
-from .client import CacheSync
-from .demo_owner import NAMESPACE, Currency, Owner, OwnerServer, build_app
-from .errors import CacheSyncError, TransportError
-from .publisher import Publisher
-from .transports.base import redact_url
+from ..client import CacheSync
+from ..errors import CacheSyncError, TransportError
+from ..publisher import Publisher
+from ..transports.base import redact_url
+from .owner import NAMESPACE, Currency, Owner, OwnerApp, owner_client
 
 __all__ = [
     "PROBE_DEADLINE",
@@ -296,10 +297,12 @@ def _latest(windows: list[float | None]) -> float:
 class _Consumer:
     """One instance of the consuming service: a CacheSync and its cached owner read."""
 
-    def __init__(self, name: str, url: str, channel: str, owner_url: str, *, refresh: bool) -> None:
+    def __init__(
+        self, name: str, url: str, channel: str, owner: OwnerApp, *, refresh: bool
+    ) -> None:
         self.name = name
         self.sync = CacheSync(url, channel, connect_timeout=CONNECT_TIMEOUT)
-        self.http = httpx.AsyncClient(base_url=owner_url, timeout=5.0)
+        self.http = owner_client(owner, timeout=5.0)
         self.read_errors = 0
         self._baseline: dict[str, int] = {}
         http = self.http
@@ -601,7 +604,7 @@ async def run_demo(
 
     Setting ``stop`` ends the workload early; the result then covers the time it ran and says
     ``interrupted``. ``on_progress`` is called every ``progress_interval`` seconds. Everything
-    the demo starts (HTTP server, publisher, consumers, tasks) is stopped before it returns.
+    the demo starts (publisher, consumers, tasks) is stopped before it returns.
     Raises :class:`~cachesync.errors.ConfigError` for a URL no transport handles and
     :class:`~cachesync.errors.TransportError` when the broker cannot be reached.
     """
@@ -613,11 +616,11 @@ async def run_demo(
     publisher = Publisher(url, channel, heartbeat_interval=HEARTBEAT_INTERVAL)
     owner = Owner(publisher, rng=rng, carry_values=config.refresh)
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(OwnerServer(build_app(owner)))
+        app = OwnerApp(owner)
         await stack.enter_async_context(publisher)
         consumers = [
             await stack.enter_async_context(
-                _Consumer(f"consumer-{i + 1}", url, channel, server.url, refresh=config.refresh)
+                _Consumer(f"consumer-{i + 1}", url, channel, app, refresh=config.refresh)
             )
             for i in range(config.instances)
         ]

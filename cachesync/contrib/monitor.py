@@ -16,8 +16,8 @@ fresh and has a known version, asks the owner for that key's current version, an
 A sample that is counted stale is always really stale beyond the bound (the monitor may miss a
 short staleness, never invent one). The share ``stale / (fresh + caught_up + stale)`` is
 ``stale_ratio``, in ``sync.stats()["consistency"][ns]``, and counted in a
-:class:`~cachesync.metrics.PrometheusMetrics` if one is given. Samples are uniform over entries,
-not over reads. The owner is asked at most ``sample_rate`` times per second.
+:class:`~cachesync.contrib.prometheus.PrometheusMetrics` if one is given. Samples are uniform
+over entries, not over reads. The owner is asked at most ``sample_rate`` times per second.
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ import logging
 import math
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from .cache import TOMBSTONE, LocalCache
-from .errors import StateError
-from .lifecycle import Service
-from .logutil import RateLimitedLogger
+from ..cache import TOMBSTONE, LocalCache
+from ..errors import StateError
+from ..lifecycle import Service
+from ..logutil import RateLimitedLogger
 
 if TYPE_CHECKING:
-    from .client import CacheSync
-    from .metrics import PrometheusMetrics
+    from ..client import CacheSync
+    from .prometheus import PrometheusMetrics
 
 __all__ = ["ConsistencyMonitor", "ConsistencyStats", "CurrentVersion"]
 
@@ -91,27 +90,27 @@ class ConsistencyStats:
 class _Section:
     """What a client's ``stats()["consistency"]`` reads: the stats of each monitored namespace.
 
-    It holds no reference to the client, so the weak table below can let the client go.
+    Registered with ``sync.add_stats`` by the first monitor of a client; the next ones find it
+    there with ``sync.stats_source``, so the client holds it and nothing else does.
     """
 
     def __init__(self) -> None:
         self.namespaces: dict[str, ConsistencyStats] = {}
 
-    def snapshot(self) -> dict[str, Any]:
+    def __call__(self) -> dict[str, Any]:
         return {ns: stats.snapshot() for ns, stats in self.namespaces.items()}
 
 
-# One section per client, shared by its monitors (add_stats keeps one source per name). Weak
-# keys: the table must not keep a stopped client alive.
-_sections: weakref.WeakKeyDictionary[CacheSync, _Section] = weakref.WeakKeyDictionary()
-
-
 def _section_for(sync: CacheSync) -> _Section:
-    section = _sections.get(sync)
+    section = sync.stats_source(STATS_SECTION)
     if section is None:
         section = _Section()
-        _sections[sync] = section
-        sync.add_stats(STATS_SECTION, section.snapshot)
+        sync.add_stats(STATS_SECTION, section)
+    elif not isinstance(section, _Section):
+        raise ValueError(
+            f"sync.stats() section {STATS_SECTION!r} is taken by something other than a "
+            "ConsistencyMonitor"
+        )
     return section
 
 
@@ -179,7 +178,12 @@ class ConsistencyMonitor(Service):
             stats = section.namespaces[ns] = ConsistencyStats()
         stats.bound = self.bound
         stats.sample_rate = self.sample_rate
-        self.stats = stats
+        self.counters = stats
+
+    def stats(self) -> dict[str, Any]:
+        """The counters of this monitor's namespace as a dict (also in
+        ``sync.stats()["consistency"][ns]``); :attr:`counters` are the live ones."""
+        return self.counters.snapshot()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -210,14 +214,14 @@ class ConsistencyMonitor(Service):
         with contextlib.suppress(asyncio.CancelledError):
             await task
         self._pending.clear()
-        self.stats.pending = 0
+        self.counters.pending = 0
 
     # -- one step at a time ----------------------------------------------------------------
 
     async def sample(self) -> str | None:
         """Take one sample now: ``"fresh"``, ``"behind"`` (to be re-checked after the bound),
         ``"error"``, or None when there was nothing to sample."""
-        stats = self.stats
+        stats = self.counters
         picked = self._pick()
         if picked is None:
             stats.idle += 1
@@ -260,7 +264,7 @@ class ConsistencyMonitor(Service):
         for suspect in due:
             if self._still_behind(suspect.cache, suspect):
                 stale += 1
-                self.stats.stale += 1
+                self.counters.stale += 1
                 self._count("stale")
                 log.warning(
                     "consistency monitor: an entry stayed stale beyond the bound",
@@ -272,9 +276,9 @@ class ConsistencyMonitor(Service):
                     },
                 )
             else:
-                self.stats.caught_up += 1
+                self.counters.caught_up += 1
                 self._count("caught_up")
-        self.stats.pending = len(self._pending)
+        self.counters.pending = len(self._pending)
         return stale
 
     # -- internals -------------------------------------------------------------------------

@@ -4,24 +4,31 @@ Owner::
 
     relay = OutboxRelay(engine, "redis://redis:6379/0")
     app = FastAPI(lifespan=owner_lifespan(relay))
-    app.include_router(state_router(relay))          # GET /cachesync/state
+    app.include_router(state_router(relay, dependencies=[Depends(operators_only)]))
 
 Consumer::
 
     sync = CacheSync("redis://redis:6379/0")
     owner = HttpFetcher("http://owner:8000", "/currencies/{key}", model=Currency)
     app = FastAPI(lifespan=consumer_lifespan(sync, fetchers=[owner]))
-    app.include_router(consumer_router(sync))        # GET /cachesync/explain?ns=..&key=..
+    app.include_router(consumer_router(sync, dependencies=[Depends(operators_only)]))
 
 Each lifespan starts its objects before the app serves its first request and stops them, in
 reverse order, after the last one; ``app_lifespan`` nests the app's own lifespan inside, so it
 runs with cachesync already up (a good place to warm caches).
+
+Exposure is the app's choice: both routers take FastAPI ``dependencies`` (authentication, an
+IP allow-list...) applied to every route they serve; without any, anyone who reaches the app
+reaches them. The state route keeps connection details (broker or database user, host, port,
+database) out of what it answers: an error shows only where it happened and its kind
+(``"database: OperationalError"``) unless ``show_errors=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +36,7 @@ try:
     from fastapi import APIRouter, FastAPI, HTTPException
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "cachesync.integrations.fastapi needs FastAPI: pip install 'cachesync[fastapi]'"
+        "cachesync.contrib.fastapi needs FastAPI: pip install 'cachesync[fastapi]'"
     ) from exc
 
 from ..client import CacheSync
@@ -143,19 +150,30 @@ def consumer_lifespan(
     return lifespan
 
 
-def state_router(*sources: Publisher | OutboxRelay, prefix: str = "/cachesync") -> APIRouter:
+def state_router(
+    *sources: Publisher | OutboxRelay,
+    prefix: str = "/cachesync",
+    dependencies: Sequence[Any] | None = None,
+    show_errors: bool = False,
+) -> APIRouter:
     """A router serving ``GET {prefix}/state``: what the owner has published so far.
 
     The answer names, per channel, the publisher's ``source`` id, its last ``seq`` and its
     ``heartbeat_interval``; top-level ``source`` and ``heartbeat_interval`` are those of the
     first publisher, and ``outbox`` holds each relay's ``stats()``. It lets an operator (or a
     consumer) compare what it has seen with what was sent.
+
+    ``dependencies`` (e.g. ``[Depends(operators_only)]``) run before the route, as for any
+    FastAPI router: that is where authentication goes. An error message can name the broker's
+    or the database's user, host, port and database, so ``last_error`` keeps only where the
+    error happened and its kind (``"broker: TransportError"``); ``show_errors=True`` answers
+    the whole message (passwords are always redacted), for a route only operators reach.
     """
     if not sources:
         raise ValueError("state_router needs at least one Publisher or OutboxRelay")
     for source in sources:
         _publisher_of(source)
-    router = APIRouter(prefix=prefix, tags=["cachesync"])
+    router = APIRouter(prefix=prefix, tags=["cachesync"], dependencies=list(dependencies or ()))
 
     @router.get("/state", summary="cachesync publisher state")
     async def cachesync_state() -> dict[str, Any]:
@@ -166,7 +184,8 @@ def state_router(*sources: Publisher | OutboxRelay, prefix: str = "/cachesync") 
             channel = state.pop("channel")
             channels[channel] = state
             if not isinstance(source, Publisher):
-                outbox[channel] = source.stats()
+                stats = source.stats()
+                outbox[channel] = stats if show_errors else _without_details(stats)
         first_publisher = _publisher_of(sources[0])
         return {
             "source": first_publisher.source,
@@ -178,14 +197,17 @@ def state_router(*sources: Publisher | OutboxRelay, prefix: str = "/cachesync") 
     return router
 
 
-def consumer_router(sync: CacheSync, prefix: str = "/cachesync") -> APIRouter:
+def consumer_router(
+    sync: CacheSync, prefix: str = "/cachesync", dependencies: Sequence[Any] | None = None
+) -> APIRouter:
     """A router for a consumer instance: ``GET {prefix}/explain?ns=NS&key=KEY`` answers
     :meth:`CacheSync.explain` (why a key is or is not served from this instance's cache), and
     ``GET {prefix}/stats`` answers :meth:`CacheSync.stats`. ``cachesync explain URL NS KEY``
-    asks the first. Mount it where only operators reach it: it names keys and sources."""
+    asks the first. It names keys and sources: mount it where only operators reach it, or
+    pass ``dependencies`` (e.g. ``[Depends(operators_only)]``) that check who asks."""
     if not isinstance(sync, CacheSync):
         raise TypeError(f"expected a CacheSync, got {type(sync).__name__}")
-    router = APIRouter(prefix=prefix, tags=["cachesync"])
+    router = APIRouter(prefix=prefix, tags=["cachesync"], dependencies=list(dependencies or ()))
 
     @router.get("/explain", summary="why a key is or is not served from this instance's cache")
     async def cachesync_explain(ns: str, key: str) -> dict[str, Any]:
@@ -201,6 +223,27 @@ def consumer_router(sync: CacheSync, prefix: str = "/cachesync") -> APIRouter:
         return sync.stats()
 
     return router
+
+
+_WORD = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def _error_kind(message: str) -> str:
+    """``"database: OperationalError: connection to server at ..."`` -> ``"database:
+    OperationalError"``: the leading words that name where and what, none of the details."""
+    kept: list[str] = []
+    for part in message.split(": "):
+        if not _WORD.fullmatch(part.strip()):
+            break
+        kept.append(part.strip())
+    return ": ".join(kept) or "error"
+
+
+def _without_details(stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: _error_kind(value) if name.endswith("error") and isinstance(value, str) else value
+        for name, value in stats.items()
+    }
 
 
 def _publisher_of(source: Publisher | OutboxRelay) -> Publisher:
