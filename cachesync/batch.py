@@ -162,6 +162,7 @@ def wrap_many_async(
             entry = get(key)
             if entry is not None and entry.expires > now and entry.gen is serving:
                 hits += 1
+                entry.used = True
                 if entry.value is not None:
                     found[key] = entry.value
                 continue
@@ -269,6 +270,7 @@ def wrap_many_sync(
             entry = get(key)
             if entry is not None and entry.expires > now and entry.gen is serving:
                 hits += 1
+                entry.used = True
                 if entry.value is not None:
                     found[key] = entry.value
                 continue

@@ -86,9 +86,23 @@ NOBODY: Final = Generation(-1)
 class Entry:
     """One cached value, immutable once stored: fresh until ``expires``; servable while
     revalidating until ``stale_until``; servable when the owner fails until ``error_until``
-    (monotonic seconds); served at all only while its ``gen`` is the cache's ``serving``."""
+    (monotonic seconds); served at all only while its ``gen`` is the cache's ``serving``.
 
-    __slots__ = ("value", "expires", "stale_until", "error_until", "version", "gen", "stored")
+    ``used`` is the one field that changes: a hit sets it, and eviction gives an entry read
+    since it was stored (or last passed over) a second chance (CLOCK, an approximation of
+    least-recently-used that costs a hit one attribute store instead of a reordering).
+    Nothing a reader returns depends on it."""
+
+    __slots__ = (
+        "value",
+        "expires",
+        "stale_until",
+        "error_until",
+        "version",
+        "gen",
+        "stored",
+        "used",
+    )
 
     def __init__(
         self,
@@ -107,6 +121,7 @@ class Entry:
         self.version = version
         self.gen = gen
         self.stored = stored  # when it was stored (monotonic), for explain()
+        self.used = False
 
     def __repr__(self) -> str:
         return f"Entry({self.value!r}, expires={self.expires}, version={self.version})"
@@ -179,13 +194,14 @@ class LocalCache:
     ``[1 - jitter, 1 + jitter]`` so entries filled together do not expire together.
     ``negative_ttl`` (None: do not cache) applies to results of ``None`` ("absent").
     ``maxsize`` bounds the number of entries (tombstones and entries of old generations
-    included), evicting the least recently used. ``clock`` is the monotonic clock, injectable
-    for tests; ``hit_clock`` is what the async hit path compares expiries with (see
-    :mod:`cachesync.clock`; by default it reads ``clock`` at every hit).
+    included), evicting the least recently used (approximately: see :class:`Entry`).
+    ``clock`` is the monotonic clock, injectable for tests; ``hit_clock`` is what the async
+    hit path compares expiries with (see :mod:`cachesync.clock`; by default it reads
+    ``clock`` at every hit).
 
     ``tags(value)`` (or ``tags(key, value)``) gives the tags of each value stored, for
     :meth:`invalidate_tags` (see :mod:`cachesync.tags`). ``max_bytes`` bounds the weight of
-    the entries, evicting the least recently used, with ``weigher(value)`` (default
+    the entries, evicting the least recently used (approximately), with ``weigher(value)`` (default
     :func:`~cachesync.weight.estimate_size`) plus the key and a per-entry overhead; a value
     heavier than ``max_bytes`` on its own is not stored. Both run when a value is stored,
     never on a hit; a value whose tags or weight cannot be computed is not stored.
@@ -548,14 +564,31 @@ class LocalCache:
         if self._weights is not None:
             self._weigh(key, weight)
             while self.bytes > self.max_bytes and len(data) > 1:  # type: ignore[operator]
-                evicted, _ = data.popitem(last=False)
-                self._forgotten(evicted)
-                self.stats.evictions += 1
+                self._evict_one(keep=key)
         while len(data) > self.maxsize:
-            evicted, _ = data.popitem(last=False)
-            self._forgotten(evicted)
-            self.stats.evictions += 1
+            self._evict_one(keep=key)
         return True
+
+    def _evict_one(self, keep: str) -> None:
+        """Evict the entry read least recently, approximately: from the oldest end, an entry
+        read since it was stored goes to the back once (its flag cleared); the first one not
+        read goes. ``keep`` (the entry just stored) is passed over. Bounded: after one pass
+        over every entry, the next one goes whatever its flag."""
+        data = self.data
+        for _ in range(len(data) + 1):
+            key, entry = data.popitem(last=False)
+            if key == keep or entry.used:
+                entry.used = False
+                data[key] = entry
+                continue
+            break
+        else:
+            key, entry = data.popitem(last=False)
+            if key == keep:  # only reachable with one entry; never evict what was just stored
+                data[key] = entry
+                return
+        self._forgotten(key)
+        self.stats.evictions += 1
 
     def _weigh(self, key: str, weight: int) -> None:
         weights = self._weights

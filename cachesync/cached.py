@@ -171,7 +171,6 @@ def wrap_async(
     """Wrap coroutine function ``fn`` so that its results are cached in ``cache``."""
     data = cache.data
     get = data.get
-    move_to_end = data.move_to_end
     hit_clock = cache.hit_clock
     stats = cache.stats
     flights = cache.flights
@@ -226,10 +225,7 @@ def wrap_async(
         if fresh is not None:  # the hit clock was paused (idle): the real clock says fresh
             hit_clock.wake()
             hits += 1
-            try:
-                move_to_end(key)
-            except KeyError:
-                pass
+            fresh.used = True
             return fresh.value  # type: ignore[no-any-return]
         stale = cache.get_stale(key, for_error=False)
         if stale is not None:
@@ -256,10 +252,7 @@ def wrap_async(
         entry = get(key)
         if entry is not None and entry.expires > hit_clock.now and entry.gen is serving:
             hits += 1
-            try:
-                move_to_end(key)
-            except KeyError:  # dropped by another thread meanwhile; the value is still right
-                pass
+            entry.used = True  # for eviction's second chance (see Entry)
             return entry.value
         return await miss(key, args, kwargs)
 
@@ -274,10 +267,7 @@ def wrap_async(
             entry = get(arg)
             if entry is not None and entry.expires > hit_clock.now and entry.gen is serving:
                 hits += 1
-                try:
-                    move_to_end(arg)
-                except KeyError:
-                    pass
+                entry.used = True  # for eviction's second chance (see Entry)
                 return entry.value
             return await miss(arg, (arg,), {})
         return await lookup(make_key((arg,), {}), (arg,), {})
@@ -303,7 +293,6 @@ def wrap_sync(
     """
     data = cache.data
     get = data.get
-    move_to_end = data.move_to_end
     clock = cache.clock
     stats = cache.stats
     lock = cache.lock
@@ -394,10 +383,7 @@ def wrap_sync(
         entry = get(key)
         if entry is not None and entry.expires > clock() and entry.gen is serving:
             hits += 1
-            try:
-                move_to_end(key)
-            except KeyError:  # dropped by another thread meanwhile; the value is still right
-                pass
+            entry.used = True  # for eviction's second chance (see Entry)
             return entry.value
         return miss(key, args, kwargs)
 
@@ -411,10 +397,7 @@ def wrap_sync(
             entry = get(arg)
             if entry is not None and entry.expires > clock() and entry.gen is serving:
                 hits += 1
-                try:
-                    move_to_end(arg)
-                except KeyError:
-                    pass
+                entry.used = True  # for eviction's second chance (see Entry)
                 return entry.value
             return miss(arg, (arg,), {})
         return lookup(make_key((arg,), {}), (arg,), {})
@@ -510,7 +493,8 @@ class CacheOptions:
 
     - ``ttl``: seconds an entry lives. Only the safety net: events keep entries coherent.
     - ``maxsize``: bound on the entries (10,000 by default; unbounded when ``max_bytes`` is
-      set). The least recently used is evicted.
+      set). The least recently used is evicted (approximately: an entry read since it was
+      stored gets a second chance).
     - ``key``: builds the key from the arguments yourself (by default see
       :mod:`cachesync.keys`); it must be the key the owner's events name.
     - ``mode``: ``"invalidate"`` drops the entry on an event; ``"refresh"`` stores the value
@@ -526,8 +510,8 @@ class CacheOptions:
       older fetch or event never replaces a newer one.
     - ``tags``: ``tags(value)`` (or ``tags(key, value)``) tags each entry stored, for tag
       invalidations (``Publisher.changed(ns, tags=[...])``, ``fn.invalidate_tags(...)``).
-    - ``max_bytes``: bounds the entries' weight instead of their count (least recently used
-      evicted).
+    - ``max_bytes``: bounds the entries' weight instead of their count (the least recently
+      used, approximately, evicted).
     - ``weigher``: ``weigher(value)`` weighs an entry against ``max_bytes`` (by default a
       cheap estimate).
 

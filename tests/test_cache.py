@@ -7,6 +7,7 @@ import random
 import pytest
 
 from cachesync.cache import TOMBSTONE, LocalCache
+from cachesync.cached import wrap_sync
 
 from .helpers import FakeClock
 
@@ -43,15 +44,47 @@ def test_jitter_spreads_expiry_within_bounds() -> None:
     assert max(lifetimes) - min(lifetimes) > 10.0
 
 
-def test_lru_eviction_keeps_recently_stored() -> None:
+def test_eviction_gives_a_read_entry_a_second_chance() -> None:
     clock = FakeClock()
     cache = make(clock, maxsize=2)
     fill(cache, "a", 1)
     fill(cache, "b", 2)
-    cache.data.move_to_end("a")  # what a hit does
+    cache.data["a"].used = True  # what a hit does
     fill(cache, "c", 3)
     assert "a" in cache and "c" in cache and "b" not in cache
     assert cache.stats.evictions == 1
+    assert not cache.data["a"].used  # its chance is spent, and it went to the back
+    fill(cache, "d", 4)
+    assert "c" not in cache and "a" in cache and "d" in cache
+
+
+def test_eviction_never_drops_what_was_just_stored_and_ends() -> None:
+    clock = FakeClock()
+    cache = make(clock, maxsize=3)
+    for key in "abc":
+        fill(cache, key, key)
+    for key in "abc":
+        cache.data[key].used = True  # everything was read
+    fill(cache, "d", "d")
+    assert "d" in cache and len(cache) == 3 and cache.stats.evictions == 1
+
+
+def test_hits_through_the_wrappers_protect_entries_from_eviction() -> None:
+    clock = FakeClock()
+    cache = make(clock, maxsize=2)
+    calls: list[str] = []
+
+    def fetch(key: str) -> str:
+        calls.append(key)
+        return key
+
+    get = wrap_sync(fetch, cache, key_func=None, version_of=None, submit=lambda job: job())
+    get("a")
+    get("b")
+    get("a")  # a hit: "a" gets a second chance
+    get("c")  # evicts "b", the one not read since it was stored
+    get("a")
+    assert calls == ["a", "b", "c"]
 
 
 def test_none_is_cached_only_with_negative_ttl() -> None:
