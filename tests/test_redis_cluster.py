@@ -160,10 +160,12 @@ async def test_a_namespace_added_while_listening_is_subscribed_too(
 
 
 def _owner_of(deployment: RedisClusterDeployment, wire: str) -> int:
+    """The port of the primary serving ``wire``'s slot; -1 while no node claims it (in the
+    middle of a failover the slot map may name none)."""
     from redis.cluster import key_slot
 
     slot = key_slot(wire.encode())
-    return next(p for p, (a, b) in deployment.primaries().items() if a <= slot <= b)
+    return next((p for p, (a, b) in deployment.primaries().items() if a <= slot <= b), -1)
 
 
 def _replica_of(deployment: RedisClusterDeployment, primary: int) -> int:
