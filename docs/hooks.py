@@ -29,6 +29,7 @@ PAGES: dict[str, tuple[str, list[str]]] = {
 # Where a section's links point on the site (README links are relative to the repository).
 LINKS = [
     (re.compile(r"\]\(docs/"), "]("),
+    (re.compile(r"\]\(benchmarks/results/\)"), "](benchmarks/RESULTS.md)"),  # the folder
     (re.compile(r"\]\(benchmarks/results/"), "](benchmarks/"),
     (re.compile(r"\]\(#the-numbers\)"), "](benchmarks.md#the-numbers)"),
 ]
@@ -63,9 +64,11 @@ def on_files(files: Files, config: Any) -> Files:
         for pattern, replacement in LINKS:
             text = pattern.sub(replacement, text)
         files.append(File.generated(config, name, content=text))
-    for path in sorted((ROOT / "benchmarks" / "results").iterdir()):
+    results = ROOT / "benchmarks" / "results"
+    for path in sorted(results.rglob("*")):
         if path.suffix in (".md", ".png"):
-            files.append(File.generated(config, f"benchmarks/{path.name}", abs_src_path=str(path)))
+            name = f"benchmarks/{path.relative_to(results).as_posix()}"
+            files.append(File.generated(config, name, abs_src_path=str(path)))
     for path in sorted((ROOT / "examples").iterdir()):
         if path.suffix in (".md", ".py") and path.name != "__init__.py":
             files.append(File.generated(config, f"examples/{path.name}", abs_src_path=str(path)))
