@@ -92,7 +92,6 @@ class ClientStats:
     replays: int = 0
     duplicates: int = 0
     apply_failures: int = 0
-    silent_namespaces: int = 0
     unknown_schema: int = 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -244,7 +243,6 @@ class CacheSync(Service):
         self._wires: list[str] = []  # the channels subscribed to
         # Whether the transport gives namespaces channels of their own (Redis Cluster).
         self._spread = type(self._transport).channel_for is not Transport.channel_for
-        self._retired_now = False
         self._suspect_on_ready = False  # an apply failed: flush when the listener is back
         self._stats = ClientStats()
         self._state = ClientState.UNOPENED
@@ -564,6 +562,7 @@ class CacheSync(Service):
             totals["silent"] = int(ns.silent)
             namespaces[name] = totals
         listener = self._stats.snapshot()
+        listener["silent_namespaces"] = sum(ns.silent for ns in self._namespaces.values())
         listener["last_event_lag"] = None
         listener["oversized_dropped"] = self._transport.oversized  # by the transport
         if self._last_event is not None:  # the owner's commit to our apply, of the last event
@@ -758,13 +757,14 @@ class CacheSync(Service):
             if event.seq == 0 and event.op != _HEARTBEAT:
                 self._numbered_zero(event)
                 return
-            if not self._track(event, now):
+            source = self._source_key(event)
+            if not self._track(event, source, now):
                 stats.duplicates += 1
                 return
             if event.op == _HEARTBEAT:
                 stats.heartbeats += 1
             else:
-                self._apply(event, now)
+                self._apply(event, source, now)
         except Exception as exc:
             # Some cache may hold a half-applied event: trust none until the listener is back.
             stats.apply_failures += 1
@@ -798,13 +798,12 @@ class CacheSync(Service):
         if self._observer is not None:
             self._observer.lost_events("schema")
 
-    def _apply(self, event: ChangeEvent, now: float) -> None:
+    def _apply(self, event: ChangeEvent, name: str, now: float) -> None:
         self._last_event = (event.ts, now)
         ns = self._namespaces.get(event.ns)
         if ns is None:
             self._stats.unknown_namespace += 1
             return
-        name = self._source_key(event)
         if name not in ns.heard:
             ns.heard.add(name)
             if ns.silent:  # a live source names it: it is fed again
@@ -853,8 +852,9 @@ class CacheSync(Service):
                 return
         cache.apply_value(key, value, version)
 
-    def _track(self, event: ChangeEvent, now: float) -> bool:
-        """Follow ``event.source``'s sequence; False for a duplicate (seq already applied).
+    def _track(self, event: ChangeEvent, name: str, now: float) -> bool:
+        """Follow the sequence of source ``name`` (see :meth:`_source_key`); False for a
+        duplicate (seq already applied).
 
         Anything that may hide a lost event flushes every namespace: a gap in the seqs; the
         first message of a source whose seq is past its start (an event of it may have been
@@ -863,7 +863,6 @@ class CacheSync(Service):
         """
         heartbeat = event.op == _HEARTBEAT
         seq = event.seq
-        name = self._source_key(event)
         source = self._sources.get(name)
         if source is None:
             retired = self._retired.pop(name, None)
@@ -974,14 +973,12 @@ class CacheSync(Service):
 
     def _unsilence(self, ns: _Namespace) -> None:
         ns.silent = False
-        self._stats.silent_namespaces -= 1
         if self._stats.listener_up:
             for member in ns.members:
                 member.cache.trust()
 
     def _silence(self, ns: _Namespace, name: str) -> None:
         ns.silent = True
-        self._stats.silent_namespaces += 1
         self._flushed(name, "silent", self._wall_clock())
         log.warning(
             "every source of namespace %r is silent; reads go to the owner until one is "
@@ -1051,8 +1048,7 @@ class CacheSync(Service):
                     await self._transport.close()
 
     async def _watch_once(self) -> None:
-        self.check_sources()
-        if self._retired_now and not self._sources_heard_since(self._clock()):
+        if self.check_sources() and not self._sources_heard_since(self._clock()):
             # Nothing at all arrives: the connection may be stalled without breaking.
             # Closing it makes the listener reconnect.
             log.warning("no event or heartbeat arrives; restarting the connection")
@@ -1060,23 +1056,24 @@ class CacheSync(Service):
             with contextlib.suppress(TransportError):
                 await self._transport.close()
 
-    def check_sources(self) -> None:
+    def check_sources(self) -> int:
         """Retire the sources silent past their heartbeat timeout (flushing every namespace),
         and stop serving the namespaces none of whose sources is live (silence is not
-        safety). The watchdog calls it a few times per timeout."""
+        safety); return how many were retired. The watchdog calls it a few times per
+        timeout."""
         now = self._clock()
         silent = [
             name
             for name, src in self._sources.items()
             if src.timeout is not None and now - src.last_seen > src.timeout
         ]
-        self._retired_now = bool(silent)
         for name in silent:
             self._retire(name)
             self._stats.heartbeat_misses += 1
             self._lost("heartbeat", source=name)
         if silent:
             self._silence_orphans()
+        return len(silent)
 
     def _silence_orphans(self) -> None:
         live = self._sources
