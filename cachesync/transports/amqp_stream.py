@@ -58,8 +58,8 @@ from urllib.parse import unquote
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport
-from .hosts import float_option, int_option, parse_node_url
+from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
+from .hosts import parse_node_url
 
 try:
     import aio_pika
@@ -75,17 +75,15 @@ __all__ = ["AmqpStreamTransport", "MARKER_HEADER"]
 log = logging.getLogger("cachesync.transports.amqp_stream")
 
 MARKER_HEADER: Final = "x-cachesync-marker"
-_OPTIONS: Final = frozenset(
-    {
-        "stream",
-        "max_age",
-        "max_length_bytes",
-        "max_segment_size_bytes",
-        "prefetch",
-        "name",
-        "heartbeat",
-        "publish_timeout",
-    }
+_OPTIONS: Final = (
+    text_option("stream", "stream"),
+    text_option("max_age", "1D"),  # RabbitMQ's own format: checked below
+    int_option("max_length_bytes", 0, minimum=0),
+    int_option("max_segment_size_bytes", 0, minimum=0),
+    int_option("prefetch", 1000),
+    text_option("name"),
+    int_option("heartbeat", 10),
+    duration_option("publish_timeout", None),
 )
 _AGE = re.compile(r"^\d+[YMDhms]$")
 _FAILURES = (
@@ -124,34 +122,30 @@ class AmqpStreamTransport(Transport):
         connection_name: str | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        parsed = parse_node_url(url, default_port=5672, known_options=_OPTIONS)
+        parsed = parse_node_url(url, default_port=5672)
         if parsed.scheme not in ("amqp+stream", "amqps+stream"):
             raise ConfigError(f"not an amqp+stream:// URL: {self.safe_url!r}")
-        opts = parsed.options
+        opts, _ = parse_options(url, _OPTIONS)
         self._hosts = list(parsed.hosts)
         self._ssl = parsed.scheme == "amqps+stream"
         self._login = parsed.username or "guest"
         self._password = parsed.password if parsed.password is not None else "guest"
         self._vhost = unquote(parsed.path[1:]) if len(parsed.path) > 1 else "/"
-        self.stream = stream or opts.get("stream") or "stream"
-        self.max_age = max_age or opts.get("max_age") or "1D"
+        self.stream = stream or opts["stream"]
+        self.max_age = max_age or opts["max_age"]
         if not _AGE.match(self.max_age):
             raise ConfigError(
                 f"max_age={self.max_age!r} in {self.safe_url!r}: write e.g. 1D, 12h, 30m (units "
                 "Y M D h m s, as RabbitMQ's x-max-age)"
             )
-        self.max_length_bytes = max_length_bytes or (
-            int_option(opts, "max_length_bytes", 0, minimum=0) or None
+        self.max_length_bytes = max_length_bytes or opts["max_length_bytes"] or None
+        self.max_segment_size_bytes = (
+            max_segment_size_bytes or opts["max_segment_size_bytes"] or None
         )
-        self.max_segment_size_bytes = max_segment_size_bytes or (
-            int_option(opts, "max_segment_size_bytes", 0, minimum=0) or None
-        )
-        self.prefetch = prefetch or int_option(opts, "prefetch", 1000)
-        self.publish_timeout = publish_timeout or float_option(
-            opts, "publish_timeout", connect_timeout
-        )
-        self.connection_name = connection_name or opts.get("name") or None
-        self._heartbeat = int_option(opts, "heartbeat", 10)
+        self.prefetch = prefetch or opts["prefetch"]
+        self.publish_timeout = publish_timeout or opts["publish_timeout"] or connect_timeout
+        self.connection_name = connection_name or opts["name"]
+        self._heartbeat = opts["heartbeat"]
         self._connection: Any = None
         self._channel: Any = None  # the publisher's
         self._exchanges: dict[str, Any] = {}

@@ -48,6 +48,7 @@ import asyncio
 import enum
 import importlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -66,14 +67,17 @@ __all__ = [
     "Transport",
     "bool_option",
     "describe",
+    "duration_option",
     "float_option",
     "int_option",
     "from_url",
+    "parse_duration",
     "parse_options",
     "redact_url",
     "register_scheme",
     "scrub",
     "secret_key",
+    "text_option",
 ]
 
 log = logging.getLogger("cachesync.transports")
@@ -394,6 +398,30 @@ def float_option(
         return Option(name, default, float, "a positive number of seconds", lambda v: v > 0)
     expected = "a number of seconds >= 0" + (f" (0 {zero_means})" if zero_means else "")
     return Option(name, default, float, expected, lambda v: v >= 0)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"90s"``, ``"500ms"``, ``"15m"``, ``"1h"`` or ``"7d"``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def duration_option(name: str, default: float | None) -> Option[Any]:
+    """A positive duration: seconds, or with a unit (``500ms``, ``5s``, ``15m``, ``1h``)."""
+    return Option(
+        name, default, parse_duration, "a positive duration such as 5s, 15m or 1h", lambda v: v > 0
+    )
+
+
+def text_option(name: str, default: str | None = None) -> Option[Any]:
+    """Free text (a name); empty means the default."""
+    return Option(name, default, lambda text: text or default, "text")
 
 
 def bool_option(name: str, default: bool) -> Option[bool]:

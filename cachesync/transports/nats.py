@@ -58,8 +58,8 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport
-from .hosts import float_option, int_option, parse_duration, parse_node_url
+from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
+from .hosts import parse_node_url
 
 try:
     import nats
@@ -80,8 +80,13 @@ log = logging.getLogger("cachesync.transports.nats")
 DEFAULT_MAX_AGE: Final = 86400.0
 DEFAULT_MAX_MSGS: Final = 100_000
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
-_OPTIONS: Final = frozenset(
-    {"max_age", "max_msgs", "replicas", "health_check_interval", "publish_timeout", "name"}
+_OPTIONS: Final = (
+    duration_option("max_age", DEFAULT_MAX_AGE),
+    int_option("max_msgs", DEFAULT_MAX_MSGS),
+    int_option("replicas", 1),
+    duration_option("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL),
+    duration_option("publish_timeout", None),
+    text_option("name"),
 )
 _NAME_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -132,25 +137,21 @@ class NatsTransport(Transport):
         name: str | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        parsed = parse_node_url(url, default_port=4222, known_options=_OPTIONS)
+        parsed = parse_node_url(url, default_port=4222)
         if parsed.scheme != "nats":
             raise ConfigError(f"not a nats:// URL: {self.safe_url!r}")
         self._servers = [f"{parsed.scheme}://{host}:{port}" for host, port in parsed.hosts]
         self._user = parsed.username
         self._password = parsed.password
-        opts = parsed.options
-        self.health_check_interval = health_check_interval or float_option(
-            opts, "health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL
-        )
-        self.publish_timeout = publish_timeout or float_option(
-            opts, "publish_timeout", connect_timeout
-        )
+        opts, _ = parse_options(url, _OPTIONS)
+        self.health_check_interval = health_check_interval or opts["health_check_interval"]
+        self.publish_timeout = publish_timeout or opts["publish_timeout"] or connect_timeout
         if isinstance(max_age, str):
-            max_age = parse_duration(max_age, what="max_age")
-        self.max_age = max_age or float_option(opts, "max_age", DEFAULT_MAX_AGE)
-        self.max_msgs = max_msgs or int_option(opts, "max_msgs", DEFAULT_MAX_MSGS)
-        self.replicas = replicas or int_option(opts, "replicas", 1)
-        self.name = name or opts.get("name") or None
+            max_age = float(_OPTIONS[0].read("nats", max_age))
+        self.max_age: float = max_age or opts["max_age"]
+        self.max_msgs = max_msgs or opts["max_msgs"]
+        self.replicas = replicas or opts["replicas"]
+        self.name = name or opts["name"]
         for attr in ("health_check_interval", "publish_timeout", "max_age"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"{attr} must be positive")

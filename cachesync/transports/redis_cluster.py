@@ -43,8 +43,8 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport
-from .hosts import float_option, parse_node_url
+from .base import OnReady, Transport, duration_option, parse_options, text_option
+from .hosts import parse_node_url
 from .redis_sentinel import FAILURES, no_retry, pubsub_messages
 
 try:
@@ -61,7 +61,11 @@ __all__ = ["RedisClusterTransport"]
 log = logging.getLogger("cachesync.transports.redis_cluster")
 
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
-_OPTIONS: Final = frozenset({"health_check_interval", "socket_timeout", "client_name"})
+_OPTIONS: Final = (
+    duration_option("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL),
+    duration_option("socket_timeout", None),
+    text_option("client_name"),
+)
 _READY: Final = object()
 # What redis-py raises when a node or the cluster fails (RedisClusterException is no RedisError).
 _ERRORS: Final = (*FAILURES, redis_errors.RedisError, redis_errors.RedisClusterException)
@@ -83,19 +87,15 @@ class RedisClusterTransport(Transport):
         client_name: str | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        parsed = parse_node_url(url, default_port=6379, known_options=_OPTIONS)
+        parsed = parse_node_url(url, default_port=6379)
         if parsed.scheme not in ("redis+cluster", "rediss+cluster"):
             raise ConfigError(f"not a redis+cluster:// URL: {self.safe_url!r}")
         if parsed.path.strip("/") not in ("", "0"):
             raise ConfigError(f"a Redis Cluster has database 0 only: {self.safe_url!r}")
-        opts = parsed.options
-        self.health_check_interval = health_check_interval or float_option(
-            opts, "health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL
-        )
-        self.socket_timeout = socket_timeout or float_option(
-            opts, "socket_timeout", connect_timeout
-        )
-        self.client_name = client_name or opts.get("client_name") or None
+        opts, _ = parse_options(url, _OPTIONS)
+        self.health_check_interval = health_check_interval or opts["health_check_interval"]
+        self.socket_timeout = socket_timeout or opts["socket_timeout"] or connect_timeout
+        self.client_name = client_name or opts["client_name"]
         self._nodes = list(parsed.hosts)
         self._password = parsed.password
         self._options: dict[str, Any] = {

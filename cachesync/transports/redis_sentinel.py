@@ -42,8 +42,8 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport
-from .hosts import float_option, parse_node_url
+from .base import OnReady, Transport, duration_option, parse_options, text_option
+from .hosts import parse_node_url
 
 try:
     import redis.exceptions as redis_errors
@@ -62,8 +62,11 @@ __all__ = ["RedisSentinelTransport", "no_retry", "pubsub_messages"]
 log = logging.getLogger("cachesync.transports.redis_sentinel")
 
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
-_OPTIONS: Final = frozenset(
-    {"health_check_interval", "socket_timeout", "client_name", "sentinel_password"}
+_OPTIONS: Final = (
+    duration_option("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL),
+    duration_option("socket_timeout", None),
+    text_option("client_name"),
+    text_option("sentinel_password"),
 )
 
 # What "the server or the socket failed" looks like from redis-py (TimeoutError is an OSError).
@@ -132,7 +135,7 @@ class RedisSentinelTransport(Transport):
         client_name: str | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        parsed = parse_node_url(url, default_port=26379, known_options=_OPTIONS)
+        parsed = parse_node_url(url, default_port=26379)
         if parsed.scheme not in ("redis+sentinel", "rediss+sentinel"):
             raise ConfigError(f"not a redis+sentinel:// URL: {self.safe_url!r}")
         service, _, db_text = parsed.path.strip("/").partition("/")
@@ -145,16 +148,12 @@ class RedisSentinelTransport(Transport):
         except ValueError:
             raise ConfigError(f"database {db_text!r} in {self.safe_url!r} is no number") from None
         self.service = service
-        opts = parsed.options
-        self.health_check_interval = health_check_interval or float_option(
-            opts, "health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL
-        )
-        self.socket_timeout = socket_timeout or float_option(
-            opts, "socket_timeout", connect_timeout
-        )
-        self.client_name = client_name or opts.get("client_name") or None
+        opts, _ = parse_options(url, _OPTIONS)
+        self.health_check_interval = health_check_interval or opts["health_check_interval"]
+        self.socket_timeout = socket_timeout or opts["socket_timeout"] or connect_timeout
+        self.client_name = client_name or opts["client_name"]
         self._sentinels = list(parsed.hosts)
-        self._sentinel_password = opts.get("sentinel_password") or None
+        self._sentinel_password = opts["sentinel_password"]
         self._redis_options: dict[str, Any] = {
             "username": parsed.username,
             "password": parsed.password,
