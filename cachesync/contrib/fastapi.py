@@ -76,17 +76,7 @@ def owner_lifespan(
     for source in sources:
         _publisher_of(source)  # type check
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            for source in sources:
-                await stack.enter_async_context(source)
-            app.state.cachesync_sources = sources
-            if app_lifespan is not None:
-                await stack.enter_async_context(app_lifespan(app))
-            yield
-
-    return lifespan
+    return _running(sources, "cachesync_sources", sources, app_lifespan)
 
 
 def feed_lifespan(*feeds: ChangeFeed, app_lifespan: Lifespan | None = None) -> Lifespan:
@@ -106,12 +96,29 @@ def feed_lifespan(*feeds: ChangeFeed, app_lifespan: Lifespan | None = None) -> L
         if not isinstance(feed, ChangeFeed):
             raise TypeError(f"expected a ChangeFeed, got {type(feed).__name__}")
 
+    return _running(feeds, "cachesync_feeds", feeds, app_lifespan)
+
+
+def _running(
+    services: Sequence[contextlib.AbstractAsyncContextManager[Any]],
+    state_name: str,
+    state_value: Any,
+    app_lifespan: Lifespan | None,
+    *,
+    closed_after: Sequence[HttpFetcher[Any]] = (),
+) -> Lifespan:
+    """The lifespan the factories above share: ``services`` entered in order (left in
+    reverse), ``app.state.<state_name>`` set, then the app's own lifespan; ``closed_after``
+    fetchers are closed once the services have stopped."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            for feed in feeds:
-                await stack.enter_async_context(feed)
-            app.state.cachesync_feeds = feeds
+            for fetcher in closed_after:
+                stack.push_async_callback(fetcher.aclose)
+            for service in services:
+                await stack.enter_async_context(service)
+            setattr(app.state, state_name, state_value)
             if app_lifespan is not None:
                 await stack.enter_async_context(app_lifespan(app))
             yield
@@ -136,18 +143,7 @@ def consumer_lifespan(
         raise TypeError(f"expected a CacheSync, got {type(sync).__name__}")
     owned = list(fetchers)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            for fetcher in owned:
-                stack.push_async_callback(fetcher.aclose)
-            await stack.enter_async_context(sync)
-            app.state.cachesync = sync
-            if app_lifespan is not None:
-                await stack.enter_async_context(app_lifespan(app))
-            yield
-
-    return lifespan
+    return _running([sync], "cachesync", sync, app_lifespan, closed_after=owned)
 
 
 def state_router(
