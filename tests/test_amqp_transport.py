@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -392,6 +393,37 @@ async def test_refused_port_fails_fast_with_a_redacted_url_and_a_hint() -> None:
     await transport.close()
 
 
+async def test_connect_tries_the_hosts_of_a_list_in_turn(amqp_url: str, unique: str) -> None:
+    # A cluster's URL names its nodes; one that is down is passed over (the cluster fault
+    # tests, tests/test_rabbitmq_cluster.py, kill a node under a live subscription).
+    parts = urlsplit(amqp_url)
+    userinfo, _, live = parts.netloc.rpartition("@")
+    url = urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{refused_port()},{live}"))
+    transport = AmqpTransport(url, connect_timeout=5.0)
+    try:
+        await transport.connect()
+        async with Consumer(transport, unique) as consumer:
+            await transport.publish(unique, b"via the second host")
+            assert await consumer.take(1) == [b"via the second host"]
+    finally:
+        await transport.close()
+
+
+def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
+    transport = AmqpTransport("amqp://u:p%40ss@h1:5673,h2/vh?heartbeat=5&max_backlog=9")
+    assert transport._broker_urls == [
+        f"amqp://u:p%40ss@{host}/vh?heartbeat=5&reconnect_interval=1"
+        for host in ("h1:5673", "h2:5672")
+    ]
+    assert "p%40ss" not in repr(transport) and transport.max_backlog == 9
+    assert AmqpTransport("amqps://h1,h2:5000/")._broker_urls == [
+        "amqps://h1:5671/?reconnect_interval=1",
+        "amqps://h2:5000/?reconnect_interval=1",
+    ]
+    with pytest.raises(ConfigError, match="not a number"):
+        AmqpTransport("amqp://h1:x,h2/")
+
+
 async def test_wrong_password_fails_at_once(amqp_url: str) -> None:
     url = amqp_url.replace("guest:guest@", "guest:not-the-password@")
     transport = AmqpTransport(url, connect_timeout=5)
@@ -441,7 +473,7 @@ def test_url_options_are_read_and_not_passed_to_aio_pika() -> None:
     assert transport.publisher_confirms is False
     assert transport.max_backlog == 7
     assert transport.connection_name == "orders"
-    broker_url = transport._broker_url
+    (broker_url,) = transport._broker_urls
     assert "confirm" not in broker_url and "max_backlog" not in broker_url
     assert "heartbeat=5" in broker_url and "name=orders" in broker_url
     assert "reconnect_interval=1" in broker_url

@@ -18,6 +18,15 @@ raises :class:`~cachesync.errors.ConnectionLost`. The caller then calls ``connec
 if aio-pika has already reconnected, otherwise a fresh connection) and ``subscribe()`` again,
 which declares a new queue and calls ``on_ready(False)``.
 
+A cluster. ``amqp://user:password@h1:5672,h2:5673/vhost`` names several nodes: ``connect()``
+tries them in turn, starting after the one used last, each attempt bounded by
+``connect_timeout`` divided by the number of hosts. aio-pika's own reconnect stays with the node
+it connected to; when that node dies, the subscriptions end with ``ConnectionLost``, and the
+caller's ``connect()`` replaces the connection with one to the next node (so does the
+:class:`~cachesync.Publisher` after a failed publish). The fanout exchanges are the cluster's,
+but a subscription's exclusive queue lives on its subscriber's node and dies with it: the
+subscription on the next node declares a new queue and reports ``on_ready(False)``.
+
 Backlog, bounded at the broker and in the client. Each subscription's queue is declared with
 ``x-max-length=max_backlog`` and ``x-overflow=drop-head``: when a consumer stalls, the broker
 drops the oldest messages rather than grow without bound, and the consumer notices the loss as
@@ -78,6 +87,7 @@ from .base import (
     parse_options,
     secret_key,
 )
+from .hosts import parse_node_url
 from .inbox import Inbox
 
 try:
@@ -129,6 +139,17 @@ _REFUSALS = (
     aio_pika.exceptions.AuthenticationError,
     aiormq.exceptions.ConnectionNotAllowed,
 )
+
+
+def _netlocs(url: str, netloc: str, scheme: str) -> list[str]:
+    """The network location of each host of ``url``: the URL's own when it names one host,
+    ``user:password@host:port`` for each of ``h1:p1,h2:p2``."""
+    if "," not in netloc.rpartition("@")[2]:
+        return [netloc]
+    nodes = parse_node_url(url, default_port=5671 if scheme == "amqps" else 5672)
+    userinfo, at, _ = netloc.rpartition("@")
+    hosts = [(f"[{host}]" if ":" in host else host, port) for host, port in nodes.hosts]
+    return [f"{userinfo}{at}{host}:{port}" for host, port in hosts]
 
 
 def _is_handshake_refusal(exc: BaseException) -> bool:
@@ -204,8 +225,14 @@ class AmqpTransport(Transport):
             )
         if not any(key == "reconnect_interval" for key, _ in passed):
             passed.append(("reconnect_interval", f"{DEFAULT_RECONNECT_INTERVAL:g}"))
-        # The URL aio-pika sees: ours minus the options only this module understands.
-        self._broker_url = urlunsplit(parts._replace(query=urlencode(passed)))
+        # The URLs aio-pika sees: ours minus the options only this module understands, one per
+        # host of a host list (connect() tries them in turn, from the one after the last used).
+        query = urlencode(passed)
+        self._broker_urls = [
+            urlunsplit(parts._replace(netloc=netloc, query=query))
+            for netloc in _netlocs(url, parts.netloc, parts.scheme.lower())
+        ]
+        self._next_host = 0
         self.publisher_confirms: bool = values["confirm"]
         self.max_backlog: int = values["max_backlog"]
         self.prefetch: int = min(values["prefetch"], self.max_backlog)
@@ -268,15 +295,21 @@ class AmqpTransport(Transport):
 
     async def _open_connection(self) -> AbstractRobustConnection:
 
+        urls = self._broker_urls
+        # With several hosts one that does not answer must not use up the whole deadline.
+        timeout = self.connect_timeout / len(urls)
+
         async def attempt() -> AbstractRobustConnection:
             # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or
             # cancelled attempt can be closed, so its reconnect task never outlives this call.
+            url = urls[self._next_host % len(urls)]
+            self._next_host += 1
             conn = aio_pika.RobustConnection(
-                aio_pika.connection.make_url(self._broker_url),
+                aio_pika.connection.make_url(url),
                 client_properties={"connection_name": self.connection_name},
             )
             try:
-                await conn.connect(timeout=self.connect_timeout)
+                await conn.connect(timeout=timeout)
             except BaseException:
                 await self._close_quietly(conn)
                 raise
