@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .clusters import RedisClusterDeployment, SentinelDeployment
+    from .clusters import RabbitMQCluster, RedisClusterDeployment, SentinelDeployment
 
 REDIS_URL = os.environ.get("CACHESYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("CACHESYNC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -106,6 +106,22 @@ def redis_cluster() -> Iterator[RedisClusterDeployment]:
         yield deployment
     finally:
         deployment.group.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_nodes() -> Iterator[RabbitMQCluster]:
+    """A RabbitMQ cluster of 3 nodes of its own on loopback ports, for this test run (about
+    18 s to start; only runs that select a test using it pay that)."""
+    from .clusters import rabbitmq_cluster, rabbitmq_scripts
+    from .engine_tools import require_binary
+
+    if rabbitmq_scripts() is None:
+        require_binary("rabbitmq-server")
+    cluster = rabbitmq_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.group.stop()
 
 
 @pytest.fixture
