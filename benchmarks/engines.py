@@ -2,14 +2,18 @@
 
     python -m benchmarks.engines                 # failover and cluster throughput, ~2 minutes
     python -m benchmarks.engines --only failover --rounds 5
+    python -m benchmarks.engines --only failover --engines amqp,amqp+stream
 
 Failover: for each engine a deployment of its own is started on loopback ports (the test
 harness in ``tests/clusters.py``): Redis with a replica and 3 sentinels, a Redis Cluster of 3
-primaries and 3 replicas, a 3-node NATS JetStream cluster. A publisher sends a numbered event
-every 5 ms, a reader (reconnecting as ``CacheSync``'s listener does) reads them; the node that
-matters is SIGKILLed (the master, the primary owning the channel's slot, the stream's leader)
-and the time until the reader receives a newer event is measured, ``--rounds`` times per engine
-(the node is restarted and the deployment healthy again between rounds).
+primaries and 3 replicas, a 3-node NATS JetStream cluster, a 3-node RabbitMQ cluster (for
+``amqp://`` and ``amqp+stream://``). A publisher sends a numbered event every 5 ms, a reader
+(reconnecting as ``CacheSync``'s listener does) reads them; the node that matters is SIGKILLed
+(the master, the primary owning the channel's slot, the stream's leader, the node a plain AMQP
+consumer and the publisher are connected to) and the time until the reader receives a newer
+event is measured, ``--rounds`` times per engine (the node is restarted and the deployment
+healthy again between rounds). ``--engines`` runs some of them; the rows of the others are kept
+from the last run (and say so).
 
 Cluster throughput: 3 publisher processes each publish as fast as they can to a namespace of
 their own for ``--seconds``, and 3 reader processes each read one namespace; once with the 3
@@ -32,10 +36,12 @@ import asyncio
 import multiprocessing
 import os
 import platform
+import re
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +53,20 @@ from benchmarks.common import pyplot  # noqa: E402
 from cachesync.transports.base import Transport, from_url  # noqa: E402
 from tests.clusters import (  # noqa: E402
     ProcessGroup,
+    RabbitMQCluster,
     RedisClusterDeployment,
     SentinelDeployment,
     nats_cluster,
+    rabbitmq_cluster,
     redis_cluster,
     sentinel_deployment,
 )
 from tests.engine_tools import Feeder, Reader  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+Failovers = list[tuple[float, bool]]
+"""Of each round: seconds until events flowed again, and whether a loss was reported."""
 
 
 # -- failover ----------------------------------------------------------------------------------
@@ -177,6 +188,41 @@ async def failover_nats(rounds: int) -> list[tuple[float, bool]]:
         return results
     finally:
         group.stop()
+
+
+async def failover_rabbitmq(rounds: int, scheme: str) -> list[tuple[float, bool]]:
+    """``amqp``: the node a plain consumer and the publisher are connected to is killed.
+    ``amqp+stream``: the stream's leader, which the reader and publisher are connected to."""
+    from tests.test_rabbitmq_cluster import _declare_streams
+
+    cluster: RabbitMQCluster = rabbitmq_cluster()
+    names = list(cluster.group.nodes)
+    try:
+        results = []
+        for i in range(rounds):
+            channel = f"bench-{scheme}-{i}"
+            node = names[i % len(names)]
+            if scheme == "amqp+stream":
+                await _declare_streams(cluster, node, [channel])
+                leader = await asyncio.to_thread(cluster.queue_leader, f"{channel}.stream")
+                assert leader == node, f"the stream declared on {node} is led by {leader}"
+            others = [name for name in names if name != node]
+            url = cluster.url(node, *others, scheme=scheme)
+
+            async def kill(node: str = node) -> str:
+                cluster.group.kill(node)
+                return node
+
+            async def restart(name: str) -> None:
+                await asyncio.to_thread(cluster.restart, name)
+
+            def make(url: str = url) -> Transport:
+                return from_url(url, connect_timeout=5.0)
+
+            results.append(await _one_failover(make, channel, kill, restart))
+        return results
+    finally:
+        cluster.group.stop()
 
 
 # -- Redis Cluster throughput ------------------------------------------------------------------
@@ -428,41 +474,125 @@ def _plot_fanout(curves: dict[str, list[tuple[int, float, float, int]]], path: P
 # -- report ------------------------------------------------------------------------------------
 
 
-def _plot(failovers: dict[str, list[tuple[float, bool]]], path: Path) -> None:
+def _plot(rows: list[FailoverRow], path: Path) -> None:
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = list(failovers)
-    for i, name in enumerate(names):
-        times = [t for t, _ in failovers[name]]
-        ax.scatter([i] * len(times), times, color="tab:blue", alpha=0.7)
-        ax.hlines(statistics.median(times), i - 0.25, i + 0.25, color="tab:red")
-    ax.set_xticks(range(len(names)), names)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for i, row in enumerate(rows):
+        if row.times:
+            ax.scatter([i] * len(row.times), row.times, color="tab:blue", alpha=0.7)
+        ax.scatter([i], [row.maximum], color="tab:blue", marker="x")
+        ax.hlines(row.median, i - 0.25, i + 0.25, color="tab:red")
+    ax.set_xticks(range(len(rows)), [row.engine.replace(" (", "\n(") for row in rows], fontsize=7)
     ax.set_ylabel("seconds until events flow again")
-    ax.set_title("Failover: a node killed while events flow (red: median)")
+    ax.set_title("Failover: a node killed while events flow (red: median, x: max)", fontsize=9)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+@dataclass
+class FailoverRow:
+    """One engine's line of the failover table."""
+
+    engine: str
+    killed: str
+    median: float
+    maximum: float
+    rounds: int
+    lost: int
+    times: list[float]  # each round's; empty for a row from before they were listed
+    measured: str
+
+    def markdown(self) -> str:
+        each = ", ".join(f"{t:.2f}" for t in self.times) or "-"
+        return (
+            f"| {self.engine} | {self.killed} | {self.median:.2f} | {self.maximum:.2f} | "
+            f"{self.rounds} | {self.lost} of {self.rounds} | {each} | {self.measured} |"
+        )
+
+
+FAILOVER_HEADER = [
+    "| engine | killed | events flow again after (s): median | max | rounds "
+    "| reported as a loss | each round (s) | measured |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def _earlier_rows(path: Path) -> dict[str, FailoverRow]:
+    """The failover rows of the last report, by engine (to keep those not run this time)."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    header = re.search(r"on .*?, (\d{4}-\d\d-\d\d \d\d:\d\d UTC)\.", text)
+    when = header.group(1) if header else "?"
+    section = text.partition("\n## Failover\n")[2].partition("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 6 or cells[0] in ("engine", "---") or not cells[2][:1].isdigit():
+            continue
+        times = (
+            [float(t) for t in cells[6].split(",")] if len(cells) > 6 and cells[6] != "-" else []
+        )
+        rows[cells[0]] = FailoverRow(
+            engine=cells[0],
+            killed=cells[1],
+            median=float(cells[2]),
+            maximum=float(cells[3]),
+            rounds=int(cells[4]),
+            lost=int(cells[5].split()[0]),
+            times=times,
+            measured=cells[7] if len(cells) > 7 else when,
+        )
+    return rows
+
+
 def _write(lines: list[str], only: str | None) -> None:
     path = RESULTS / "ENGINES.md"
     text = "\n".join(lines)
     if only is not None and path.exists():
-        # Keep the section of a part that was not run this time.
-        kept = [
-            part
-            for part in path.read_text().split("\n## ")[1:]
-            if not text.count("\n## " + part.splitlines()[0])
-        ]
-        text += "".join("\n## " + part for part in kept)
+        # Keep the section of a part that was not run this time, saying which run it is from.
+        earlier = path.read_text()
+        header = earlier.split("\n## ")[0].strip().splitlines()[2:]
+        note = f"_From an earlier run: {' '.join(header)}_"
+        for part in earlier.split("\n## ")[1:]:
+            title, _, body = part.partition("\n")
+            if text.count("\n## " + title):
+                continue
+            if "_From an earlier run" not in body:
+                body = f"\n{note}\n{body}"
+            text += f"\n## {title}\n{body}"
     path.write_text(text)
+
+
+FAILOVER_ENGINES: dict[str, tuple[str, str, Callable[[int], Coroutine[Any, Any, Failovers]]]] = {
+    # --engines name: (row, what is killed, the run)
+    "redis+sentinel": ("redis+sentinel", "the master", failover_sentinel),
+    "redis+cluster": ("redis+cluster", "the primary of the channel's slot", failover_cluster),
+    "nats": ("nats (stream leader)", "the stream's leader (R3)", failover_nats),
+    "amqp": (
+        "amqp (consumer's node)",
+        "the node of the consumer and the publisher (3-node cluster)",
+        lambda rounds: failover_rabbitmq(rounds, "amqp"),
+    ),
+    "amqp+stream": (
+        "amqp+stream (stream leader)",
+        "the stream's leader (3 replicas), the node of the consumer and the publisher",
+        lambda rounds: failover_rabbitmq(rounds, "amqp+stream"),
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["failover", "throughput", "fanout"])
+    parser.add_argument(
+        "--engines",
+        help=f"failover of these only, comma-separated (of {','.join(FAILOVER_ENGINES)}); "
+        "the other rows are kept from the last report",
+    )
     parser.add_argument("--subscriptions", default="1,4,16,64")
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--rounds", type=int, default=3)
@@ -477,34 +607,30 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     if args.only in (None, "failover"):
-        failovers = {
-            "redis+sentinel": asyncio.run(failover_sentinel(args.rounds)),
-            "redis+cluster": asyncio.run(failover_cluster(args.rounds)),
-            "nats (stream leader)": asyncio.run(failover_nats(args.rounds)),
-        }
-        lines += [
-            "## Failover",
-            "",
-            "| engine | killed | events flow again after (s): median | max | rounds "
-            "| reported as a loss |",
-            "|---|---|---|---|---|---|",
-        ]
-        killed = {
-            "redis+sentinel": "the master",
-            "redis+cluster": "the primary of the channel's slot",
-            "nats (stream leader)": "the stream's leader (R3)",
-        }
-        for name, results in failovers.items():
+        chosen = args.engines.split(",") if args.engines else list(FAILOVER_ENGINES)
+        unknown = set(chosen) - set(FAILOVER_ENGINES)
+        if unknown:
+            parser.error(
+                f"--engines: unknown {sorted(unknown)}; choose from {list(FAILOVER_ENGINES)}"
+            )
+        now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rows = _earlier_rows(RESULTS / "ENGINES.md")
+        for key in chosen:
+            engine, killed, run = FAILOVER_ENGINES[key]
+            results = asyncio.run(run(args.rounds))
             times = [t for t, _ in results]
             lost = sum(1 for _, loss in results if loss)
-            lines.append(
-                f"| {name} | {killed[name]} | {statistics.median(times):.2f} | "
-                f"{max(times):.2f} | {len(times)} | {lost} of {len(times)} |"
+            rows[engine] = FailoverRow(
+                engine, killed, statistics.median(times), max(times), len(times), lost, times, now
             )
-            print(name, [f"{t:.2f}" for t in times], f"lost {lost}/{len(times)}")
-        lines.append("")
+            print(engine, [f"{t:.2f}" for t in times], f"lost {lost}/{len(times)}")
+        order = [engine for engine, _, _ in FAILOVER_ENGINES.values()]
+        table = [rows[e] for e in order if e in rows] + [
+            row for engine, row in rows.items() if engine not in order
+        ]
+        lines += ["## Failover", "", *FAILOVER_HEADER, *(row.markdown() for row in table), ""]
         RESULTS.mkdir(parents=True, exist_ok=True)
-        _plot(failovers, RESULTS / "engines_failover.png")
+        _plot(table, RESULTS / "engines_failover.png")
         lines += ["![failover](engines_failover.png)", ""]
         _write(lines, args.only)
     if args.only in (None, "throughput"):
