@@ -247,8 +247,8 @@ class CacheSync(Service):
         self._retired: dict[str, int] = {}  # silent sources -> their last seq
         self._wires: list[str] = []  # the channels subscribed to
         self._down: set[str] = set()  # of those, the ones the transport is subscribing again to
-        # Sources of such channels, forgotten there: their next seq is taken as it comes.
-        self._rebased: dict[str, None] = {}
+        # Sources of such channels, set aside with their last seq until they speak again.
+        self._rebased: dict[str, int] = {}
         # Whether the transport gives namespaces channels of their own (Redis Cluster).
         self._spread = type(self._transport).channel_for is not Transport.channel_for
         self._suspect_on_ready = False  # an apply failed: flush when the listener is back
@@ -728,13 +728,12 @@ class CacheSync(Service):
             for name in names:
                 for member in self._namespaces[name].members:
                     member.cache.distrust()
-            # Their sequences start over when they are back (events between are lost, and
-            # flushed for): forget their sources there, so that no silence of theirs meanwhile,
-            # nor their next seq, counts as a loss everywhere.
-            for tracked in (self._sources, self._retired):
-                for source in [s for s in tracked if s.partition("@")[2] in wires]:
-                    del tracked[source]
-                    self._rebased[source] = None
+            # Their sources there are set aside (their silence meanwhile is no loss), with
+            # their last seq: a gap when they speak again flushes these namespaces only.
+            for source in [s for s in self._sources if s.partition("@")[2] in wires]:
+                self._rebased[source] = self._sources.pop(source).seq
+            for source in [s for s in self._retired if s.partition("@")[2] in wires]:
+                self._rebased[source] = self._retired.pop(source)
             while len(self._rebased) > MAX_RETIRED_SOURCES:
                 del self._rebased[next(iter(self._rebased))]
             log.warning(
@@ -759,6 +758,25 @@ class CacheSync(Service):
             self._observer.lost_events("reconnect")
         log.info(
             "cachesync subscribed again", extra={"channels": sorted(wires), "namespaces": names}
+        )
+
+    def _lost_on(self, name: str, event: ChangeEvent) -> None:
+        """A gap in the seqs of source ``name`` on a channel subscribed again (see
+        :meth:`_on_channels`): events on it may have been lost after it was back, and only
+        there. Flush the namespaces of that channel."""
+        wire = name.partition("@")[2]
+        wall = self._wall_clock()
+        for ns_name, ns in self._namespaces.items():
+            if self._transport.channel_for(self.channel, ns_name) == wire:
+                self._flushed(ns_name, "gap", wall, source=event.source, seq=event.seq)
+                for member in ns.members:
+                    member.cache.suspect_all()
+        if self._observer is not None:
+            self._observer.lost_events("gap")
+        log.warning(
+            "cachesync flushed the namespaces of %s: events may have been lost (gap)",
+            wire,
+            extra={"cause": "gap", "channel": wire, "source": event.source, "seq": event.seq},
         )
 
     def _set_down(self) -> None:
@@ -939,8 +957,10 @@ class CacheSync(Service):
             self._sources[name] = _Source(seq, now, timeout, event.ts)
             self._heard_again(name)
             if self._rebased and name in self._rebased:
-                # Its channel was subscribed again and its namespaces flushed: it starts here.
-                del self._rebased[name]
+                # Its channel was subscribed again: a gap flushes that channel's namespaces.
+                if seq > self._rebased.pop(name) + (0 if heartbeat else 1):
+                    self._stats.gaps += 1
+                    self._lost_on(name, event)
             elif retired is not None:
                 if not at_start:
                     self._stats.gaps += 1

@@ -291,11 +291,12 @@ class RedisClusterTransport(Transport):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
         tasks: set[asyncio.Task[None]] = set()
+        clients: set[Redis] = set()  # those of this subscription's readers
         confirmations = len(by_node)
-        ready = False
+        ready = ended = False
 
         def alive() -> bool:
-            return self._generation == generation and not self._closed
+            return self._generation == generation and not self._closed and not ended
 
         def spawn(work: Coroutine[Any, Any, None]) -> None:
             task = asyncio.create_task(work)
@@ -310,6 +311,7 @@ class RedisClusterTransport(Transport):
             client = self._client(host, port)
             pubsub = client.pubsub()
             self._subscribers.add(client)
+            clients.add(client)
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     for name in names:  # one slot per SSUBSCRIBE
@@ -334,6 +336,7 @@ class RedisClusterTransport(Transport):
                 raise ConnectionLost(f"{where} failed: {self._describe(exc)}") from exc
             finally:
                 self._subscribers.discard(client)
+                clients.discard(client)
                 try:
                     async with asyncio.timeout(1.0):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -405,9 +408,14 @@ class RedisClusterTransport(Transport):
                 elif isinstance(item, BaseException):
                     raise item
         finally:
+            # A reader whose cancellation redis-py swallows (a read that completes as it is
+            # cancelled) would read on forever: it also stops at its next read, which fails.
+            ended = True
             running = list(tasks)
             for task in running:
                 task.cancel()
+            for client in list(clients):
+                await client.connection_pool.disconnect()
             await asyncio.gather(*running, return_exceptions=True)
 
 
