@@ -28,9 +28,11 @@ pytestmark = pytest.mark.timeout(45)
 
 
 def test_url_is_parsed_and_checked() -> None:
-    transport = from_url("redis+cluster://:pw@h1:7000,h2:7001?health_check_interval=2")
+    transport = from_url(
+        "redis+cluster://:pw@h1:7000,h2:7001?health_check_interval=2&resubscribe_timeout=2m"
+    )
     assert isinstance(transport, RedisClusterTransport)
-    assert transport.health_check_interval == 2
+    assert transport.health_check_interval == 2 and transport.resubscribe_timeout == 120
     assert "pw" not in repr(transport)
     with pytest.raises(ConfigError, match="database 0"):
         from_url("redis+cluster://h1:7000/3")

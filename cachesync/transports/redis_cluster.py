@@ -21,8 +21,9 @@ no log, so events of that shard may have been missed. What happens then depends 
   ``on_channels(names, False)``, reloads the slot map, subscribes to them again on their new
   owners (retrying with backoff while the failover is under way) and calls
   ``on_channels(names, True)`` once they are live. The readers of the other shards keep
-  delivering all along. If they are not live again within ``connect_timeout``, or a node fails
-  before the subscription was first live, the whole subscription ends as below;
+  delivering all along. If they are not live again within ``resubscribe_timeout`` (a failover
+  takes about twice the cluster's ``cluster-node-timeout``), or a node fails before the
+  subscription was first live, the whole subscription ends as below;
 - without it, the whole subscription ends with :class:`~cachesync.errors.ConnectionLost`, and
   the caller flushes everything. The next ``connect()`` reloads the slot map (the transport
   marks it stale) and ``subscribe`` lands on the new owners.
@@ -42,6 +43,9 @@ URL options (query string; keyword arguments of the same name win):
 
 ``health_check_interval=5``, ``socket_timeout=<connect_timeout>``, ``client_name``
     As for ``redis+sentinel://``.
+``resubscribe_timeout=60``
+    How long the channels of a failed shard may take to be live again on their new owner
+    (with ``on_channels``) before the whole subscription ends.
 """
 
 from __future__ import annotations
@@ -79,8 +83,10 @@ __all__ = ["RedisClusterTransport"]
 log = logging.getLogger("cachesync.transports.redis_cluster")
 
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
+DEFAULT_RESUBSCRIBE_TIMEOUT: Final = 60.0
 _OPTIONS: Final = (
     duration_option("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL),
+    duration_option("resubscribe_timeout", DEFAULT_RESUBSCRIBE_TIMEOUT),
     duration_option("socket_timeout", None),
     text_option("client_name"),
 )
@@ -103,6 +109,7 @@ class RedisClusterTransport(Transport):
         health_check_interval: float | None = None,
         socket_timeout: float | None = None,
         client_name: str | None = None,
+        resubscribe_timeout: float | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
         parsed = parse_node_url(url, default_port=6379)
@@ -110,8 +117,11 @@ class RedisClusterTransport(Transport):
             raise ConfigError(f"not a redis+cluster:// URL: {self.safe_url!r}")
         if parsed.path.strip("/") not in ("", "0"):
             raise ConfigError(f"a Redis Cluster has database 0 only: {self.safe_url!r}")
-        opts, _ = parse_options(url, _OPTIONS)
+        opts, _ = parse_options(
+            url, _OPTIONS, keywords={"resubscribe_timeout": resubscribe_timeout}
+        )
         self.health_check_interval = health_check_interval or opts["health_check_interval"]
+        self.resubscribe_timeout: float = opts["resubscribe_timeout"]
         self.socket_timeout = socket_timeout or opts["socket_timeout"] or connect_timeout
         self.client_name = client_name or opts["client_name"]
         self._nodes = list(parsed.hosts)
@@ -367,7 +377,7 @@ class RedisClusterTransport(Transport):
             if not first:  # the slot map named a node that failed again: the failover is on
                 await asyncio.sleep(max(0.0, min(delay, retry.deadline - loop.time())))
             try:
-                await self._load_slots(retry.deadline)
+                await self._load_slots(min(retry.deadline, loop.time() + self.connect_timeout))
                 groups = self._by_owner(names, what)
             except TransportError as exc:
                 await queue.put(_Broken(names, exc, retry))
@@ -398,11 +408,11 @@ class RedisClusterTransport(Transport):
                         log.warning("%s; subscribing to them again", item.error)
                         on_channels(item.names, False)
                         backoff = Backoff(initial=0.05, maximum=0.5)
-                        retry = _Retry(backoff, loop.time() + self.connect_timeout)
+                        retry = _Retry(backoff, loop.time() + self.resubscribe_timeout)
                     elif loop.time() >= retry.deadline:
                         raise ConnectionLost(
                             f"{what}: {len(item.names)} channel(s) not live again within "
-                            f"{self.connect_timeout:g}s ({item.error})"
+                            f"{self.resubscribe_timeout:g}s ({item.error})"
                         ) from item.error
                     spawn(again(item.names, retry))
                 elif isinstance(item, BaseException):
