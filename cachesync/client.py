@@ -552,6 +552,7 @@ class CacheSync(Service):
         self._executor = None
         self._sources.clear()
         self._retired.clear()
+        self._rebased.clear()
         self._backoff.reset()
         return old
 
