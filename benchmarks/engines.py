@@ -249,6 +249,10 @@ class Throughput:
     busiest_node_cpu: float
     broken: list[str]
     """What ended the subscriptions that broke (a reader too slow for the broker)."""
+    load: float = float("nan")
+    """The machine's 1-minute load average after the run (other work included)."""
+    clients_waited: float = float("nan")
+    """Percent of the run the readers and publishers (summed) spent waiting for a CPU."""
 
 
 def _throughput(url: str, channels: list[str], seconds: float, nodes: list[int]) -> Throughput:
@@ -278,7 +282,7 @@ def _throughput(url: str, channels: list[str], seconds: float, nodes: list[int])
     per_node = [CpuMeter([pid]) for pid in nodes]
     for meter in meters + per_node:
         meter.start()
-    busiest = float("nan")
+    busiest = waited = float("nan")
     totals = {"sent": 0, "read": 0}
     cpu: list[float] = []
     broke: list[str] = []
@@ -288,6 +292,7 @@ def _throughput(url: str, channels: list[str], seconds: float, nodes: list[int])
         if not cpu:  # the publishing is over: the CPU of its span
             cpu = [meter.stop() for meter in meters]
             busiest = max(meter.stop() for meter in per_node)
+            waited = meters[0].waited + meters[2].waited
     for _ in readers:
         stop.put(True)
     for _ in readers:
@@ -304,6 +309,8 @@ def _throughput(url: str, channels: list[str], seconds: float, nodes: list[int])
         nodes_cpu=cpu[1],
         busiest_node_cpu=busiest,
         broken=broke,
+        load=os.getloadavg()[0],
+        clients_waited=waited,
     )
 
 
@@ -396,6 +403,8 @@ class FanoutPoint:
     seconds: float = 1.0
     load: float = float("nan")
     """The machine's 1-minute load average after the point (other work included)."""
+    consumers_waited: float = float("nan")
+    """Percent of the time the subscribing processes (summed) waited for a CPU."""
 
     @property
     def us_per_delivery(self) -> float:
@@ -414,8 +423,8 @@ def _fanout_point(
     processes: int,
     broker: list[int],
 ) -> tuple[float, float, int, list[float]]:
-    """(p50 ms, p99 ms, deliveries, [broker, consumers, publisher CPU %]) publish -> received
-    for ``subscriptions`` at ``rate``/s."""
+    """Publish -> received for ``subscriptions`` at ``rate``/s: (p50 ms, p99 ms, deliveries,
+    [broker, consumers, publisher CPU %, consumers waiting for a CPU %])."""
     context = multiprocessing.get_context("spawn")
     ready, out, stop = context.Queue(), context.Queue(), context.Queue()
     base, extra = divmod(subscriptions, processes)
@@ -469,7 +478,7 @@ def _drive_fanout(
             await transport.publish(channel, b"%.6f" % time.time())
         cpu = [meter.stop() for meter in meters]
         await transport.close()
-        return cpu
+        return [*cpu, meters[1].waited]
 
     cpu = asyncio.run(publish())
     stop.put(True)
@@ -537,10 +546,10 @@ def fanout(
                         )
                     except Exception as exc:  # a point that did not complete is shown as such
                         print(f"{name} x{count}: did not complete ({type(exc).__name__})")
-                        p50, p99, n, cpu = float("nan"), float("nan"), 0, [float("nan")] * 3
+                        p50, p99, n, cpu = float("nan"), float("nan"), 0, [float("nan")] * 4
                     point = FanoutPoint(
-                        name, count, rate, p50, p99, n, *cpu, seconds=seconds,
-                        load=os.getloadavg()[0],
+                        name, count, rate, p50, p99, n, *cpu[:3], seconds=seconds,
+                        load=os.getloadavg()[0], consumers_waited=cpu[3],
                     )  # fmt: skip
                     points.append(point)
                     print(
@@ -575,10 +584,75 @@ def _medians(points: list[FanoutPoint]) -> list[tuple[FanoutPoint, list[FanoutPo
             int(med([r.deliveries for r in runs])),
             med([r.broker_cpu for r in done]), med([r.consumers_cpu for r in done]),
             med([r.publisher_cpu for r in done]), runs[0].seconds,
-            med([r.load for r in runs]),
+            med([r.load for r in runs]), med([r.consumers_waited for r in done]),
         )  # fmt: skip
         summary.append((median, runs))
     return summary
+
+
+def _fanout_reading(points: list[FanoutPoint], target: int = 64) -> list[str]:
+    """What the figures say about the target (``target`` subscriptions within 2x the p99 of
+    one), per engine and rate, with the CPU that explains it."""
+    capacity = 100 * (os.cpu_count() or 1)
+    medians = [median for median, _ in _medians(points)]
+    lines = []
+    for one in (m for m in medians if m.subscriptions == 1):
+        many = next(
+            (
+                m
+                for m in medians
+                if (m.engine, m.rate, m.subscriptions) == (one.engine, one.rate, target)
+            ),
+            None,
+        )
+        if many is None or not many.deliveries:
+            lines.append(
+                f"- {one.engine} at {one.rate:,.0f}/s: {target} subscriptions not measured "
+                "(saturated with fewer, or did not complete)."
+            )
+            continue
+        used = many.broker_cpu + many.consumers_cpu + many.publisher_cpu
+        lines.append(
+            f"- {one.engine} at {one.rate:,.0f}/s: p99 {many.p99:.1f} ms with {target} "
+            f"subscriptions against {one.p99:.1f} ms with one ({many.p99 / one.p99:.1f}x; "
+            f"target 2x). With {target}: subscribers {many.consumers_cpu:.0f}% of a core "
+            f"({many.us_per_delivery:.1f} us per delivery), broker {many.broker_cpu:.0f}%, "
+            f"publisher {many.publisher_cpu:.0f}%: {used:.0f}% of the machine's {capacity}%, "
+            f"while the subscribers waited for a CPU {many.consumers_waited:.0f}% of the time "
+            f"(load average {many.load:.1f})."
+        )
+    return lines
+
+
+def _throughput_limit(runs: list[Throughput]) -> str:
+    """What limited the throughput, from the CPU figures."""
+    capacity = 100 * (os.cpu_count() or 1)
+    used = statistics.median(r.readers_cpu + r.publishers_cpu + r.nodes_cpu for r in runs)
+    busiest = max(r.busiest_node_cpu for r in runs)
+    load = statistics.median(r.load for r in runs)
+    waited = statistics.median(r.clients_waited for r in runs)
+    text = (
+        f"Readers, publishers and nodes together used {used:.0f}% of the machine's "
+        f"{capacity}% (median over the runs), while the readers and publishers spent "
+        f"{waited:.0f}% (of one core's time, summed) runnable but waiting for a CPU; the "
+        f"busiest node used at most {busiest:.0f}% of one core; load average {load:.1f} (other "
+        "work included). "
+    )
+    if busiest < 50:
+        text += (
+            "No node was near a core's worth of work, so the shards were not the limit: the "
+            "client processes were, each round trip waiting its turn for a CPU"
+            + (
+                " on a machine whose load average exceeds its CPUs"
+                if load > (os.cpu_count() or 1)
+                else ""
+            )
+            + ". Spreading namespaces over shards can only show its effect where a node is "
+            "the bottleneck: with a core per node and per client process."
+        )
+    else:
+        text += "A node was busy: the shard count matters here."
+    return text
 
 
 def _plot_fanout(points: list[FanoutPoint], path: Path, processes: int) -> None:
@@ -723,8 +797,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "| layout | events/s received (3 readers) | events/s sent (3 publishers) "
             "| readers CPU % | publishers CPU % | cluster nodes CPU % (busiest node) "
-            "| subscriptions broken |",
-            "|---|---|---|---|---|---|---|",
+            "| readers and publishers waiting for a CPU % | subscriptions broken |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, runs in figures.items():
 
@@ -738,6 +812,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {med([r.publishers_cpu for r in runs]):.0f} "
                 f"| {med([r.nodes_cpu for r in runs]):.0f} "
                 f"({med([r.busiest_node_cpu for r in runs]):.0f}) "
+                f"| {med([r.clients_waited for r in runs]):.0f} "
                 f"| {sum(len(r.broken) for r in runs)} |"
             )
         spread_runs, same_runs = figures.values()
@@ -746,6 +821,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Ratio spread / one shard, round by round: {statistics.median(ratios):.2f}x "
             f"(range {min(ratios):.2f}-{max(ratios):.2f}).",
+            "",
+            _throughput_limit([r for runs in figures.values() for r in runs]),
             "",
         ]
         _write(lines, args.only)
@@ -766,12 +843,14 @@ def main(argv: list[str] | None = None) -> None:
             f"over {args.processes} processes (one connection each) on the same "
             f"{os.cpu_count()} CPUs as the brokers. CPU in percent of one core over the "
             "publishing: the broker's, the subscribing processes' together, the publisher's; "
-            "and the subscribing processes' CPU per delivery.",
+            "the subscribing processes' CPU per delivery; and how long they were runnable but "
+            "waiting for a CPU (percent of the time, summed over them: the machine's other "
+            "work holding them back).",
             "",
             "| engine | events/s | subscriptions | p50 ms | p99 ms (range) | deliveries "
             "| broker CPU % | subscribers CPU % | publisher CPU % | us CPU / delivery "
-            "| load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| subscribers waiting for a CPU % | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for point, runs in _medians(points):
             low, high = min(r.p99 for r in runs), max(r.p99 for r in runs)
@@ -780,9 +859,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {point.p50:.2f} | {point.p99:.2f} ({low:.2f}-{high:.2f}) "
                 f"| {point.deliveries:,} | {point.broker_cpu:.0f} | {point.consumers_cpu:.0f} "
                 f"| {point.publisher_cpu:.0f} | {point.us_per_delivery:.1f} "
-                f"| {point.load:.1f} |"
+                f"| {point.consumers_waited:.0f} | {point.load:.1f} |"
             )
-        lines.append("")
+        lines += ["", *_fanout_reading(points), ""]
         _plot_fanout(points, RESULTS / "engines_fanout.png", args.processes)
         lines += ["![fan-out](engines_fanout.png)", ""]
     _write(lines, args.only)

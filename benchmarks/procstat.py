@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["CpuMeter", "broker_pids", "cpu_seconds"]
+__all__ = ["CpuMeter", "broker_pids", "cpu_seconds", "wait_seconds"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -37,23 +37,46 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / _TICK
 
 
+def wait_seconds(pids: Iterable[int]) -> float:
+    """Seconds the threads of ``pids`` spent runnable but waiting for a CPU (the run queue,
+    ``/proc/<pid>/task/<tid>/schedstat``): how much the machine held them back."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                    total += int(handle.read().split()[1])  # nanoseconds
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 @dataclass
 class CpuMeter:
-    """Percent of one core used by ``pids`` between ``start()`` and ``stop()``."""
+    """Percent of one core used by ``pids`` between ``start()`` and ``stop()``, and in
+    ``waited`` the percent of the time they spent waiting for a CPU (summed over them)."""
 
     pids: Sequence[int]
+    waited: float = float("nan")
     _cpu: float = 0.0
+    _wait: float = 0.0
     _wall: float = 0.0
 
     def start(self) -> None:
-        self._cpu, self._wall = cpu_seconds(self.pids), time.monotonic()
+        self._cpu, self._wait = cpu_seconds(self.pids), wait_seconds(self.pids)
+        self._wall = time.monotonic()
 
     def stop(self) -> float:
         """Percent of a core since ``start()`` (NaN when no PID is known)."""
         if not self.pids:
             return float("nan")
-        wall = time.monotonic() - self._wall
-        return 100.0 * (cpu_seconds(self.pids) - self._cpu) / max(wall, 1e-9)
+        wall = max(time.monotonic() - self._wall, 1e-9)
+        self.waited = 100.0 * (wait_seconds(self.pids) - self._wait) / wall
+        return 100.0 * (cpu_seconds(self.pids) - self._cpu) / wall
 
 
 def _pgrep(name: str) -> list[int]:
