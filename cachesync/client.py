@@ -8,6 +8,8 @@ cache:
 
 - a **reconnect** (the subscription broke): reads go through to the owner while it is down,
   and the caches are flushed when it is back (unless the transport replayed what was missed);
+  where the transport subscribes again to part of the channels by itself (``redis+cluster://``:
+  a shard failed over), only the namespaces of those channels, the same way;
 - a **sequence gap**, a **new source** (a restarted owner), or a heartbeat that carries a later
   ``seq`` than the last event seen: every namespace is flushed at once;
 - a **missed heartbeat**: the source is forgotten and every namespace flushed; when no source
@@ -93,6 +95,9 @@ class ClientStats:
     duplicates: int = 0
     apply_failures: int = 0
     unknown_schema: int = 0
+    partial_reconnects: int = 0
+    """Parts of the subscription (a shard's channels) lost and live again: their namespaces
+    were flushed, the others kept."""
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a dict."""
@@ -241,6 +246,9 @@ class CacheSync(Service):
         self._sources: dict[str, _Source] = {}
         self._retired: dict[str, int] = {}  # silent sources -> their last seq
         self._wires: list[str] = []  # the channels subscribed to
+        self._down: set[str] = set()  # of those, the ones the transport is subscribing again to
+        # Sources of such channels, set aside with their last seq until they speak again.
+        self._rebased: dict[str, int] = {}
         # Whether the transport gives namespaces channels of their own (Redis Cluster).
         self._spread = type(self._transport).channel_for is not Transport.channel_for
         self._suspect_on_ready = False  # an apply failed: flush when the listener is back
@@ -358,7 +366,8 @@ class CacheSync(Service):
                 # Registered while every source is silent: not fed, so not served either.
                 self._silence(namespace, ns)
         wire = self._transport.channel_for(self.channel, ns) if self._spread else self.channel
-        if self._stats.listener_up and not namespace.silent and wire in self._wires:
+        serving = wire in self._wires and wire not in self._down
+        if self._stats.listener_up and not namespace.silent and serving:
             cache.trust()
         namespace.members.append(_Member(cache, options.mode, options.from_event))
         listener = self._listener
@@ -543,6 +552,7 @@ class CacheSync(Service):
         self._executor = None
         self._sources.clear()
         self._retired.clear()
+        self._rebased.clear()
         self._backoff.reset()
         return old
 
@@ -654,7 +664,9 @@ class CacheSync(Service):
                 if self._wires == [self.channel]:
                     messages = self._transport.subscribe(self.channel, self._on_ready)
                 else:
-                    messages = self._transport.subscribe_many(self._wires, self._on_ready)
+                    messages = self._transport.subscribe_many(
+                        self._wires, self._on_ready, self._on_channels
+                    )
                 try:
                     async for payload in messages:
                         self.handle_message(payload)
@@ -688,6 +700,7 @@ class CacheSync(Service):
             resumed, self._suspect_on_ready = False, False
         if not resumed:
             self._flushed(None, "reconnect", self._wall_clock(), channel=self.channel)
+        self._down.clear()
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -702,6 +715,70 @@ class CacheSync(Service):
         self._backoff.reset()
         self._ready.set()
         log.info("cachesync listener up", extra={"resumed": resumed, "channel": self.channel})
+
+    def _on_channels(self, channels: Sequence[str], live: bool) -> None:
+        """Part of the subscription broke (``live`` false) or is live again: the namespaces of
+        those channels are not served in between, and are flushed when they are back; the
+        others are untouched (see ``Transport.subscribe_many``)."""
+        wires = set(channels)
+        names = [
+            n for n in self._namespaces if self._transport.channel_for(self.channel, n) in wires
+        ]
+        if not live:
+            self._down |= wires
+            for name in names:
+                for member in self._namespaces[name].members:
+                    member.cache.distrust()
+            # Their sources there are set aside (their silence meanwhile is no loss), with
+            # their last seq: a gap when they speak again flushes these namespaces only.
+            for source in [s for s in self._sources if s.partition("@")[2] in wires]:
+                self._rebased[source] = self._sources.pop(source).seq
+            for source in [s for s in self._retired if s.partition("@")[2] in wires]:
+                self._rebased[source] = self._retired.pop(source)
+            while len(self._rebased) > MAX_RETIRED_SOURCES:
+                del self._rebased[next(iter(self._rebased))]
+            log.warning(
+                "cachesync lost part of its subscription; reads of its namespaces go to the "
+                "owner until it is back",
+                extra={"channels": sorted(wires), "namespaces": names},
+            )
+            return
+        self._down -= wires
+        self._stats.partial_reconnects += 1
+        wall = self._wall_clock()
+        for name in names:
+            ns = self._namespaces[name]
+            self._flushed(
+                name, "reconnect", wall, channel=self._transport.channel_for(self.channel, name)
+            )
+            for member in ns.members:
+                member.cache.suspect_all()
+                if self._stats.listener_up and not ns.silent:
+                    member.cache.trust()
+        if self._observer is not None:
+            self._observer.lost_events("reconnect")
+        log.info(
+            "cachesync subscribed again", extra={"channels": sorted(wires), "namespaces": names}
+        )
+
+    def _lost_on(self, name: str, event: ChangeEvent) -> None:
+        """A gap in the seqs of source ``name`` on a channel subscribed again (see
+        :meth:`_on_channels`): events on it may have been lost after it was back, and only
+        there. Flush the namespaces of that channel."""
+        wire = name.partition("@")[2]
+        wall = self._wall_clock()
+        for ns_name, ns in self._namespaces.items():
+            if self._transport.channel_for(self.channel, ns_name) == wire:
+                self._flushed(ns_name, "gap", wall, source=event.source, seq=event.seq)
+                for member in ns.members:
+                    member.cache.suspect_all()
+        if self._observer is not None:
+            self._observer.lost_events("gap")
+        log.warning(
+            "cachesync flushed the namespaces of %s: events may have been lost (gap)",
+            wire,
+            extra={"cause": "gap", "channel": wire, "source": event.source, "seq": event.seq},
+        )
 
     def _set_down(self) -> None:
         # Distrust first: nothing after this may leave the caches trusted.
@@ -880,7 +957,12 @@ class CacheSync(Service):
             others = any(_source_id(known) != event.source for known in self._sources)
             self._sources[name] = _Source(seq, now, timeout, event.ts)
             self._heard_again(name)
-            if retired is not None:
+            if self._rebased and name in self._rebased:
+                # Its channel was subscribed again: a gap flushes that channel's namespaces.
+                if seq > self._rebased.pop(name) + (0 if heartbeat else 1):
+                    self._stats.gaps += 1
+                    self._lost_on(name, event)
+            elif retired is not None:
                 if not at_start:
                     self._stats.gaps += 1
                     self._lost("gap", event, expected=last + (0 if heartbeat else 1))
@@ -973,7 +1055,8 @@ class CacheSync(Service):
 
     def _unsilence(self, ns: _Namespace) -> None:
         ns.silent = False
-        if self._stats.listener_up:
+        down = self._down and self._transport.channel_for(self.channel, ns.name) in self._down
+        if self._stats.listener_up and not down:
             for member in ns.members:
                 member.cache.trust()
 

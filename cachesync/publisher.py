@@ -381,8 +381,16 @@ class Publisher(Service):
                 async with asyncio.timeout(max(interval, 0.001)):
                     await self._lock.acquire()
                 try:
-                    beats = self._heartbeats(interval)
-                    await self._send(beats, timeout=min(interval, self.publish_timeout))
+                    failures = []
+                    for beat in self._heartbeats(interval):
+                        # Each channel on its own: one that fails (its shard failing over)
+                        # must not hold back the beats of the others.
+                        try:
+                            await self._send([beat], timeout=min(interval, self.publish_timeout))
+                        except (TransportError, TimeoutError) as exc:
+                            failures.append(exc)
+                    if failures:
+                        raise failures[0]
                 finally:
                     self._lock.release()
             except (TransportError, TimeoutError) as exc:

@@ -25,6 +25,17 @@ over each one):
   reconnects with backoff (flushing or replaying), and the :class:`~cachesync.Publisher`
   reconnects on its next publish. That is how "every publisher and consumer comes back by
   itself" holds while no transport reconnects behind the client's back.
+- ``subscribe_many(channels, on_ready, on_channels)``: a transport whose subscription spans
+  independent connections (``redis+cluster://``: one per shard) may, when the caller passes
+  ``on_channels``, subscribe again by itself to the channels of one broken connection instead
+  of ending the whole subscription. It calls ``on_channels(names, False)`` at once (events on
+  ``names`` may be lost from now on) and ``on_channels(names, True)`` once they are live again
+  (what was published on them meanwhile may be lost), while the other channels keep delivering.
+  That is the one exception to "never reconnects on its own": it happens only after
+  ``on_ready``, only with ``on_channels``, and a transport that cannot be live again within its
+  ``connect_timeout`` ends the whole subscription with ``ConnectionLost`` as before. Every other
+  transport ignores ``on_channels``. The client flushes the namespaces of ``names`` (and only
+  those) and keeps reads away from them in between.
 - ``max_payload`` (set by the client to its ``max_event_bytes``): a transport drops a payload
   larger than this instead of yielding it, without buffering it whole where its client library
   allows, and counts it in ``oversized``. A transport that ignores it is still correct: the
@@ -62,6 +73,7 @@ from ..logutil import RateLimitedLogger
 __all__ = [
     "ConnectionState",
     "Connector",
+    "OnChannels",
     "OnReady",
     "Option",
     "Transport",
@@ -84,6 +96,10 @@ log = logging.getLogger("cachesync.transports")
 
 OnReady = Callable[[bool], None]
 """Called with ``resumed`` once a subscription is live."""
+
+OnChannels = Callable[[Sequence[str], bool], None]
+"""Called with ``(channels, live)`` when part of a subscription broke (``live`` false) or is
+live again (true); see ``subscribe_many``."""
 
 T = TypeVar("T")
 
@@ -160,10 +176,15 @@ class Transport(abc.ABC):
         return channel
 
     def subscribe_many(
-        self, channels: Sequence[str], on_ready: OnReady | None = None
+        self,
+        channels: Sequence[str],
+        on_ready: OnReady | None = None,
+        on_channels: OnChannels | None = None,
     ) -> AsyncIterator[bytes]:
         """Like :meth:`subscribe`, over several channels at once (``on_ready`` once all are
-        live). Needed only where :meth:`channel_for` names several channels."""
+        live). Needed only where :meth:`channel_for` names several channels. A transport that
+        can subscribe again to part of them reports it through ``on_channels`` (see the module
+        docstring); the others ignore it."""
         if len(channels) == 1:
             return self.subscribe(channels[0], on_ready)
         raise NotImplementedError(f"{type(self).__name__} subscribes to one channel at a time")

@@ -13,10 +13,21 @@ delays a busy one (redis-py's ``ClusterPubSub.get_sharded_message`` polls the no
 which delays a message by up to its timeout). ``on_ready(False)`` once every node confirmed.
 
 Failure. When a node fails, the cluster promotes a replica and moves the slots; a node that
-loses a slot (a failover, a resharding) sends ``sunsubscribe`` for its channels. Either ends
-the whole subscription with :class:`~cachesync.errors.ConnectionLost`: pub/sub keeps no log,
-so events of that shard may have been missed and the client flushes. The next ``connect()``
-reloads the slot map (the transport marks it stale) and ``subscribe`` lands on the new owners.
+loses a slot (a failover, a resharding) sends ``sunsubscribe`` for its channels. Pub/sub keeps
+no log, so events of that shard may have been missed. What happens then depends on the caller:
+
+- with ``on_channels`` (the client passes it; see ``subscribe_many`` in
+  :mod:`cachesync.transports.base`), only that node's channels are lost: the transport calls
+  ``on_channels(names, False)``, reloads the slot map, subscribes to them again on their new
+  owners (retrying with backoff while the failover is under way) and calls
+  ``on_channels(names, True)`` once they are live. The readers of the other shards keep
+  delivering all along. If they are not live again within ``resubscribe_timeout`` (a failover
+  takes about twice the cluster's ``cluster-node-timeout``), or a node fails before the
+  subscription was first live, the whole subscription ends as below;
+- without it, the whole subscription ends with :class:`~cachesync.errors.ConnectionLost`, and
+  the caller flushes everything. The next ``connect()`` reloads the slot map (the transport
+  marks it stale) and ``subscribe`` lands on the new owners.
+
 Silence is checked as for ``redis://`` (a PING after ``health_check_interval``).
 
 Everything goes through redis-py's public API, on plain per-node clients with redis-py's
@@ -32,18 +43,29 @@ URL options (query string; keyword arguments of the same name win):
 
 ``health_check_interval=5``, ``socket_timeout=<connect_timeout>``, ``client_name``
     As for ``redis+sentinel://``.
+``resubscribe_timeout=60``
+    How long the channels of a failed shard may take to be live again on their new owner
+    (with ``on_channels``) before the whole subscription ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, parse_options, text_option
+from .base import (
+    OnChannels,
+    OnReady,
+    Transport,
+    duration_option,
+    parse_options,
+    text_option,
+)
 from .hosts import parse_node_url
 from .redis_sentinel import FAILURES, no_retry, pubsub_messages
 
@@ -61,8 +83,10 @@ __all__ = ["RedisClusterTransport"]
 log = logging.getLogger("cachesync.transports.redis_cluster")
 
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
+DEFAULT_RESUBSCRIBE_TIMEOUT: Final = 60.0
 _OPTIONS: Final = (
     duration_option("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL),
+    duration_option("resubscribe_timeout", DEFAULT_RESUBSCRIBE_TIMEOUT),
     duration_option("socket_timeout", None),
     text_option("client_name"),
 )
@@ -85,6 +109,7 @@ class RedisClusterTransport(Transport):
         health_check_interval: float | None = None,
         socket_timeout: float | None = None,
         client_name: str | None = None,
+        resubscribe_timeout: float | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
         parsed = parse_node_url(url, default_port=6379)
@@ -92,8 +117,11 @@ class RedisClusterTransport(Transport):
             raise ConfigError(f"not a redis+cluster:// URL: {self.safe_url!r}")
         if parsed.path.strip("/") not in ("", "0"):
             raise ConfigError(f"a Redis Cluster has database 0 only: {self.safe_url!r}")
-        opts, _ = parse_options(url, _OPTIONS)
+        opts, _ = parse_options(
+            url, _OPTIONS, keywords={"resubscribe_timeout": resubscribe_timeout}
+        )
         self.health_check_interval = health_check_interval or opts["health_check_interval"]
+        self.resubscribe_timeout: float = opts["resubscribe_timeout"]
         self.socket_timeout = socket_timeout or opts["socket_timeout"] or connect_timeout
         self.client_name = client_name or opts["client_name"]
         self._nodes = list(parsed.hosts)
@@ -135,8 +163,12 @@ class RedisClusterTransport(Transport):
         if self._slots and not self._stale:
             return
         await self._drop()
+        await self._load_slots(asyncio.get_running_loop().time() + self.connect_timeout)
+
+    async def _load_slots(self, deadline: float) -> None:
+        """Ask the nodes of the URL in turn for the slot map until one answers, or raise
+        TransportError at ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
         backoff = Backoff(initial=0.05, maximum=0.5)
         turn = 0
         while True:
@@ -233,21 +265,9 @@ class RedisClusterTransport(Transport):
         """``subscribe_many([channel])``."""
         return self.subscribe_many([channel], on_ready)
 
-    async def subscribe_many(
-        self, channels: Sequence[str], on_ready: OnReady | None = None
-    ) -> AsyncIterator[bytes]:
-        """Yield the messages of ``channels``, read from each owning primary at once.
-
-        ``on_ready(False)`` once every node confirmed its ``SSUBSCRIBE``. Ends with
-        ConnectionLost when any node's connection breaks or stalls, when a node gives up a
-        channel (``sunsubscribe``: the slot moved), or on ``close()``.
-        """
-        try:
-            self._open()
-        except StateError as exc:
-            raise TransportError(str(exc)) from None
-        what = f"subscription to {len(channels)} channel(s) on {self.safe_url}"
-        generation = self._generation
+    def _by_owner(self, channels: Sequence[str], what: str) -> dict[tuple[str, int], list[str]]:
+        """``channels`` grouped by the primary that owns their slot (ConnectionLost if a slot
+        has no owner in the map)."""
         by_node: dict[tuple[str, int], list[str]] = {}
         for channel in dict.fromkeys(channels):
             address = self._owner(channel)
@@ -255,18 +275,53 @@ class RedisClusterTransport(Transport):
                 self._stale = True
                 raise ConnectionLost(f"{what}: no node serves {channel!r}; the cluster is down")
             by_node.setdefault(address, []).append(channel)
+        return by_node
+
+    async def subscribe_many(
+        self,
+        channels: Sequence[str],
+        on_ready: OnReady | None = None,
+        on_channels: OnChannels | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Yield the messages of ``channels``, read from each owning primary at once.
+
+        ``on_ready(False)`` once every node confirmed its ``SSUBSCRIBE``. Ends with
+        ConnectionLost on ``close()``, and when a node's connection breaks or stalls or the node
+        gives up a channel (``sunsubscribe``: the slot moved) -- unless ``on_channels`` is
+        given: then only that node's channels are subscribed again, reported through
+        ``on_channels`` (see the module docstring).
+        """
+        try:
+            self._open()
+        except StateError as exc:
+            raise TransportError(str(exc)) from None
+        what = f"subscription to {len(channels)} channel(s) on {self.safe_url}"
+        generation = self._generation
+        by_node = self._by_owner(channels, what)
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
+        tasks: set[asyncio.Task[None]] = set()
+        clients: set[Redis] = set()  # those of this subscription's readers
         confirmations = len(by_node)
+        ready = ended = False
 
         def alive() -> bool:
-            return self._generation == generation and not self._closed
+            return self._generation == generation and not self._closed and not ended
 
-        async def read(address: tuple[str, int], names: list[str]) -> None:
+        def spawn(work: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.create_task(work)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def read(
+            address: tuple[str, int], names: list[str], live: Callable[[], Awaitable[None]]
+        ) -> None:
             host, port = address
             where = f"{what} (node {host}:{port})"
             client = self._client(host, port)
             pubsub = client.pubsub()
             self._subscribers.add(client)
+            clients.add(client)
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     for name in names:  # one slot per SSUBSCRIBE
@@ -281,7 +336,7 @@ class RedisClusterTransport(Transport):
                     elif kind == "ssubscribe":
                         pending.discard(_text(message["channel"]))
                         if not pending:
-                            await queue.put(_READY)
+                            await live()
                     elif kind == "sunsubscribe":
                         raise ConnectionLost(
                             f"{where}: the node gave up {_text(message['channel'])!r} "
@@ -291,6 +346,7 @@ class RedisClusterTransport(Transport):
                 raise ConnectionLost(f"{where} failed: {self._describe(exc)}") from exc
             finally:
                 self._subscribers.discard(client)
+                clients.discard(client)
                 try:
                     async with asyncio.timeout(1.0):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -298,14 +354,39 @@ class RedisClusterTransport(Transport):
                     pass
                 await _close_client(client)
 
-        async def guarded(address: tuple[str, int], names: list[str]) -> None:
-            try:
-                await read(address, names)
-            except Exception as exc:  # handed to the iterating task, which raises it
-                self._stale = True
-                await queue.put(exc)
+        async def guarded(
+            address: tuple[str, int], names: list[str], retry: _Retry | None = None
+        ) -> None:
+            was_live = False
 
-        readers = [asyncio.create_task(guarded(a, n)) for a, n in by_node.items()]
+            async def live() -> None:
+                nonlocal was_live
+                was_live = True
+                await queue.put(_READY if retry is None else _Live(names))
+
+            try:
+                await read(address, names, live)
+            except Exception as exc:  # handed to the iterating task, which decides
+                self._stale = True
+                await queue.put(_Broken(names, exc, None if was_live else retry))
+
+        async def again(names: list[str], retry: _Retry) -> None:
+            """Subscribe to ``names`` again on their owners in a fresh slot map."""
+            first = retry.backoff.attempt == 0
+            delay = retry.backoff.next_delay()
+            if not first:  # the slot map named a node that failed again: the failover is on
+                await asyncio.sleep(max(0.0, min(delay, retry.deadline - loop.time())))
+            try:
+                await self._load_slots(min(retry.deadline, loop.time() + self.connect_timeout))
+                groups = self._by_owner(names, what)
+            except TransportError as exc:
+                await queue.put(_Broken(names, exc, retry))
+                return
+            for address, group in groups.items():
+                spawn(guarded(address, group, retry))
+
+        for address, names in by_node.items():
+            spawn(guarded(address, names))
         try:
             while True:
                 item = await queue.get()
@@ -313,14 +394,66 @@ class RedisClusterTransport(Transport):
                     yield item
                 elif item is _READY:
                     confirmations -= 1
-                    if confirmations == 0 and on_ready is not None:
-                        on_ready(False)
+                    if confirmations == 0:
+                        ready = True
+                        if on_ready is not None:
+                            on_ready(False)
+                elif isinstance(item, _Live) and on_channels is not None:
+                    on_channels(item.names, True)
+                elif isinstance(item, _Broken):
+                    if on_channels is None or not ready or not alive():
+                        raise item.error
+                    retry = item.retry
+                    if retry is None:  # live until now: lost from here on
+                        log.warning("%s; subscribing to them again", item.error)
+                        on_channels(item.names, False)
+                        backoff = Backoff(initial=0.05, maximum=0.5)
+                        retry = _Retry(backoff, loop.time() + self.resubscribe_timeout)
+                    elif loop.time() >= retry.deadline:
+                        raise ConnectionLost(
+                            f"{what}: {len(item.names)} channel(s) not live again within "
+                            f"{self.resubscribe_timeout:g}s ({item.error})"
+                        ) from item.error
+                    spawn(again(item.names, retry))
                 elif isinstance(item, BaseException):
                     raise item
         finally:
-            for task in readers:
+            # Cancelled readers were seen reading on (redis-py 8.1, Python 3.11: the
+            # cancellation got lost in the read): they also stop at their next read, and
+            # closing their connections ends the one in progress.
+            ended = True
+            running = list(tasks)
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            for client in list(clients):
+                await client.connection_pool.disconnect()
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Retry:
+    """Subscribing again to channels of a broken node: the backoff, and the deadline (loop
+    time) past which the whole subscription ends."""
+
+    backoff: Backoff
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """Channels subscribed again are live."""
+
+    names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Broken:
+    """A node's reader ended with ``error``; ``retry`` while its channels were not live again
+    since an earlier break."""
+
+    names: list[str]
+    error: BaseException
+    retry: _Retry | None
 
 
 async def _spublish(client: Redis, channel: str, payloads: Sequence[bytes]) -> None:

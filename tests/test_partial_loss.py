@@ -1,0 +1,164 @@
+"""A transport that subscribes again to part of its channels by itself (``on_channels`` of
+``Transport.subscribe_many``, as ``redis+cluster://`` does when one shard fails over): the
+client flushes the namespaces of exactly those channels, keeps reads away from them until they
+are live again, and leaves the others alone. Driven step by step with a fake transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from cachesync import CacheSync, Publisher
+from cachesync.errors import ConnectionLost
+from cachesync.transports.base import OnChannels, OnReady, Transport
+
+from .helpers import FakeClock, Owner, eventually
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class ShardedFake(Transport):
+    """A channel per namespace on one in-process queue. ``part(channels, live)`` breaks or
+    restores the part of the subscription those channels are on: what is published on a broken
+    channel is lost, as on a failed shard."""
+
+    def __init__(self) -> None:
+        super().__init__("fake://shards")
+        self.queue: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+        self.broken: set[str] = set()
+        self.on_channels: OnChannels | None = None
+        self.subscriptions = 0
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        if channel not in self.broken:
+            self.queue.put_nowait(payload)
+
+    def channel_for(self, channel: str, namespace: str) -> str:
+        return f"{channel}{{{namespace}}}" if namespace else channel
+
+    def subscribe(self, channel: str, on_ready: OnReady | None = None) -> AsyncIterator[bytes]:
+        return self.subscribe_many([channel], on_ready)
+
+    async def subscribe_many(
+        self,
+        channels: Sequence[str],
+        on_ready: OnReady | None = None,
+        on_channels: OnChannels | None = None,
+    ) -> AsyncIterator[bytes]:
+        self.subscriptions += 1
+        self.on_channels = on_channels
+        if on_ready is not None:
+            on_ready(False)
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def part(self, channels: list[str], live: bool) -> None:
+        assert self.on_channels is not None, "the client passes on_channels"
+        if live:
+            self.broken -= set(channels)
+        else:
+            self.broken |= set(channels)
+        self.on_channels(channels, live)
+
+
+def _flushes(sync: CacheSync) -> dict[str, int]:
+    return {ns: counters["flushes"] for ns, counters in sync.stats()["namespaces"].items()}
+
+
+async def test_a_lost_part_flushes_its_namespaces_only() -> None:
+    transport = ShardedFake()
+    clock = FakeClock()
+    sync = CacheSync(
+        "fake://shards", channel="c", transport=transport, clock=clock, heartbeat_timeout=5.0
+    )
+    owners = {"a": Owner(k=1), "b": Owner(k=1)}
+    get = {ns: sync.cached(ns, ttl=3600)(owner.fetch) for ns, owner in owners.items()}
+    publisher = Publisher(
+        "fake://shards", channel="c", transport=transport, heartbeat_interval=None
+    )
+    async with sync, publisher:
+        applied = 0
+
+        async def change(ns: str, value: int) -> None:
+            nonlocal applied
+            version = owners[ns].commit("k", value)
+            await publisher.changed(ns, "k", version=version)
+            if f"c{{{ns}}}" not in transport.broken:
+                applied += 1
+                await eventually(lambda: sync.stats()["listener"]["messages"] == applied)
+
+        for ns in owners:
+            await change(ns, 2)
+            assert await get[ns]("k") == 2
+        before = _flushes(sync)
+        calls = {ns: owner.calls for ns, owner in owners.items()}
+
+        transport.part(["c{a}"], live=False)
+        # a's reads go to the owner; b's are served from its cache, its events still applied.
+        assert await get["a"]("k") == 2 and owners["a"].calls == calls["a"] + 1
+        assert await get["b"]("k") == 2 and owners["b"].calls == calls["b"]
+        # A function cached under a meanwhile is not trusted either.
+        late = sync.cached("a", ttl=3600)(owners["a"].fetch)
+        assert not late.cache.trusted
+        await change("a", 3)  # lost: a's channel is down (its seq is taken all the same)
+        await change("b", 3)
+        assert await get["b"]("k") == 3
+        # The source of a's channel is not expected to speak while it is down: its silence
+        # is no loss elsewhere.
+        clock.advance(3.0)
+        await change("b", 4)
+        clock.advance(3.0)
+        assert sync.check_sources() == 0
+
+        transport.part(["c{a}"], live=True)
+        after = _flushes(sync)
+        assert after["a"] == before["a"] + 2  # two functions cache under a now, one flush each
+        assert after["b"] == before["b"]
+        assert await get["a"]("k") == 3 and late.cache.trusted
+        # The next event on a's channel comes after a seq that never arrived (it may have
+        # been lost after a's channel was back, too): a gap, that flushes a only.
+        await change("a", 4)
+        assert await get["a"]("k") == 4
+        assert _flushes(sync)["a"] == after["a"] + 2
+        await change("b", 5)
+        assert await get["b"]("k") == 5
+        assert _flushes(sync)["b"] == before["b"]
+        listener = sync.stats()["listener"]
+        assert listener["gaps"] == 1 and listener["source_changes"] == 0
+        # From there on a's source is followed as before.
+        await change("a", 5)
+        assert _flushes(sync)["a"] == after["a"] + 2
+        assert listener["reconnects"] == 0 and listener["partial_reconnects"] == 1
+        assert sync.listener_up and transport.subscriptions == 1
+        # Cached again: reads of both are hits.
+        assert await get["a"]("k") == 5
+        hits = sync.stats()["namespaces"]["a"]["hits"]
+        assert await get["a"]("k") == 5
+        assert sync.stats()["namespaces"]["a"]["hits"] == hits + 1
+        assert sync.explain("a", "k")["last_flush"]["cause"] == "gap"
+
+
+async def test_a_full_reconnect_clears_what_was_down() -> None:
+    transport = ShardedFake()
+    sync = CacheSync("fake://shards", channel="c", transport=transport, reconnect_initial=0.01)
+    owner = Owner(k=1)
+    get = sync.cached("a", ttl=3600)(owner.fetch)
+    async with sync:
+        transport.part(["c{a}"], live=False)
+        assert not get.cache.trusted
+        # The transport gives up and ends the whole subscription; the listener subscribes
+        # anew, and every channel is live (and flushed) again.
+        transport.queue.put_nowait(ConnectionLost("gave up"))
+        await eventually(lambda: transport.subscriptions == 2 and sync.listener_up)
+        assert get.cache.trusted
