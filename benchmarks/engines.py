@@ -826,7 +826,7 @@ def _write(lines: list[str], only: str | None) -> None:
             title, _, body = part.partition("\n")
             if text.count("\n## " + title):
                 continue
-            if "_From an earlier run" not in body:
+            if "_From an earlier run" not in body and "Measured with" not in body:
                 body = f"\n{note}\n{body}"
             text += f"\n## {title}\n{body}"
     path.write_text(text)
