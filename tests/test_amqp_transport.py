@@ -409,6 +409,50 @@ async def test_connect_tries_the_hosts_of_a_list_in_turn(amqp_url: str, unique: 
         await transport.close()
 
 
+def _with_hosts(amqp_url: str, *hosts: str | None) -> str:
+    """``amqp_url`` (its credentials, vhost and options) naming ``hosts``; ``None`` is its own."""
+    parts = urlsplit(amqp_url)
+    userinfo, _, own = parts.netloc.rpartition("@")
+    listed = ",".join(own if host is None else host for host in hosts)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{listed}"))
+
+
+async def test_a_live_host_after_many_dead_ones_is_reached_within_connect_timeout(
+    amqp_url: str,
+) -> None:
+    # Dead nodes refuse at once: the backoff between retries belongs between rounds over the
+    # list, not between its hosts (12 sleeps of up to 1 s would use up the deadline).
+    dead = [f"127.0.0.1:{refused_port()}" for _ in range(12)]
+    transport = AmqpTransport(_with_hosts(amqp_url, *dead, None), connect_timeout=3.0)
+    try:
+        started = time.monotonic()
+        await transport.connect()
+        assert time.monotonic() - started < 2
+    finally:
+        await transport.close()
+
+
+async def test_a_slow_host_gets_the_time_the_hosts_before_it_did_not_use(unique: str) -> None:
+    # Four nodes refuse at once; the fifth answers its handshake only after 1.5 s (a node
+    # under load): it gets what is left of connect_timeout, not a fixed fifth of it.
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        dead = [f"127.0.0.1:{refused_port()}" for _ in range(4)]
+        url = _with_hosts("amqp://guest:guest@/", *dead, f"127.0.0.1:{proxy.port}")
+        transport = AmqpTransport(url, connect_timeout=3.0)
+        proxy.stall()
+        slow = asyncio.get_running_loop().call_later(1.5, proxy.resume)
+        try:
+            await transport.connect()
+            async with Consumer(transport, unique) as consumer:
+                await transport.publish(unique, b"via the slow host")
+                assert await consumer.take(1) == [b"via the slow host"]
+        finally:
+            slow.cancel()
+            proxy.resume()
+            await transport.close()
+
+
 def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
     transport = AmqpTransport("amqp://u:p%40ss@h1:5673,h2/vh?heartbeat=5&max_backlog=9")
     assert transport._broker_urls == [
