@@ -468,6 +468,15 @@ def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
         AmqpTransport("amqp://h1:x,h2/")
 
 
+def test_ipv6_hosts_of_a_list_are_written_in_brackets() -> None:
+    assert AmqpTransport("amqp://u:p@[::1],[fe80::1]:5673,h3/")._broker_urls == [
+        f"amqp://u:p@{host}/?reconnect_interval=1"
+        for host in ("[::1]:5672", "[fe80::1]:5673", "h3:5672")
+    ]
+    with pytest.raises(ConfigError, match=r"in brackets.*u:\*\*\*@"):
+        AmqpTransport("amqp://u:p@::1,h2/")
+
+
 async def test_wrong_password_fails_at_once(amqp_url: str) -> None:
     url = amqp_url.replace("guest:guest@", "guest:not-the-password@")
     transport = AmqpTransport(url, connect_timeout=5)
