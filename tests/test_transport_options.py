@@ -95,6 +95,7 @@ def test_redact_url_hides_every_password(url: str, shown: str) -> None:
         "redis://127.0.0.1:1/0?password=s3cret",
         "redis+stream://user:s3cret@127.0.0.1:1/0",
         "amqp://guest:s3cret@127.0.0.1:1/?name=x",
+        "amqp://guest:s3cret%40x@127.0.0.1:1,[::1]:2,127.0.0.1:3/?name=x",
     ],
 )
 async def test_no_password_in_errors_logs_reprs_or_stats(
