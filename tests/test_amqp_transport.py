@@ -20,7 +20,7 @@ import pytest
 
 from cachesync.errors import ConfigError, ConnectionLost, StateError, TransportError
 from cachesync.transports.amqp import AmqpTransport
-from cachesync.transports.base import from_url
+from cachesync.transports.base import ConnectionState, from_url
 
 from .amqp_tools import (
     amqp_connection_names,
@@ -451,6 +451,42 @@ async def test_a_slow_host_gets_the_time_the_hosts_before_it_did_not_use(unique:
             slow.cancel()
             proxy.resume()
             await transport.close()
+
+
+async def test_hosts_that_never_answer_get_their_share_and_no_more(unique: str) -> None:
+    # Two nodes take TCP connections but never speak AMQP (hung, or a stalled network).
+    proxy_module = _tcpproxy()
+    async with (
+        proxy_module.TcpProxy("127.0.0.1", 5672) as hung,
+        proxy_module.TcpProxy("127.0.0.1", 5672) as also_hung,
+    ):
+        hung.stall()
+        also_hung.stall()
+        listed = [f"127.0.0.1:{hung.port}", f"127.0.0.1:{also_hung.port}", "127.0.0.1:5672"]
+        transport = AmqpTransport(_with_hosts("amqp://guest:guest@/", *listed), connect_timeout=3)
+        try:
+            await transport.connect()  # a third of 3 s each, then the live node
+            await transport.publish(unique, b"via the third host")
+        finally:
+            await transport.close()
+        # With none answering, connect() gives up at connect_timeout, not later.
+        transport = AmqpTransport(
+            _with_hosts("amqp://guest:guest@/", *listed[:2]), connect_timeout=1
+        )
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="within 1s"):
+            await transport.connect()
+        assert time.monotonic() - started < 1.5
+        # close() during the round: the hosts after the one being tried are not tried.
+        transport = AmqpTransport(_with_hosts("amqp://guest:guest@/", *listed), connect_timeout=3)
+        before = (hung.accepted, also_hung.accepted)
+        connecting = asyncio.create_task(transport.connect())
+        await eventually(lambda: hung.accepted > before[0], timeout=5)
+        await transport.close()
+        with pytest.raises(TransportError, match="closed while connecting"):
+            await connecting
+        assert also_hung.accepted == before[1]
+        assert transport.state is ConnectionState.CLOSED and not transport.connected
 
 
 def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
