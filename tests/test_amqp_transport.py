@@ -504,6 +504,14 @@ def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
         AmqpTransport("amqp://h1:x,h2/")
 
 
+def test_a_host_named_twice_is_tried_once_per_round() -> None:
+    # Named twice, a node that never answers would get two shares of connect_timeout.
+    assert AmqpTransport("amqp://h1,h2,h1:5672/")._broker_urls == [
+        "amqp://h1:5672/?reconnect_interval=1",
+        "amqp://h2:5672/?reconnect_interval=1",
+    ]
+
+
 def test_ipv6_hosts_of_a_list_are_written_in_brackets() -> None:
     assert AmqpTransport("amqp://u:p@[::1],[fe80::1]:5673,h3/")._broker_urls == [
         f"amqp://u:p@{host}/?reconnect_interval=1"

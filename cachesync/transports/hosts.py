@@ -68,7 +68,8 @@ def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
             raise ConfigError(f"port {port_text!r} in {safe!r} is not a number") from None
         if not 0 < port < 65536:
             raise ConfigError(f"port {port} in {safe!r} is out of range")
-        hosts.append((host, port))
+        if (host, port) not in hosts:  # named twice, a node would get two turns per round
+            hosts.append((host, port))
     if not hosts:
         raise ConfigError(f"no host in {safe!r}; write {parts.scheme}://host:port,...")
     return NodeUrl(
