@@ -512,6 +512,13 @@ def test_a_host_named_twice_is_tried_once_per_round() -> None:
     ]
 
 
+@pytest.mark.parametrize("url", ["amqp://u:s3cret@h1:x/", "amqp://u:s3cret@h1:99999/"])
+def test_a_bad_port_of_a_single_host_is_a_config_error_at_once(url: str) -> None:
+    # As in a host list; it was a bare ValueError from yarl at connect(), naming no URL.
+    with pytest.raises(ConfigError, match=r"port .* in 'amqp://u:\*\*\*@h1:"):
+        AmqpTransport(url)
+
+
 def test_ipv6_hosts_of_a_list_are_written_in_brackets() -> None:
     assert AmqpTransport("amqp://u:p@[::1],[fe80::1]:5673,h3/")._broker_urls == [
         f"amqp://u:p@{host}/?reconnect_interval=1"

@@ -145,11 +145,15 @@ _REFUSALS = (
 
 
 def _netlocs(url: str, netloc: str, scheme: str) -> list[str]:
-    """The network location of each host of ``url``: the URL's own when it names one host,
-    ``user:password@host:port`` for each of ``h1:p1,h2:p2``."""
-    if "," not in netloc.rpartition("@")[2]:
+    """The network location of each host of ``url``: the URL's own when it names one host (or
+    none: aio-pika's default), ``user:password@host:port`` for each of ``h1:p1,h2:p2``."""
+    hostlist = netloc.rpartition("@")[2]
+    if not hostlist:
         return [netloc]
+    # Checks the ports of a single host too (a bad one would be a bare ValueError at connect).
     nodes = parse_node_url(url, default_port=5671 if scheme == "amqps" else 5672)
+    if "," not in hostlist:
+        return [netloc]
     userinfo, at, _ = netloc.rpartition("@")
     hosts = [(f"[{host}]" if ":" in host else host, port) for host, port in nodes.hosts]
     return [f"{userinfo}{at}{host}:{port}" for host, port in hosts]
