@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from cachesync import CacheSync
 from cachesync.errors import ConfigError, ConnectionLost, StateError, TransportError
 from cachesync.transports.amqp import AmqpTransport
 from cachesync.transports.base import ConnectionState, from_url
@@ -517,6 +518,15 @@ def test_a_bad_port_of_a_single_host_is_a_config_error_at_once(url: str) -> None
     # As in a host list; it was a bare ValueError from yarl at connect(), naming no URL.
     with pytest.raises(ConfigError, match=r"port .* in 'amqp://u:\*\*\*@h1:"):
         AmqpTransport(url)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])
+def test_connect_timeout_must_be_a_positive_number(timeout: float) -> None:
+    # NaN compared as "not <= 0" and left every connect attempt unbounded.
+    with pytest.raises(ValueError, match="connect_timeout must be positive"):
+        AmqpTransport("amqp://h1,h2/", connect_timeout=timeout)
+    with pytest.raises(ValueError, match="connect_timeout must be positive"):
+        CacheSync("amqp://h1,h2/", connect_timeout=timeout)
 
 
 def test_ipv6_hosts_of_a_list_are_written_in_brackets() -> None:

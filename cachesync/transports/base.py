@@ -121,7 +121,7 @@ class Transport(abc.ABC):
     than yielded; ``None`` keeps them all. The client sets it to its ``max_event_bytes``."""
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
-        if connect_timeout <= 0:
+        if not connect_timeout > 0:  # NaN too: it would leave every attempt unbounded
             raise ValueError("connect_timeout must be positive")
         self.url = url
         self.connect_timeout = connect_timeout
