@@ -37,8 +37,9 @@ What a transport may use from here, so that every transport behaves alike:
   retried);
 - :class:`Option` and :func:`parse_options`: URL query options declared once, with errors that
   name the option and what it expects;
-- :func:`redact_url` and :func:`scrub`: passwords (in the user-info and in ``?password=``)
-  never reach an error, a log line or a repr.
+- :func:`redact_url` and :func:`scrub`: passwords (in the user-info, also one cut short by an
+  unencoded ``/``, ``?`` or ``#``, and in ``?password=``) never reach an error, a log line or a
+  repr.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ __all__ = [
     "Option",
     "Transport",
     "bool_option",
+    "cut_userinfo",
     "describe",
     "duration_option",
     "float_option",
@@ -476,6 +478,26 @@ def secret_key(key: str) -> bool:
     return "password" in lowered or lowered in ("pass", "passwd", "secret", "token")
 
 
+def cut_userinfo(url: str) -> str | None:
+    """The user-info of ``url`` when an unencoded ``/``, ``?`` or ``#`` in its password ended
+    the host part early (``amqp://user:pa/ss@host/`` reads as host ``user``, port ``pa``): the
+    text from ``//`` to the last ``@``, when urlsplit's port is not a number and an ``@`` comes
+    after the host part. None for a URL urlsplit reads as written."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None
+    try:
+        urlsplit(url).port  # noqa: B018 - raises for a port that is not a number
+        return None
+    except ValueError:
+        pass
+    start, at = url.find("//") + 2, url.rfind("@")
+    if start < 2 or at < start + len(netloc):
+        return None
+    return url[start:at]
+
+
 def url_secrets(url: str) -> list[str]:
     """The passwords ``url`` carries (user-info and ``?password=``-like options), as written
     and decoded, longest first."""
@@ -484,7 +506,7 @@ def url_secrets(url: str) -> list[str]:
         found = [parts.password or ""]
     except ValueError:
         return []
-    userinfo = parts.netloc.rpartition("@")[0]
+    userinfo = cut_userinfo(url) or parts.netloc.rpartition("@")[0]
     if ":" in userinfo:
         found.append(userinfo.partition(":")[2])
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -504,6 +526,10 @@ def scrub(text: str, url: str) -> str:
 
 def redact_url(url: str) -> str:
     """``url`` with its passwords (user-info and ``?password=``-like options) as ``***``."""
+    cut = cut_userinfo(url)
+    if cut is not None:
+        start = url.find("//") + 2
+        return redact_url(f"{url[:start]}{cut.partition(':')[0]}:***{url[start + len(cut) :]}")
     try:
         parts = urlsplit(url)
         password = parts.password

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from .base import redact_url
+from .base import cut_userinfo, redact_url
 
 __all__ = ["NodeUrl", "parse_node_url"]
 
@@ -27,13 +27,20 @@ def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
     """Split ``url`` into its nodes, credentials and path.
 
     Raises :class:`ConfigError` naming the (redacted) URL when a port is not a number, no host
-    is given, or an IPv6 address is not in brackets.
+    is given, an IPv6 address is not in brackets, or the password holds an unencoded ``/``,
+    ``?`` or ``#``.
     """
     safe = redact_url(url)
     try:
         parts = urlsplit(url)
     except ValueError as exc:
         raise ConfigError(f"malformed URL {safe!r}: {exc}") from None
+    if cut_userinfo(url) is not None:
+        # Read as written, the password's first part would be a port in the error below.
+        raise ConfigError(
+            f"the password in {safe!r} holds an unencoded '/', '?' or '#': percent-encode it "
+            "(%2F, %3F, %23)"
+        )
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username: str | None = None
     password: str | None = None
