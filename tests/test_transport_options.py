@@ -96,7 +96,9 @@ def test_redact_url_hides_every_password(url: str, shown: str) -> None:
             assert secret not in scrub(f"error from {url}: AUTH {secret} failed", url)
 
 
-@pytest.mark.parametrize("scheme", ["amqp", "amqp+stream", "nats", "redis+sentinel"])
+@pytest.mark.parametrize(
+    "scheme", ["amqp", "amqp+stream", "nats", "redis+sentinel", "redis", "redis+stream"]
+)
 def test_a_password_cut_by_an_unencoded_slash_is_refused_without_showing_it(scheme: str) -> None:
     with pytest.raises(ConfigError, match="percent-encode") as caught:
         from_url(f"{scheme}://guest:s3/cret@h1:1234,h2/")
