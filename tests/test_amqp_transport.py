@@ -503,6 +503,8 @@ def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
     ]
     with pytest.raises(ConfigError, match="not a number"):
         AmqpTransport("amqp://h1:x,h2/")
+    # An @ in an option is not a password cut short.
+    assert AmqpTransport("amqp://u:p@h1:5672,h2/?name=me@web-1").connection_name == "me@web-1"
 
 
 def test_a_host_named_twice_is_tried_once_per_round() -> None:

@@ -86,6 +86,9 @@ def test_keywords_win_over_the_url_and_are_checked_alike() -> None:
         ("redis://:s3?cret@h/0", "redis://:***@h/0"),
         ("amqp://guest:s3#cret@h/?password=x", "amqp://guest:***@h/?password=***"),
         ("amqp://guest:guest@h:5672/?name=me@web-1", "amqp://guest:***@h:5672/?name=me@web-1"),
+        ("amqp://u:s3cret@h1:5672,h2/?name=me@web-1", "amqp://u:***@h1:5672,h2/?name=me@web-1"),
+        ("amqp://h1:5672,h2/?name=me@web-1", "amqp://h1:5672,h2/?name=me@web-1"),
+        ("amqp://[::1],h2/?name=me@web-1", "amqp://[::1],h2/?name=me@web-1"),
         ("redis://h/0", "redis://h/0"),
     ],
 )

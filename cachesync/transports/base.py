@@ -481,19 +481,19 @@ def secret_key(key: str) -> bool:
 def cut_userinfo(url: str) -> str | None:
     """The user-info of ``url`` when an unencoded ``/``, ``?`` or ``#`` in its password ended
     the host part early (``amqp://user:pa/ss@host/`` reads as host ``user``, port ``pa``): the
-    text from ``//`` to the last ``@``, when urlsplit's port is not a number and an ``@`` comes
-    after the host part. None for a URL urlsplit reads as written."""
+    text from ``//`` to the last ``@``, when that host part holds no ``@``, its (first) port is
+    not a number and an ``@`` comes after it. None for a URL urlsplit reads as written (an
+    ``@`` in an option, ``?name=me@web-1``, included)."""
     try:
         netloc = urlsplit(url).netloc
     except ValueError:
         return None
-    try:
-        urlsplit(url).port  # noqa: B018 - raises for a port that is not a number
-        return None
-    except ValueError:
-        pass
     start, at = url.find("//") + 2, url.rfind("@")
-    if start < 2 or at < start + len(netloc):
+    first = netloc.split(",")[0]
+    if start < 2 or at < start + len(netloc) or "@" in netloc or first.startswith("["):
+        return None
+    _, colon, port = first.rpartition(":")
+    if not colon or port.isdigit():
         return None
     return url[start:at]
 
