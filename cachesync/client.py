@@ -216,7 +216,7 @@ class CacheSync(Service):
     ) -> None:
         if not channel:
             raise ValueError("channel must be a non-empty string")
-        if connect_timeout <= 0:
+        if not connect_timeout > 0:  # NaN too: it would leave every attempt unbounded
             raise ValueError("connect_timeout must be positive")
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be positive, or None to derive it")

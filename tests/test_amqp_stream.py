@@ -110,6 +110,26 @@ async def test_connect_rotates_over_the_hosts(amqp_url: str, channel: str) -> No
             await sub.stop()
 
 
+async def test_a_host_that_never_answers_does_not_use_up_connect_timeout(
+    amqp_url: str, channel: str
+) -> None:
+    # The first node takes TCP connections but never speaks AMQP (a hung node, a stalled
+    # network): it gets its share of connect_timeout, then the live node its own.
+    from .tcpproxy import TcpProxy
+
+    async with TcpProxy("127.0.0.1", 5672) as hung:
+        hung.stall()
+        url = f"amqp+stream://guest:guest@127.0.0.1:{hung.port},127.0.0.1:5672/"
+        transport = AmqpStreamTransport(url, connect_timeout=3.0)
+        async with transport:
+            await transport.publish(channel, b"via the second host")
+
+
+def test_amqps_stream_hosts_default_to_the_tls_port() -> None:
+    transport = AmqpStreamTransport("amqps+stream://h1,h2:5000/")
+    assert transport._hosts == [("h1", 5671), ("h2", 5000)]
+
+
 async def test_cached_reads_stay_coherent_through_a_cut_connection(
     amqp_url: str, unique: str
 ) -> None:

@@ -18,9 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from cachesync import CacheSync
 from cachesync.errors import ConfigError, ConnectionLost, StateError, TransportError
 from cachesync.transports.amqp import AmqpTransport
-from cachesync.transports.base import from_url
+from cachesync.transports.base import ConnectionState, from_url
 
 from .amqp_tools import (
     amqp_connection_names,
@@ -409,6 +410,86 @@ async def test_connect_tries_the_hosts_of_a_list_in_turn(amqp_url: str, unique: 
         await transport.close()
 
 
+def _with_hosts(amqp_url: str, *hosts: str | None) -> str:
+    """``amqp_url`` (its credentials, vhost and options) naming ``hosts``; ``None`` is its own."""
+    parts = urlsplit(amqp_url)
+    userinfo, _, own = parts.netloc.rpartition("@")
+    listed = ",".join(own if host is None else host for host in hosts)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{listed}"))
+
+
+async def test_a_live_host_after_many_dead_ones_is_reached_within_connect_timeout(
+    amqp_url: str,
+) -> None:
+    # Dead nodes refuse at once: the backoff between retries belongs between rounds over the
+    # list, not between its hosts (12 sleeps of up to 1 s would use up the deadline).
+    dead = [f"127.0.0.1:{refused_port()}" for _ in range(12)]
+    transport = AmqpTransport(_with_hosts(amqp_url, *dead, None), connect_timeout=3.0)
+    try:
+        started = time.monotonic()
+        await transport.connect()
+        assert time.monotonic() - started < 2
+    finally:
+        await transport.close()
+
+
+async def test_a_slow_host_gets_the_time_the_hosts_before_it_did_not_use(unique: str) -> None:
+    # Four nodes refuse at once; the fifth answers its handshake only after 1.5 s (a node
+    # under load): it gets what is left of connect_timeout, not a fixed fifth of it.
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        dead = [f"127.0.0.1:{refused_port()}" for _ in range(4)]
+        url = _with_hosts("amqp://guest:guest@/", *dead, f"127.0.0.1:{proxy.port}")
+        transport = AmqpTransport(url, connect_timeout=3.0)
+        proxy.stall()
+        slow = asyncio.get_running_loop().call_later(1.5, proxy.resume)
+        try:
+            await transport.connect()
+            async with Consumer(transport, unique) as consumer:
+                await transport.publish(unique, b"via the slow host")
+                assert await consumer.take(1) == [b"via the slow host"]
+        finally:
+            slow.cancel()
+            proxy.resume()
+            await transport.close()
+
+
+async def test_hosts_that_never_answer_get_their_share_and_no_more(unique: str) -> None:
+    # Two nodes take TCP connections but never speak AMQP (hung, or a stalled network).
+    proxy_module = _tcpproxy()
+    async with (
+        proxy_module.TcpProxy("127.0.0.1", 5672) as hung,
+        proxy_module.TcpProxy("127.0.0.1", 5672) as also_hung,
+    ):
+        hung.stall()
+        also_hung.stall()
+        listed = [f"127.0.0.1:{hung.port}", f"127.0.0.1:{also_hung.port}", "127.0.0.1:5672"]
+        transport = AmqpTransport(_with_hosts("amqp://guest:guest@/", *listed), connect_timeout=3)
+        try:
+            await transport.connect()  # a third of 3 s each, then the live node
+            await transport.publish(unique, b"via the third host")
+        finally:
+            await transport.close()
+        # With none answering, connect() gives up at connect_timeout, not later.
+        transport = AmqpTransport(
+            _with_hosts("amqp://guest:guest@/", *listed[:2]), connect_timeout=1
+        )
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="within 1s"):
+            await transport.connect()
+        assert time.monotonic() - started < 1.5
+        # close() during the round: the hosts after the one being tried are not tried.
+        transport = AmqpTransport(_with_hosts("amqp://guest:guest@/", *listed), connect_timeout=3)
+        before = (hung.accepted, also_hung.accepted)
+        connecting = asyncio.create_task(transport.connect())
+        await eventually(lambda: hung.accepted > before[0], timeout=5)
+        await transport.close()
+        with pytest.raises(TransportError, match="closed while connecting"):
+            await connecting
+        assert also_hung.accepted == before[1]
+        assert transport.state is ConnectionState.CLOSED and not transport.connected
+
+
 def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
     transport = AmqpTransport("amqp://u:p%40ss@h1:5673,h2/vh?heartbeat=5&max_backlog=9")
     assert transport._broker_urls == [
@@ -422,6 +503,41 @@ def test_a_host_list_gives_each_host_the_credentials_and_options() -> None:
     ]
     with pytest.raises(ConfigError, match="not a number"):
         AmqpTransport("amqp://h1:x,h2/")
+    # An @ in an option is not a password cut short.
+    assert AmqpTransport("amqp://u:p@h1:5672,h2/?name=me@web-1").connection_name == "me@web-1"
+
+
+def test_a_host_named_twice_is_tried_once_per_round() -> None:
+    # Named twice, a node that never answers would get two shares of connect_timeout.
+    assert AmqpTransport("amqp://h1,h2,h1:5672/")._broker_urls == [
+        "amqp://h1:5672/?reconnect_interval=1",
+        "amqp://h2:5672/?reconnect_interval=1",
+    ]
+
+
+@pytest.mark.parametrize("url", ["amqp://u:s3cret@h1:x/", "amqp://u:s3cret@h1:99999/"])
+def test_a_bad_port_of_a_single_host_is_a_config_error_at_once(url: str) -> None:
+    # As in a host list; it was a bare ValueError from yarl at connect(), naming no URL.
+    with pytest.raises(ConfigError, match=r"port .* in 'amqp://u:\*\*\*@h1:"):
+        AmqpTransport(url)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])
+def test_connect_timeout_must_be_a_positive_number(timeout: float) -> None:
+    # NaN compared as "not <= 0" and left every connect attempt unbounded.
+    with pytest.raises(ValueError, match="connect_timeout must be positive"):
+        AmqpTransport("amqp://h1,h2/", connect_timeout=timeout)
+    with pytest.raises(ValueError, match="connect_timeout must be positive"):
+        CacheSync("amqp://h1,h2/", connect_timeout=timeout)
+
+
+def test_ipv6_hosts_of_a_list_are_written_in_brackets() -> None:
+    assert AmqpTransport("amqp://u:p@[::1],[fe80::1]:5673,h3/")._broker_urls == [
+        f"amqp://u:p@{host}/?reconnect_interval=1"
+        for host in ("[::1]:5672", "[fe80::1]:5673", "h3:5672")
+    ]
+    with pytest.raises(ConfigError, match=r"in brackets.*u:\*\*\*@"):
+        AmqpTransport("amqp://u:p@::1,h2/")
 
 
 async def test_wrong_password_fails_at_once(amqp_url: str) -> None:

@@ -48,6 +48,12 @@ FAILOVER = 10.0
 
 BOUND = 0.5
 
+# The kill is noticed as the end of the connection, or first as missed heartbeats: on this
+# loaded machine the owner's heartbeats can arrive later than the 0.3 s timeout (seen once in
+# four runs, the previous test's victim having just rejoined), and the watchdog then restarts
+# the listener's connection itself, which it counts as heartbeat misses, not as a reconnect.
+_NOTICED = "neither a reconnect nor a missed heartbeat was counted"
+
 
 @dataclass
 class Outcome:
@@ -146,7 +152,8 @@ async def test_a_killed_stream_leader_fails_over_and_consumers_replay(
         assert new_leader != victim
         assert_coherent(outcome.sync, outcome.owner, outcome.reads, BOUND)
         listener = outcome.sync.stats()["listener"]
-        assert listener["reconnects"] >= 1 and listener["replays"] >= 1
+        assert listener["reconnects"] + listener["heartbeat_misses"] >= 1, _NOTICED
+        assert listener["replays"] >= 1
         assert listener["apply_failures"] == 0
     finally:
         cluster.restart(victim, wait=False)
@@ -169,8 +176,9 @@ async def test_a_killed_node_of_a_plain_consumer_is_a_counted_loss(
         assert outcome.back < FAILOVER
         assert_coherent(outcome.sync, outcome.owner, outcome.reads, BOUND)
         stats = outcome.sync.stats()
-        assert stats["listener"]["reconnects"] >= 1
-        assert stats["listener"]["apply_failures"] == 0
+        listener = stats["listener"]
+        assert listener["reconnects"] + listener["heartbeat_misses"] >= 1, _NOTICED
+        assert listener["apply_failures"] == 0
         # The loss was detected and the namespace flushed (counted), not served stale.
         assert stats["namespaces"]["fx"]["flushes"] >= 1
     finally:

@@ -80,13 +80,32 @@ def test_keywords_win_over_the_url_and_are_checked_alike() -> None:
             "rediss://:***@h/0?client_name=a&password=***",
         ),
         ("amqp://guest:s3cret@h/?name=x", "amqp://guest:***@h/?name=x"),
+        # An unencoded / ? or # ends the host part early: urlsplit reads host "guest", port
+        # "s3" and no password.
+        ("amqp://guest:s3/cret@h1,h2/vh", "amqp://guest:***@h1,h2/vh"),
+        ("redis://:s3?cret@h/0", "redis://:***@h/0"),
+        ("amqp://guest:s3#cret@h/?password=x", "amqp://guest:***@h/?password=***"),
+        ("amqp://guest:guest@h:5672/?name=me@web-1", "amqp://guest:***@h:5672/?name=me@web-1"),
+        ("amqp://u:s3cret@h1:5672,h2/?name=me@web-1", "amqp://u:***@h1:5672,h2/?name=me@web-1"),
+        ("amqp://h1:5672,h2/?name=me@web-1", "amqp://h1:5672,h2/?name=me@web-1"),
+        ("amqp://[::1],h2/?name=me@web-1", "amqp://[::1],h2/?name=me@web-1"),
         ("redis://h/0", "redis://h/0"),
     ],
 )
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
-    if "s3cret" in url:
-        assert "s3cret" not in scrub(f"error from {url}: AUTH s3cret failed", url)
+    for secret in ("s3cret", "s3/cret", "s3?cret", "s3#cret"):
+        if secret in url:
+            assert secret not in scrub(f"error from {url}: AUTH {secret} failed", url)
+
+
+@pytest.mark.parametrize(
+    "scheme", ["amqp", "amqp+stream", "nats", "redis+sentinel", "redis", "redis+stream"]
+)
+def test_a_password_cut_by_an_unencoded_slash_is_refused_without_showing_it(scheme: str) -> None:
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        from_url(f"{scheme}://guest:s3/cret@h1:1234,h2/")
+    assert "s3" not in str(caught.value) and "cret" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +114,7 @@ def test_redact_url_hides_every_password(url: str, shown: str) -> None:
         "redis://127.0.0.1:1/0?password=s3cret",
         "redis+stream://user:s3cret@127.0.0.1:1/0",
         "amqp://guest:s3cret@127.0.0.1:1/?name=x",
+        "amqp://guest:s3cret%40x@127.0.0.1:1,[::1]:2,127.0.0.1:3/?name=x",
     ],
 )
 async def test_no_password_in_errors_logs_reprs_or_stats(

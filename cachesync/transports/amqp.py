@@ -19,13 +19,15 @@ if aio-pika has already reconnected, otherwise a fresh connection) and ``subscri
 which declares a new queue and calls ``on_ready(False)``.
 
 A cluster. ``amqp://user:password@h1:5672,h2:5673/vhost`` names several nodes: ``connect()``
-tries them in turn, starting after the one used last, each attempt bounded by
-``connect_timeout`` divided by the number of hosts. aio-pika's own reconnect stays with the node
-it connected to; when that node dies, the subscriptions end with ``ConnectionLost``, and the
-caller's ``connect()`` replaces the connection with one to the next node (so does the
-:class:`~cachesync.Publisher` after a failed publish). The fanout exchanges are the cluster's,
-but a subscription's exclusive queue lives on its subscriber's node and dies with it: the
-subscription on the next node declares a new queue and reports ``on_ready(False)``.
+tries them in turn, starting after the one used last, each attempt bounded by an equal share of
+the time left (a node that does not answer cannot use up ``connect_timeout``, one that refuses
+at once leaves its share to the next), and backs off only after a round over all of them.
+aio-pika's own reconnect stays with the node it connected to; when that node dies, the
+subscriptions end with ``ConnectionLost``, and the caller's ``connect()`` replaces the
+connection with one to the next node (so does the :class:`~cachesync.Publisher` after a failed
+publish). The fanout exchanges are the cluster's, but a subscription's exclusive queue lives on
+its subscriber's node and dies with it: the subscription on the next node declares a new queue
+and reports ``on_ready(False)``.
 
 Backlog, bounded at the broker and in the client. Each subscription's queue is declared with
 ``x-max-length=max_backlog`` and ``x-overflow=drop-head``: when a consumer stalls, the broker
@@ -85,6 +87,7 @@ from .base import (
     describe,
     int_option,
     parse_options,
+    redact_url,
     secret_key,
 )
 from .hosts import parse_node_url
@@ -142,11 +145,15 @@ _REFUSALS = (
 
 
 def _netlocs(url: str, netloc: str, scheme: str) -> list[str]:
-    """The network location of each host of ``url``: the URL's own when it names one host,
-    ``user:password@host:port`` for each of ``h1:p1,h2:p2``."""
-    if "," not in netloc.rpartition("@")[2]:
+    """The network location of each host of ``url``: the URL's own when it names one host (or
+    none: aio-pika's default), ``user:password@host:port`` for each of ``h1:p1,h2:p2``."""
+    hostlist = netloc.rpartition("@")[2]
+    if not hostlist:
         return [netloc]
+    # Checks the ports of a single host too (a bad one would be a bare ValueError at connect).
     nodes = parse_node_url(url, default_port=5671 if scheme == "amqps" else 5672)
+    if "," not in hostlist:
+        return [netloc]
     userinfo, at, _ = netloc.rpartition("@")
     hosts = [(f"[{host}]" if ":" in host else host, port) for host, port in nodes.hosts]
     return [f"{userinfo}{at}{host}:{port}" for host, port in hosts]
@@ -294,26 +301,9 @@ class AmqpTransport(Transport):
             self._connection = conn
 
     async def _open_connection(self) -> AbstractRobustConnection:
-
         urls = self._broker_urls
-        # With several hosts one that does not answer must not use up the whole deadline.
-        timeout = self.connect_timeout / len(urls)
-
-        async def attempt() -> AbstractRobustConnection:
-            # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or
-            # cancelled attempt can be closed, so its reconnect task never outlives this call.
-            url = urls[self._next_host % len(urls)]
-            self._next_host += 1
-            conn = aio_pika.RobustConnection(
-                aio_pika.connection.make_url(url),
-                client_properties={"connection_name": self.connection_name},
-            )
-            try:
-                await conn.connect(timeout=timeout)
-            except BaseException:
-                await self._close_quietly(conn)
-                raise
-            return conn
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
 
         def refused(exc: BaseException) -> TransportError | None:
             if isinstance(exc, _REFUSALS) or _is_handshake_refusal(exc):
@@ -330,6 +320,32 @@ class AmqpTransport(Transport):
                 f"is the broker running? {_BROKER_HINT}"
             )
 
+        async def attempt() -> AbstractRobustConnection:
+            # One round over the hosts, from the one after the last used: the connector's
+            # backoff comes between rounds, not between hosts (a dozen dead nodes would sleep
+            # the deadline away). Each host gets an equal share of the time left, so one that
+            # does not answer cannot use it all up, and one that refuses at once leaves its
+            # share to the hosts after it.
+            epoch = self._connector.epoch
+            left = len(urls)
+            while True:
+                url = urls[self._next_host % len(urls)]
+                self._next_host += 1
+                share = max(deadline - loop.time(), 0.001) / left
+                try:
+                    return await self._connect_to(url, share)
+                except _FAILURES as exc:
+                    left -= 1
+                    if not left or refused(exc) is not None:
+                        raise
+                    if self._connector.closed_since(epoch):
+                        raise TransportError(f"{self!r} was closed while connecting") from exc
+                    log.debug(
+                        "RabbitMQ at %s failed (%s); trying the next host",
+                        redact_url(url),
+                        describe(exc, self.url),
+                    )
+
         return await self._connector.open(
             attempt,
             retryable=_FAILURES,
@@ -337,6 +353,23 @@ class AmqpTransport(Transport):
             gave_up=gave_up,
             discard=self._close_quietly,
         )
+
+    async def _connect_to(self, url: str, timeout: float) -> AbstractRobustConnection:
+        # aio_pika.connect_robust(), unrolled: with the object in hand, a failed or cancelled
+        # attempt can be closed, so its reconnect task never outlives this call. aio-pika keeps
+        # the timeout given to connect() for its own reconnects to this node: the whole
+        # connect_timeout, as for every broker round trip; this attempt gets ``timeout``.
+        conn = aio_pika.RobustConnection(
+            aio_pika.connection.make_url(url),
+            client_properties={"connection_name": self.connection_name},
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.connect(timeout=self.connect_timeout)
+        except BaseException:
+            await self._close_quietly(conn)
+            raise
+        return conn
 
     def _on_connection_close(self, conn: Any, exc: BaseException | None) -> None:
         # The channel close callbacks normally cut the subscriptions first; this catches a

@@ -27,7 +27,8 @@ When ``on_ready(resumed)`` is called
     ``ConnectionLost``; the next ``subscribe()`` reports ``resumed=False``.
 
 Connections. One plain (non-robust) aio-pika connection per transport object, to the hosts of
-the URL in turn (starting after the one used last), until ``connect_timeout``. A lost connection
+the URL in turn (starting after the one used last, each with an equal share of the time left,
+backing off between rounds over them), until ``connect_timeout``. A lost connection
 ends every subscription with :class:`~cachesync.errors.ConnectionLost` and makes ``publish``
 raise :class:`~cachesync.errors.TransportError`; the caller calls ``connect()`` again.
 
@@ -122,7 +123,8 @@ class AmqpStreamTransport(Transport):
         connection_name: str | None = None,
     ) -> None:
         super().__init__(url, connect_timeout=connect_timeout)
-        parsed = parse_node_url(url, default_port=5672)
+        tls = url[:13].lower() == "amqps+stream:"
+        parsed = parse_node_url(url, default_port=5671 if tls else 5672)
         if parsed.scheme not in ("amqp+stream", "amqps+stream"):
             raise ConfigError(f"not an amqp+stream:// URL: {self.safe_url!r}")
         opts, _ = parse_options(url, _OPTIONS)
@@ -188,14 +190,19 @@ class AmqpStreamTransport(Transport):
         deadline = loop.time() + self.connect_timeout
         backoff = Backoff(initial=0.05, maximum=1.0)
         last: BaseException | None = None
+        hosts, tried = len(self._hosts), 0
         while loop.time() < deadline:
-            host, port = self._hosts[self._next_host % len(self._hosts)]
+            host, port = self._hosts[self._next_host % hosts]
             self._next_host += 1
+            # Each host of a round gets an equal share of the time left, so one that never
+            # answers cannot use it all up; the backoff comes between rounds, not between hosts.
+            share = max(0.05, (deadline - loop.time()) / (hosts - tried % hosts))
+            tried += 1
             properties: Any = (
                 {"connection_name": self.connection_name} if self.connection_name else {}
             )
             try:
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                async with asyncio.timeout(share):
                     connection = await aio_pika.connect(
                         host=host,
                         port=port,
@@ -216,7 +223,9 @@ class AmqpStreamTransport(Transport):
                 last = exc
                 if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
                     break
-                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
+                if tried % hosts == 0:
+                    delay = backoff.next_delay()
+                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
                 continue
             self._connection, self._channel = connection, channel
             self._exchanges.clear()

@@ -48,8 +48,9 @@ What a transport may use from here, so that every transport behaves alike:
   retried);
 - :class:`Option` and :func:`parse_options`: URL query options declared once, with errors that
   name the option and what it expects;
-- :func:`redact_url` and :func:`scrub`: passwords (in the user-info and in ``?password=``)
-  never reach an error, a log line or a repr.
+- :func:`redact_url` and :func:`scrub`: passwords (in the user-info, also one cut short by an
+  unencoded ``/``, ``?`` or ``#``, and in ``?password=``) never reach an error, a log line or a
+  repr.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ __all__ = [
     "Option",
     "Transport",
     "bool_option",
+    "cut_userinfo",
     "describe",
     "duration_option",
     "float_option",
@@ -137,7 +139,7 @@ class Transport(abc.ABC):
     than yielded; ``None`` keeps them all. The client sets it to its ``max_event_bytes``."""
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
-        if connect_timeout <= 0:
+        if not connect_timeout > 0:  # NaN too: it would leave every attempt unbounded
             raise ValueError("connect_timeout must be positive")
         self.url = url
         self.connect_timeout = connect_timeout
@@ -497,6 +499,26 @@ def secret_key(key: str) -> bool:
     return "password" in lowered or lowered in ("pass", "passwd", "secret", "token")
 
 
+def cut_userinfo(url: str) -> str | None:
+    """The user-info of ``url`` when an unencoded ``/``, ``?`` or ``#`` in its password ended
+    the host part early (``amqp://user:pa/ss@host/`` reads as host ``user``, port ``pa``): the
+    text from ``//`` to the last ``@``, when that host part holds no ``@``, its (first) port is
+    not a number and an ``@`` comes after it. None for a URL urlsplit reads as written (an
+    ``@`` in an option, ``?name=me@web-1``, included)."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None
+    start, at = url.find("//") + 2, url.rfind("@")
+    first = netloc.split(",")[0]
+    if start < 2 or at < start + len(netloc) or "@" in netloc or first.startswith("["):
+        return None
+    _, colon, port = first.rpartition(":")
+    if not colon or port.isdigit():
+        return None
+    return url[start:at]
+
+
 def url_secrets(url: str) -> list[str]:
     """The passwords ``url`` carries (user-info and ``?password=``-like options), as written
     and decoded, longest first."""
@@ -505,7 +527,7 @@ def url_secrets(url: str) -> list[str]:
         found = [parts.password or ""]
     except ValueError:
         return []
-    userinfo = parts.netloc.rpartition("@")[0]
+    userinfo = cut_userinfo(url) or parts.netloc.rpartition("@")[0]
     if ":" in userinfo:
         found.append(userinfo.partition(":")[2])
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -525,6 +547,10 @@ def scrub(text: str, url: str) -> str:
 
 def redact_url(url: str) -> str:
     """``url`` with its passwords (user-info and ``?password=``-like options) as ``***``."""
+    cut = cut_userinfo(url)
+    if cut is not None:
+        start = url.find("//") + 2
+        return redact_url(f"{url[:start]}{cut.partition(':')[0]}:***{url[start + len(cut) :]}")
     try:
         parts = urlsplit(url)
         password = parts.password

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from .base import redact_url
+from .base import cut_userinfo, redact_url
 
 __all__ = ["NodeUrl", "parse_node_url"]
 
@@ -26,14 +26,21 @@ class NodeUrl:
 def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
     """Split ``url`` into its nodes, credentials and path.
 
-    Raises :class:`ConfigError` naming the (redacted) URL when a port is not a number or no
-    host is given.
+    Raises :class:`ConfigError` naming the (redacted) URL when a port is not a number, no host
+    is given, an IPv6 address is not in brackets, or the password holds an unencoded ``/``,
+    ``?`` or ``#``.
     """
     safe = redact_url(url)
     try:
         parts = urlsplit(url)
     except ValueError as exc:
         raise ConfigError(f"malformed URL {safe!r}: {exc}") from None
+    if cut_userinfo(url) is not None:
+        # Read as written, the password's first part would be a port in the error below.
+        raise ConfigError(
+            f"the password in {safe!r} holds an unencoded '/', '?' or '#': percent-encode it "
+            "(%2F, %3F, %23)"
+        )
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username: str | None = None
     password: str | None = None
@@ -46,9 +53,20 @@ def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
         item = item.strip()
         if not item:
             continue
-        host, sep, port_text = item.rpartition(":")
-        if not sep:
-            host, port_text = item, ""
+        if item.startswith("["):
+            # An IPv6 address, with or without a port: [::1], [::1]:5672.
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or rest[:1] not in ("", ":"):
+                raise ConfigError(f"malformed host {item!r} in {safe!r}; write [address]:port")
+            port_text = rest[1:]
+        else:
+            host, sep, port_text = item.rpartition(":")
+            if not sep:
+                host, port_text = item, ""
+            elif ":" in host:
+                raise ConfigError(
+                    f"write the IPv6 address {item!r} in brackets in {safe!r}: [address]:port"
+                )
         if not host:
             raise ConfigError(f"missing host name in {safe!r}")
         try:
@@ -57,7 +75,8 @@ def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
             raise ConfigError(f"port {port_text!r} in {safe!r} is not a number") from None
         if not 0 < port < 65536:
             raise ConfigError(f"port {port} in {safe!r} is out of range")
-        hosts.append((host.strip("[]"), port))
+        if (host, port) not in hosts:  # named twice, a node would get two turns per round
+            hosts.append((host, port))
     if not hosts:
         raise ConfigError(f"no host in {safe!r}; write {parts.scheme}://host:port,...")
     return NodeUrl(

@@ -40,7 +40,15 @@ from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ...errors import ConfigError, ConnectionLost, TransportError
-from ..base import ConnectionState, Connector, Option, Transport, describe, float_option
+from ..base import (
+    ConnectionState,
+    Connector,
+    Option,
+    Transport,
+    cut_userinfo,
+    describe,
+    float_option,
+)
 from ..base import parse_options as _parse_options
 
 try:
@@ -136,7 +144,13 @@ class RedisTransportBase(Transport):
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a bad port
         except ValueError as exc:
-            raise ConfigError(f"malformed Redis URL {self.safe_url!r}: {exc}") from None
+            # urllib's message would quote the first part of a password cut short as the port.
+            why = (
+                "its password holds an unencoded '/', '?' or '#': percent-encode it"
+                if cut_userinfo(url) is not None
+                else str(exc)
+            )
+            raise ConfigError(f"malformed Redis URL {self.safe_url!r}: {why}") from None
         scheme = parts.scheme.lower()
         if scheme not in self.schemes:
             wanted = " or ".join(f"{s}://" for s in self.schemes)
