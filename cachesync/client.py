@@ -34,7 +34,7 @@ from .cache import LocalCache
 from .cached import CacheOptions, CacheOptionsDict, Decorator, Mode, cache_options
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, EventView, Op, decode_event
 from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -169,6 +169,10 @@ class _GuardedObserver:
 
 class _ApplyFailed(Exception):
     """Applying an event failed: the caches are distrusted and the listener restarts."""
+
+
+class _Unsigned(Exception):
+    """An event without a valid signature, where signatures are required (counted, logged)."""
 
 
 class CacheSync(Service):
@@ -725,7 +729,10 @@ class CacheSync(Service):
         stats.messages += 1
         now = self._clock()
         try:
-            event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+            if self._signer is None:
+                event: EventView = decode_event(payload, max_bytes=self._max_event_bytes)
+            else:
+                event = self._signed(payload, self._signer)
         except UnknownSchemaError as exc:
             stats.unknown_schema += 1
             self._unknown_schema(exc)
@@ -734,16 +741,7 @@ class CacheSync(Service):
             stats.bad_events += 1
             self._warn.warning("bad_event", "dropped a malformed event: %s", exc)
             return
-        try:
-            if self._signer is not None and not self._signer.verify(event):
-                stats.bad_signatures += 1
-                self._warn.warning(
-                    "bad_signature", "dropped an event with a missing or bad signature"
-                )
-                return
-        except Exception:
-            stats.bad_signatures += 1
-            self._warn.exception("bad_signature", "could not verify an event's signature")
+        except _Unsigned:
             return
         if self._tracing is not None:
             with self._tracing.event(event, self._wall_clock() - event.ts):
@@ -751,17 +749,31 @@ class CacheSync(Service):
         else:
             self._handle(event, now)
 
-    def _handle(self, event: ChangeEvent, now: float) -> None:
+    def _signed(self, payload: bytes, signer: Signer) -> ChangeEvent:
+        """The event, decoded by the model (a signature covers its encoding), if signed with
+        one of the keys; counted, logged and refused (:class:`_Unsigned`) otherwise."""
+        event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+        try:
+            if signer.verify(event):
+                return event
+            self._warn.warning("bad_signature", "dropped an event with a missing or bad signature")
+        except Exception:
+            self._warn.exception("bad_signature", "could not verify an event's signature")
+        self._stats.bad_signatures += 1
+        raise _Unsigned
+
+    def _handle(self, event: EventView, now: float) -> None:
         stats = self._stats
         try:
-            if event.seq == 0 and event.op != _HEARTBEAT:
+            op = event.op
+            if event.seq == 0 and op != _HEARTBEAT:
                 self._numbered_zero(event)
                 return
-            source = self._source_key(event)
+            source = self._source_key(event) if self._spread else event.source
             if not self._track(event, source, now):
                 stats.duplicates += 1
                 return
-            if event.op == _HEARTBEAT:
+            if op == _HEARTBEAT:
                 stats.heartbeats += 1
             else:
                 self._apply(event, source, now)
@@ -798,7 +810,7 @@ class CacheSync(Service):
         if self._observer is not None:
             self._observer.lost_events("schema")
 
-    def _apply(self, event: ChangeEvent, name: str, now: float) -> None:
+    def _apply(self, event: EventView, name: str, now: float) -> None:
         self._last_event = (event.ts, now)
         ns = self._namespaces.get(event.ns)
         if ns is None:
@@ -852,7 +864,7 @@ class CacheSync(Service):
                 return
         cache.apply_value(key, value, version)
 
-    def _track(self, event: ChangeEvent, name: str, now: float) -> bool:
+    def _track(self, event: EventView, name: str, now: float) -> bool:
         """Follow the sequence of source ``name`` (see :meth:`_source_key`); False for a
         duplicate (seq already applied).
 
@@ -921,7 +933,7 @@ class CacheSync(Service):
             source.seq = seq
         return True
 
-    def _numbered_zero(self, event: ChangeEvent) -> None:
+    def _numbered_zero(self, event: EventView) -> None:
         """Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): an event at
         0 would pass for a duplicate of nothing, and applying it would leave its replays
         applicable. Flush instead, so the change it announces is not missed."""
@@ -943,7 +955,7 @@ class CacheSync(Service):
         wires = {self._transport.channel_for(self.channel, ns) for ns in self._namespaces}
         return sorted(wires) if wires and wires != {self.channel} else [self.channel]
 
-    def _source_key(self, event: ChangeEvent) -> str:
+    def _source_key(self, event: EventView) -> str:
         """Sequences run per publisher and channel: the name a publisher is tracked under
         (``source@channel`` where the transport gives the namespace a channel of its own)."""
         if not self._spread:
@@ -989,7 +1001,7 @@ class CacheSync(Service):
         for member in ns.members:
             member.cache.distrust()
 
-    def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
+    def _timeout_for(self, heartbeat: EventView) -> float | None:
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
         if isinstance(heartbeat.value, dict):
@@ -1001,7 +1013,7 @@ class CacheSync(Service):
         return None
 
     def _lost(
-        self, cause: str, event: ChangeEvent | None = None, *, quiet: bool = False, **details: Any
+        self, cause: str, event: EventView | None = None, *, quiet: bool = False, **details: Any
     ) -> None:
         """Events may have been lost: nothing cached may be trusted as fresh any more.
         ``quiet`` when nothing was cached: flights are voided, nothing is reported."""
