@@ -256,7 +256,9 @@ class CacheSync(Service):
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
+        # The last event applied (its owner's ts) and our clock when it was.
+        self._last_event: EventView | None = None
+        self._last_applied = 0.0
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = _GuardedObserver(observer, self._warn) if observer is not None else None
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -570,7 +572,7 @@ class CacheSync(Service):
         listener["last_event_lag"] = None
         listener["oversized_dropped"] = self._transport.oversized  # by the transport
         if self._last_event is not None:  # the owner's commit to our apply, of the last event
-            ts, applied = self._last_event
+            ts, applied = self._last_event.ts, self._last_applied
             listener["last_event_lag"] = self._wall_clock() - (self._clock() - applied) - ts
         result: dict[str, Any] = {"listener": listener, "namespaces": namespaces}
         for name, source in self._stats_sources.items():
@@ -811,7 +813,8 @@ class CacheSync(Service):
             self._observer.lost_events("schema")
 
     def _apply(self, event: EventView, name: str, now: float) -> None:
-        self._last_event = (event.ts, now)
+        self._last_event = event
+        self._last_applied = now
         ns = self._namespaces.get(event.ns)
         if ns is None:
             self._stats.unknown_namespace += 1
@@ -834,6 +837,14 @@ class CacheSync(Service):
                 recent[key] = record
             if len(recent) > MAX_RECENT_KEYS:
                 trim(recent, MAX_RECENT_KEYS)
+        if tags is None and op != _FLUSH and (value is None or op != _UPSERT or len(keys) != 1):
+            # The common event: its keys are dropped from every cache of the namespace.
+            for member in ns.members:
+                cache = member.cache
+                cache.stats.events += 1
+                for key in keys:
+                    cache.invalidate(key, version)
+            return
         if op == _FLUSH or tags is not None:
             self._history.flushed_by(event, self._wall_clock())
         refresh = op == _UPSERT and value is not None and len(keys) == 1
