@@ -63,7 +63,8 @@ def latency_table(results: Sequence[TransportResult]) -> str:
         for c in r.checks():
             target = c.target if r.status == "ok" else f"{r.status}: {r.reason}"
             rows.append([c.transport, target, c.raw, c.ours, c.limit, c.verdict])
-    return table(["transport", "target", "raw", "ours", "limit", "result"], rows)
+    # "baseline": the raw client for every target but the hand-rolled apply rate's.
+    return table(["transport", "target", "baseline", "ours", "limit", "result"], rows)
 
 
 def latency_detail_table(results: Sequence[TransportResult]) -> str:
@@ -90,10 +91,10 @@ def latency_detail_table(results: Sequence[TransportResult]) -> str:
 
 
 def apply_rate_table(results: Sequence[TransportResult]) -> str:
-    """The drain rate of each round, raw and ours, and what ours did meanwhile."""
+    """The drain rate of each round, raw, hand-rolled and ours, and what ours did meanwhile."""
     rows = []
     for r in results:
-        for side in ("raw", "ours"):
+        for side in ("raw", "hand-rolled", "ours"):
             rates = r.drain.get(side)
             if not rates:
                 continue
