@@ -1,6 +1,7 @@
 """Publish-to-applied latency and sustained apply rate per transport, against the raw client.
 
     .venv/bin/python -m benchmarks.latency [--full] [--transports redis,redis+stream,amqp]
+        [--drain-rounds N]
 
 For each transport (``redis://``, ``redis+stream://``, ``amqp://``) the consumers are measured
 in turns (raw, ours, raw, ours, ...), each in a process of its own:
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -899,6 +901,11 @@ def main(argv: list[str] | None = None) -> int:
         help="update-rate sweep: comma-separated events/s (2 s of events each, at least 20), "
         "2 rounds, one burst drain; e.g. 5,50,500,2000,5000,10000",
     )
+    parser.add_argument(
+        "--drain-rounds",
+        type=int,
+        help="apply-rate rounds of each side (short run: 2, --full: 3); more on a busy machine",
+    )
     parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
     schemes = tuple(s.strip() for s in args.transports.split(",") if s.strip())
@@ -917,6 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         phases = tuple((rate, max(20, int(rate * 2))) for rate in rates)
         sizes = LatencySizes(phases=phases, rounds=2, flood_rounds=1)
+    if args.drain_rounds is not None:
+        if args.drain_rounds < 1:
+            parser.error("--drain-rounds must be at least 1")
+        sizes = dataclasses.replace(sizes, flood_rounds=args.drain_rounds)
     try:
         results = run_all(sizes, args.redis_url, args.amqp_url, up, schemes, say)
     except KeyboardInterrupt:

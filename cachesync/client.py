@@ -661,9 +661,10 @@ class CacheSync(Service):
                     messages = self._transport.subscribe(self.channel, self._on_ready)
                 else:
                     messages = self._transport.subscribe_many(self._wires, self._on_ready)
+                handle = self.handle_message
                 try:
                     async for payload in messages:
-                        self.handle_message(payload)
+                        handle(payload)
                 finally:
                     aclose = getattr(messages, "aclose", None)
                     if aclose is not None:
