@@ -91,23 +91,27 @@ def latency_detail_table(results: Sequence[TransportResult]) -> str:
 
 
 def apply_rate_table(results: Sequence[TransportResult]) -> str:
-    """The drain rate of each round, raw, hand-rolled and ours, and what ours did meanwhile."""
+    """The drain rate of each round, raw, hand-rolled and ours, the consumer's CPU time per
+    event (median and range over the rounds), and what ours did meanwhile."""
     rows = []
     for r in results:
         for side in ("raw", "hand-rolled", "ours"):
             rates = r.drain.get(side)
             if not rates:
                 continue
+            cpu = r.cpu.get(side) or []
             rows.append(
                 [
                     f"{r.scheme}://",
                     side,
                     ", ".join(f"{x:,.0f}" for x in rates),
                     f"{max(rates):,.0f}",
+                    _spread(cpu, "{:.1f}") if cpu else "-",
                     r.notes.get(side, "-"),
                 ]
             )
-    return table(["transport", "side", "events/s per round", "best", "ours applied"], rows)
+    headers = ["transport", "side", "events/s per round", "best", "CPU us/event"]
+    return table([*headers, "ours applied"], rows)
 
 
 def nines(result: StrategyResult) -> str:

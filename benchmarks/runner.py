@@ -423,7 +423,9 @@ over a few hundred events (the short run) is close to the largest one: `--full` 
 more. *Apply rate*: the consumer's event loop is held while another process floods its channel
 (pipelined PUBLISH/XADD, aio-pika without confirms; AMQP floods are smaller, its clients drain
 slower), then released; the rate is messages over the time to drain them; best round of each
-side."""
+side. *CPU us/event* is the consumer process's CPU time per message over the same drain (median
+and range of the rounds): on a shared machine it moves far less than the wall-clock rate, which
+waits whenever another process has the CPU; no verdict rests on it."""
 
 
 def invalidate_vs_refresh(results: list[StrategyResult]) -> str:

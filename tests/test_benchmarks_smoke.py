@@ -130,6 +130,7 @@ def test_latency_checks_and_tables() -> None:
         few.samples_ms += [0.5 + shift + i / 100 for i in range(100)]
         few.sent, few.seconds = 100, 0.1
     ok.drain = {"raw": [40_000.0, 50_000.0], "hand-rolled": [45_000.0], "ours": [39_000.0]}
+    ok.cpu = {"raw": [20.0, 18.0, 30.0], "ours": [24.5]}
     skipped = latency.TransportResult("amqp", "skipped", "rabbitmq is down")
     checks = ok.checks()
     # p50 and p99 at 200/s, then at 1,000/s (p99 not shown: too few events), then 0.78x of
@@ -142,7 +143,9 @@ def test_latency_checks_and_tables() -> None:
     text = latency_table([ok, skipped])
     assert "rabbitmq is down" in text and "0.78x" in text and "0.87x" in text
     assert latency_detail_table([ok]).count("\n") == 5
-    assert "39,000" in apply_rate_table([ok]) and "45,000" in apply_rate_table([ok])
+    rates = apply_rate_table([ok])
+    assert "39,000" in rates and "45,000" in rates
+    assert "20.0 (18.0–30.0)" in rates and "24.5" in rates
     run = Run("python -m benchmarks --only latency", False, Settings(), latency=[ok, skipped])
     assert "## Transport latency" in render(run)
 
@@ -179,7 +182,7 @@ def test_latency_benchmark_runs(scheme: str) -> None:
     for side in latency.SIDES:
         assert len(result.at(side, 1000.0).samples_ms) == 20
     for side in latency.DRAIN_SIDES:
-        assert result.drain[side][0] > 0
+        assert result.drain[side][0] > 0 and result.cpu[side][0] > 0
     assert "300 invalidations" in result.notes["ours"]
     assert all(c.verdict in ("PASS", "FAIL", "not shown") for c in result.checks())
 
