@@ -217,15 +217,26 @@ class _Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
 
 _decode_fast = msgspec.json.Decoder(_Event).decode
 
+# The model's JSON parser refuses nesting about 200 deep, msgspec's about 1,000 deep: a payload
+# that could nest that far (as many brackets, or as many bytes for both of each pair) goes to
+# the model. Events without deep values never come near.
+_SHORT = 256
+_MAX_BRACKETS = 128
+
 
 def decode_event(data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> EventView:
     """:meth:`ChangeEvent.decode`, faster: the same values for a valid event, the same
     :class:`EventDecodeError` (or :class:`UnknownSchemaError`) for anything else, but a
     valid event may come back as a read-only struct rather than the model."""
-    if len(data) <= max_bytes:
+    size = len(data)
+    if (
+        size <= max_bytes
+        and type(data) is bytes
+        and (size < _SHORT or data.count(b"[") + data.count(b"{") < _MAX_BRACKETS)
+    ):
         try:
             event = _decode_fast(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             pass  # invalid, or valid in a way only the model reads: the model decides
         else:
             ts = event.ts

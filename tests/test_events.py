@@ -202,6 +202,13 @@ def test_decode_event_agrees_on_random_bytes(payload: bytes) -> None:
         b'\xef\xbb\xbf{"source":"a","seq":1,"op":"upsert","ts":1}',  # a BOM
         b' {"source":"a","seq":1,"op":"upsert","ts":1} ',
         b'{"source":"a","seq":1,"op":"upsert","ts":1,"keys":["a","b"],"tags":[]}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":' + b"1" * 5000 + b"}",
+        b'{"source":"a","seq":' + b"9" * 400 + b',"op":"upsert","ts":1}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":1e-400}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":"a\nb"}',  # a raw newline
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":"\xff"}',  # not UTF-8
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":[1,]}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":1,}',
         *(
             json.dumps(
                 {"source": "s" * n, "ns": "n" * m, "seq": 1, "op": "delete", "ts": 1}
@@ -212,6 +219,24 @@ def test_decode_event_agrees_on_random_bytes(payload: bytes) -> None:
 )
 def test_decode_event_agrees_on_edge_cases(payload: bytes) -> None:
     assert_same(payload)
+
+
+@pytest.mark.parametrize("depth", [50, 127, 128, 198, 199, 200, 201, 1_000, 100_000])
+def test_decode_event_agrees_on_deeply_nested_values(depth: int) -> None:
+    """The model refuses nesting about 200 deep, msgspec about 1,000 deep (with a
+    RecursionError of its own): the fast path leaves anything that deep to the model."""
+    head = b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":'
+    assert_same(head + b"[" * depth + b"]" * depth + b"}")
+    assert_same(head + b"[" * depth + b"1" + b"]" * depth + b"}")
+    assert_same(head + b'{"a":' * depth + b"1" + b"}" * depth + b"}")
+    assert_same(head + b'[{"a":' * (depth // 2) + b"1" + b"}]" * (depth // 2) + b"}")
+
+
+def test_decode_event_reads_values_with_many_brackets_through_the_model() -> None:
+    head = b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":'
+    many = head + b"[" + b",".join([b'{"a":[1]}'] * 100) + b"]}"  # wide, not deep
+    assert_same(many)
+    assert type(decode_event(many)) is ChangeEvent
 
 
 def test_decode_event_refuses_oversized_payloads_as_the_model_does() -> None:
