@@ -236,8 +236,11 @@ def decode_event(data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> Even
     ):
         try:
             event = _decode_fast(data)
-        except (msgspec.DecodeError, RecursionError):
-            pass  # invalid, or valid in a way only the model reads: the model decides
+        except Exception:
+            # Invalid (msgspec.DecodeError; msgspec 0.18 raises UnicodeDecodeError for a
+            # string that is not UTF-8), or valid in a way only the model reads: the model
+            # decides, and gives the error.
+            pass
         else:
             ts = event.ts
             if ts - ts == 0.0:  # finite (msgspec reads no NaN, but say it here too)
