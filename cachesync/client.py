@@ -661,10 +661,9 @@ class CacheSync(Service):
                     messages = self._transport.subscribe(self.channel, self._on_ready)
                 else:
                     messages = self._transport.subscribe_many(self._wires, self._on_ready)
-                handle = self.handle_message
                 try:
                     async for payload in messages:
-                        handle(payload)
+                        self.handle_message(payload)
                 finally:
                     aclose = getattr(messages, "aclose", None)
                     if aclose is not None:
