@@ -63,7 +63,8 @@ def latency_table(results: Sequence[TransportResult]) -> str:
         for c in r.checks():
             target = c.target if r.status == "ok" else f"{r.status}: {r.reason}"
             rows.append([c.transport, target, c.raw, c.ours, c.limit, c.verdict])
-    return table(["transport", "target", "raw", "ours", "limit", "result"], rows)
+    # "baseline": the raw client for every target but the hand-rolled apply rate's.
+    return table(["transport", "target", "baseline", "ours", "limit", "result"], rows)
 
 
 def latency_detail_table(results: Sequence[TransportResult]) -> str:
@@ -90,23 +91,27 @@ def latency_detail_table(results: Sequence[TransportResult]) -> str:
 
 
 def apply_rate_table(results: Sequence[TransportResult]) -> str:
-    """The drain rate of each round, raw and ours, and what ours did meanwhile."""
+    """The drain rate of each round, raw, hand-rolled and ours, the consumer's CPU time per
+    event (median and range over the rounds), and what ours did meanwhile."""
     rows = []
     for r in results:
-        for side in ("raw", "ours"):
+        for side in ("raw", "hand-rolled", "ours"):
             rates = r.drain.get(side)
             if not rates:
                 continue
+            cpu = r.cpu.get(side) or []
             rows.append(
                 [
                     f"{r.scheme}://",
                     side,
                     ", ".join(f"{x:,.0f}" for x in rates),
                     f"{max(rates):,.0f}",
+                    _spread(cpu, "{:.1f}") if cpu else "-",
                     r.notes.get(side, "-"),
                 ]
             )
-    return table(["transport", "side", "events/s per round", "best", "ours applied"], rows)
+    headers = ["transport", "side", "events/s per round", "best", "CPU us/event"]
+    return table([*headers, "ours applied"], rows)
 
 
 def nines(result: StrategyResult) -> str:

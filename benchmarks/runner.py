@@ -405,21 +405,27 @@ STRATEGY_NOTES = """\
 
 
 LATENCY_NOTES = """\
-Each transport is measured with two consumers, each in a process of its own, in turns (raw,
-ours, raw, ours, ...): **raw** is the broker's client alone, noting each message and nothing
+Each transport is measured with consumers each in a process of its own, in turns (raw, ours,
+raw, ours, ...): **raw** is the broker's client alone, noting each message and nothing
 more (redis-py `PubSub.listen()`; an `XREAD COUNT 500 BLOCK 1000` loop on redis-py, RESP2;
 aiormq `basic_consume(no_ack=True)`, the client our AMQP transport uses, on an exclusive
 queue bound to the fanout exchange; redis-py parses with hiredis);
+**hand-rolled** (apply rate only) is the same raw client doing what a hand-rolled invalidator
+would with each message: `json.loads` it and pop its key from a dict of 10,000 entries;
 **ours** is `CacheSync` on a namespace of 10,000 entries, a message counting once
 `handle_message` has returned (every event invalidates an entry with a newer version: real
-work). *Latency*: a third process runs cachesync's `Publisher` (one per consumer's channel, so
-both consumers get the same payloads, heartbeats included) and sends upserts at 200 and 1,000
-events/s carrying their send time (`time.monotonic_ns()`, CLOCK_MONOTONIC: one clock for every
-process) as `version`; one-way latency is the consumer's time minus that. p99 over a few hundred
-events (the short run) is close to the largest one: `--full` measures 10x more. *Apply rate*:
-the consumer's event loop is held while another process floods its channel (pipelined
-PUBLISH/XADD, aio-pika without confirms; AMQP floods are smaller, its clients drain slower),
-then released; the rate is messages over the time to drain them; best round of each side."""
+work). The *baseline* column is the raw client's figure, except in the apply-rate row against
+hand-rolled. *Latency*: a third process runs cachesync's `Publisher` (one per consumer's
+channel, so both consumers get the same payloads, heartbeats included) and sends upserts at
+200 and 1,000 events/s carrying their send time (`time.monotonic_ns()`, CLOCK_MONOTONIC: one
+clock for every process) as `version`; one-way latency is the consumer's time minus that. p99
+over a few hundred events (the short run) is close to the largest one: `--full` measures 10x
+more. *Apply rate*: the consumer's event loop is held while another process floods its channel
+(pipelined PUBLISH/XADD, aio-pika without confirms; AMQP floods are smaller, its clients drain
+slower), then released; the rate is messages over the time to drain them; best round of each
+side. *CPU us/event* is the consumer process's CPU time per message over the same drain (median
+and range of the rounds): on a shared machine it moves far less than the wall-clock rate, which
+waits whenever another process has the CPU; no verdict rests on it."""
 
 
 def invalidate_vs_refresh(results: list[StrategyResult]) -> str:

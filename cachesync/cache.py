@@ -414,7 +414,8 @@ class LocalCache:
         version the entry knew is remembered all the same.
         Returns whether an entry was dropped."""
         with self.lock:
-            self._void_key(key)
+            if self._bulks or self.flights or self.thread_flights:
+                self._void_key(key)
             entry = self.data.get(key)
             if entry is None:
                 return False

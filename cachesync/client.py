@@ -36,7 +36,7 @@ from .cache import LocalCache
 from .cached import CacheOptions, CacheOptionsDict, Decorator, Mode, cache_options
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, EventView, Op, decode_event
 from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -176,6 +176,10 @@ class _ApplyFailed(Exception):
     """Applying an event failed: the caches are distrusted and the listener restarts."""
 
 
+class _Unsigned(Exception):
+    """An event without a valid signature, where signatures are required (counted, logged)."""
+
+
 class CacheSync(Service):
     """Keeps the local caches of this instance coherent with the owner's change events.
 
@@ -260,7 +264,9 @@ class CacheSync(Service):
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._last_event: tuple[float, float] | None = None  # (owner's ts, our clock at apply)
+        # The last event applied (its owner's ts) and our clock when it was.
+        self._last_event: EventView | None = None
+        self._last_applied = 0.0
         self._warn = RateLimitedLogger(log, per_seconds=10.0)
         self._observer = _GuardedObserver(observer, self._warn) if observer is not None else None
         self._stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -576,7 +582,7 @@ class CacheSync(Service):
         listener["last_event_lag"] = None
         listener["oversized_dropped"] = self._transport.oversized  # by the transport
         if self._last_event is not None:  # the owner's commit to our apply, of the last event
-            ts, applied = self._last_event
+            ts, applied = self._last_event.ts, self._last_applied
             listener["last_event_lag"] = self._wall_clock() - (self._clock() - applied) - ts
         result: dict[str, Any] = {"listener": listener, "namespaces": namespaces}
         for name, source in self._stats_sources.items():
@@ -802,7 +808,10 @@ class CacheSync(Service):
         stats.messages += 1
         now = self._clock()
         try:
-            event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+            if self._signer is None:
+                event: EventView = decode_event(payload, max_bytes=self._max_event_bytes)
+            else:
+                event = self._signed(payload, self._signer)
         except UnknownSchemaError as exc:
             stats.unknown_schema += 1
             self._unknown_schema(exc)
@@ -811,16 +820,7 @@ class CacheSync(Service):
             stats.bad_events += 1
             self._warn.warning("bad_event", "dropped a malformed event: %s", exc)
             return
-        try:
-            if self._signer is not None and not self._signer.verify(event):
-                stats.bad_signatures += 1
-                self._warn.warning(
-                    "bad_signature", "dropped an event with a missing or bad signature"
-                )
-                return
-        except Exception:
-            stats.bad_signatures += 1
-            self._warn.exception("bad_signature", "could not verify an event's signature")
+        except _Unsigned:
             return
         if self._tracing is not None:
             with self._tracing.event(event, self._wall_clock() - event.ts):
@@ -828,17 +828,31 @@ class CacheSync(Service):
         else:
             self._handle(event, now)
 
-    def _handle(self, event: ChangeEvent, now: float) -> None:
+    def _signed(self, payload: bytes, signer: Signer) -> ChangeEvent:
+        """The event, decoded by the model (a signature covers its encoding), if signed with
+        one of the keys; counted, logged and refused (:class:`_Unsigned`) otherwise."""
+        event = ChangeEvent.decode(payload, max_bytes=self._max_event_bytes)
+        try:
+            if signer.verify(event):
+                return event
+            self._warn.warning("bad_signature", "dropped an event with a missing or bad signature")
+        except Exception:
+            self._warn.exception("bad_signature", "could not verify an event's signature")
+        self._stats.bad_signatures += 1
+        raise _Unsigned
+
+    def _handle(self, event: EventView, now: float) -> None:
         stats = self._stats
         try:
-            if event.seq == 0 and event.op != _HEARTBEAT:
+            op = event.op
+            if event.seq == 0 and op != _HEARTBEAT:
                 self._numbered_zero(event)
                 return
-            source = self._source_key(event)
+            source = self._source_key(event) if self._spread else event.source
             if not self._track(event, source, now):
                 stats.duplicates += 1
                 return
-            if event.op == _HEARTBEAT:
+            if op == _HEARTBEAT:
                 stats.heartbeats += 1
             else:
                 self._apply(event, source, now)
@@ -875,8 +889,9 @@ class CacheSync(Service):
         if self._observer is not None:
             self._observer.lost_events("schema")
 
-    def _apply(self, event: ChangeEvent, name: str, now: float) -> None:
-        self._last_event = (event.ts, now)
+    def _apply(self, event: EventView, name: str, now: float) -> None:
+        self._last_event = event
+        self._last_applied = now
         ns = self._namespaces.get(event.ns)
         if ns is None:
             self._stats.unknown_namespace += 1
@@ -899,6 +914,14 @@ class CacheSync(Service):
                 recent[key] = record
             if len(recent) > MAX_RECENT_KEYS:
                 trim(recent, MAX_RECENT_KEYS)
+        if tags is None and op != _FLUSH and (value is None or op != _UPSERT or len(keys) != 1):
+            # The common event: its keys are dropped from every cache of the namespace.
+            for member in ns.members:
+                cache = member.cache
+                cache.stats.events += 1
+                for key in keys:
+                    cache.invalidate(key, version)
+            return
         if op == _FLUSH or tags is not None:
             self._history.flushed_by(event, self._wall_clock())
         refresh = op == _UPSERT and value is not None and len(keys) == 1
@@ -929,7 +952,7 @@ class CacheSync(Service):
                 return
         cache.apply_value(key, value, version)
 
-    def _track(self, event: ChangeEvent, name: str, now: float) -> bool:
+    def _track(self, event: EventView, name: str, now: float) -> bool:
         """Follow the sequence of source ``name`` (see :meth:`_source_key`); False for a
         duplicate (seq already applied).
 
@@ -1003,7 +1026,7 @@ class CacheSync(Service):
             source.seq = seq
         return True
 
-    def _numbered_zero(self, event: ChangeEvent) -> None:
+    def _numbered_zero(self, event: EventView) -> None:
         """Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): an event at
         0 would pass for a duplicate of nothing, and applying it would leave its replays
         applicable. Flush instead, so the change it announces is not missed."""
@@ -1025,7 +1048,7 @@ class CacheSync(Service):
         wires = {self._transport.channel_for(self.channel, ns) for ns in self._namespaces}
         return sorted(wires) if wires and wires != {self.channel} else [self.channel]
 
-    def _source_key(self, event: ChangeEvent) -> str:
+    def _source_key(self, event: EventView) -> str:
         """Sequences run per publisher and channel: the name a publisher is tracked under
         (``source@channel`` where the transport gives the namespace a channel of its own)."""
         if not self._spread:
@@ -1072,7 +1095,7 @@ class CacheSync(Service):
         for member in ns.members:
             member.cache.distrust()
 
-    def _timeout_for(self, heartbeat: ChangeEvent) -> float | None:
+    def _timeout_for(self, heartbeat: EventView) -> float | None:
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
         if isinstance(heartbeat.value, dict):
@@ -1084,7 +1107,7 @@ class CacheSync(Service):
         return None
 
     def _lost(
-        self, cause: str, event: ChangeEvent | None = None, *, quiet: bool = False, **details: Any
+        self, cause: str, event: EventView | None = None, *, quiet: bool = False, **details: Any
     ) -> None:
         """Events may have been lost: nothing cached may be trusted as fresh any more.
         ``quiet`` when nothing was cached: flights are voided, nothing is reported."""

@@ -1,16 +1,23 @@
 """The change event: one JSON object per broker message, and its codec.
 
-Every transport carries these bytes and nothing else. The consumer decodes with
-:meth:`ChangeEvent.decode`, which turns any bad payload into one :class:`EventDecodeError`
-with a short reason, so a listener can count it, log it and go on.
+Every transport carries these bytes and nothing else. :meth:`ChangeEvent.decode` turns any
+bad payload into one :class:`EventDecodeError` with a short reason, so a listener can count
+it, log it and go on.
+
+The listener decodes with :func:`decode_event` instead: a msgspec struct with the same fields
+and bounds reads a valid event about four times faster than the pydantic model, and anything
+it does not accept as it is goes to :meth:`ChangeEvent.decode`, so a bad payload gets the same
+error, and an unusual valid one the same values (``tests/test_events.py`` checks the two
+against each other).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import EventDecodeError, UnknownSchemaError
@@ -23,8 +30,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "ChangeEvent",
     "EventDecodeError",
+    "EventView",
     "Op",
     "UnknownSchemaError",
+    "decode_event",
 ]
 
 SCHEMA_VERSION = 2
@@ -158,3 +167,82 @@ def _short_reason(exc: ValidationError) -> str:
     if where == "op":
         return "unknown op (expected upsert, delete, flush or heartbeat)"
     return f"{where}: {first['msg']}"
+
+
+class EventView(Protocol):
+    """The fields of a decoded event, read-only: a :class:`ChangeEvent`, or what
+    :func:`decode_event` returns for a common one."""
+
+    @property
+    def v(self) -> int: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def ns(self) -> str: ...
+    @property
+    def op(self) -> str: ...
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+    @property
+    def version(self) -> int | None: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def sig(self) -> str | None: ...
+    @property
+    def tags(self) -> tuple[str, ...] | None: ...
+
+
+class _Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """:class:`ChangeEvent`'s fields and bounds, for msgspec. What it accepts, the model
+    accepts with the same values (``tests/test_events.py``); what it refuses goes to the
+    model, which has the last word. Never collected by the GC: decoded JSON has no cycles."""
+
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    op: OpName
+    ts: float
+    v: Annotated[int, msgspec.Meta(ge=PREVIOUS_SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+    ns: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    keys: tuple[str, ...] = ()
+    version: int | None = None
+    value: Any = None
+    sig: str | None = None
+    tags: tuple[str, ...] | None = None
+
+
+_decode_fast = msgspec.json.Decoder(_Event).decode
+
+# The model's JSON parser refuses nesting about 200 deep, msgspec's about 1,000 deep: a payload
+# that could nest that far (as many brackets, or as many bytes for both of each pair) goes to
+# the model. Events without deep values never come near.
+_SHORT = 256
+_MAX_BRACKETS = 128
+
+
+def decode_event(data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> EventView:
+    """:meth:`ChangeEvent.decode`, faster: the same values for a valid event, the same
+    :class:`EventDecodeError` (or :class:`UnknownSchemaError`) for anything else, but a
+    valid event may come back as a read-only struct rather than the model."""
+    size = len(data)
+    if (
+        size <= max_bytes
+        and type(data) is bytes
+        and (size < _SHORT or data.count(b"[") + data.count(b"{") < _MAX_BRACKETS)
+    ):
+        try:
+            event = _decode_fast(data)
+        except Exception:
+            # Invalid (msgspec.DecodeError; msgspec 0.18 raises UnicodeDecodeError for a
+            # string that is not UTF-8), or valid in a way only the model reads: the model
+            # decides, and gives the error.
+            pass
+        else:
+            ts = event.ts
+            if ts - ts == 0.0:  # finite (msgspec reads no NaN, but say it here too)
+                return event
+    return ChangeEvent.decode(data, max_bytes=max_bytes)

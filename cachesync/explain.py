@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import NOBODY, TOMBSTONE, LocalCache
 
 if TYPE_CHECKING:
-    from .events import ChangeEvent
+    from .events import EventView
 
 __all__ = [
     "MAX_RECENT_KEYS",
@@ -63,7 +63,7 @@ class History:
         self.flushes: dict[str, FlushRecord] = {}
         self.everything: FlushRecord | None = None
 
-    def flushed_by(self, event: ChangeEvent, wall: float) -> None:
+    def flushed_by(self, event: EventView, wall: float) -> None:
         """A flush event, or a tag invalidation, reached ``event.ns``."""
         if event.op == "flush":
             self.flush(event.ns, "flush", wall, source=event.source, seq=event.seq)
@@ -117,7 +117,7 @@ class _Summary:
         self.ts = ts
 
 
-def summary(event: ChangeEvent) -> _Summary:
+def summary(event: EventView) -> _Summary:
     """The fields of ``event`` explain() reports, without its value."""
     return _Summary(str(event.op), event.source, event.seq, event.version, event.ts)
 

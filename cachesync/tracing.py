@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .cached import is_async_callable
 
 if TYPE_CHECKING:
-    from .events import ChangeEvent
+    from .events import EventView
 
 __all__ = ["Tracing"]
 
@@ -74,7 +74,7 @@ class Tracing:
         return traced
 
     @contextlib.contextmanager
-    def event(self, event: ChangeEvent, lag: float) -> Iterator[None]:
+    def event(self, event: EventView, lag: float) -> Iterator[None]:
         """A ``cachesync.event`` span around the handling of ``event``."""
         attributes: dict[str, Any] = {
             "cachesync.source": event.source,

@@ -18,6 +18,7 @@ __all__ = [
     "close_amqp_connections",
     "exchange_bindings",
     "rabbitmqctl_available",
+    "unacknowledged",
 ]
 
 RABBITMQCTL_TIMEOUT = 20.0
@@ -94,3 +95,16 @@ async def exchange_bindings(exchange: str) -> list[str]:
     )
     rows = json.loads(out) if out.strip() else []
     return [str(row["destination_name"]) for row in rows if row.get("source_name") == exchange]
+
+
+async def unacknowledged(queue: str) -> int | None:
+    """How many messages the broker delivered from ``queue`` and awaits an ack for (None
+    when there is no such queue)."""
+    out = await _rabbitmqctl(
+        "list_queues", "name", "messages_unacknowledged", "--formatter", "json", "--quiet"
+    )
+    rows = json.loads(out) if out.strip() else []
+    for row in rows:
+        if row.get("name") == queue:
+            return int(row["messages_unacknowledged"])
+    return None

@@ -28,6 +28,7 @@ from .amqp_tools import (
     close_amqp_connections,
     exchange_bindings,
     rabbitmqctl_available,
+    unacknowledged,
 )
 from .helpers import eventually
 
@@ -365,6 +366,39 @@ def test_the_backlog_bounds_are_read_from_the_url() -> None:
     assert (transport.max_backlog, transport.prefetch) == (100, 100)  # prefetch <= backlog
     with pytest.raises(ConfigError, match="prefetch='none'.*integer >= 1"):
         AmqpTransport("amqp://h/?prefetch=none")
+
+
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_what_a_subscription_took_is_acknowledged_once_deliveries_pause(
+    make: Make, unique: str
+) -> None:
+    """Acks go out in batches of a quarter of the prefetch; a trickle smaller than that is
+    acknowledged once nothing more comes (a broker closes a channel whose deliveries stay
+    unacknowledged past its consumer_timeout)."""
+    pub, sub = await make(), await make(prefetch=40)  # a batch: 10 messages
+    ready = asyncio.Event()
+    iterator = generator(sub.subscribe(unique, lambda _resumed: ready.set()))
+    first = asyncio.create_task(next_payload(iterator))
+    waiting: asyncio.Task[bytes] | None = None
+    try:
+        await ready.wait()
+        (queue,) = await exchange_bindings(unique)
+        for i in range(3):
+            await pub.publish(unique, b"%d" % i)
+        assert [await first, await anext(iterator), await anext(iterator)] == [b"0", b"1", b"2"]
+        waiting = asyncio.create_task(next_payload(iterator))  # the consumer asks for more
+
+        async def all_acknowledged() -> bool:
+            return await unacknowledged(queue) == 0
+
+        await poll(all_acknowledged)
+        assert not waiting.done()
+    finally:
+        for task in (first, waiting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await iterator.aclose()
 
 
 async def _no_bindings(exchange: str) -> bool:

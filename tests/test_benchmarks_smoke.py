@@ -129,18 +129,23 @@ def test_latency_checks_and_tables() -> None:
         few = ok.at(side, 1000.0)  # 100 events: a p99 rests on one of them
         few.samples_ms += [0.5 + shift + i / 100 for i in range(100)]
         few.sent, few.seconds = 100, 0.1
-    ok.drain = {"raw": [40_000.0, 50_000.0], "ours": [39_000.0]}
+    ok.drain = {"raw": [40_000.0, 50_000.0], "hand-rolled": [45_000.0], "ours": [39_000.0]}
+    ok.cpu = {"raw": [20.0, 18.0, 30.0], "ours": [24.5]}
     skipped = latency.TransportResult("amqp", "skipped", "rabbitmq is down")
     checks = ok.checks()
-    # p50 and p99 at 200/s, then at 1,000/s (p99 not shown: too few events), then 0.78x
+    # p50 and p99 at 200/s, then at 1,000/s (p99 not shown: too few events), then 0.78x of
+    # raw and 0.87x of hand-rolled
     assert [c.verdict for c in checks][:2] == ["PASS", "PASS"]
-    assert checks[3].verdict == "not shown" and checks[-1].verdict == "FAIL"
+    assert checks[3].verdict == "not shown" and checks[-2].verdict == "FAIL"
+    assert "hand-rolled" in checks[-1].target and checks[-1].verdict == "PASS"
     assert ok.at("ours", 200.0).lost == 1 and latency.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert skipped.checks()[0].verdict == "n/a"
     text = latency_table([ok, skipped])
-    assert "rabbitmq is down" in text and "0.78x" in text
+    assert "rabbitmq is down" in text and "0.78x" in text and "0.87x" in text
     assert latency_detail_table([ok]).count("\n") == 5
-    assert "39,000" in apply_rate_table([ok])
+    rates = apply_rate_table([ok])
+    assert "39,000" in rates and "45,000" in rates
+    assert "20.0 (18.0–30.0)" in rates and "24.5" in rates
     run = Run("python -m benchmarks --only latency", False, Settings(), latency=[ok, skipped])
     assert "## Transport latency" in render(run)
 
@@ -176,7 +181,8 @@ def test_latency_benchmark_runs(scheme: str) -> None:
     assert result.status == "ok", result.reason
     for side in latency.SIDES:
         assert len(result.at(side, 1000.0).samples_ms) == 20
-        assert result.drain[side][0] > 0
+    for side in latency.DRAIN_SIDES:
+        assert result.drain[side][0] > 0 and result.cpu[side][0] > 0
     assert "300 invalidations" in result.notes["ours"]
     assert all(c.verdict in ("PASS", "FAIL", "not shown") for c in result.checks())
 

@@ -35,11 +35,12 @@ drops the oldest messages rather than grow without bound, and the consumer notic
 a sequence gap (and flushes) once it reads again. Consumption uses acknowledgements with a
 ``basic.qos`` prefetch of ``prefetch`` messages, so the broker never pushes more than that
 ahead of the consumer (aiormq starts one task per delivery: the prefetch bounds those too).
-Acks are sent in batches (``multiple``) as the iterator takes messages. Deliveries are taken
-through aiormq's ``basic_consume`` (the channel aio-pika exposes via ``get_underlay_channel()``)
-rather than ``Queue.consume``, which skips building an ``IncomingMessage`` and one extra task
-per message. A message over ``max_payload`` is dropped and counted (``oversized``) when the
-iterator reaches it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
+Acks are sent in batches (``multiple``): one per quarter of the prefetch taken, and one when
+no delivery has come for ``ACK_DELAY`` (5 ms). Deliveries are taken through aiormq's
+``basic_consume`` (the channel aio-pika exposes via ``get_underlay_channel()``) rather than
+``Queue.consume``, which skips building an ``IncomingMessage`` and one extra task per message.
+A message over ``max_payload`` is dropped and counted (``oversized``) when the iterator reaches
+it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
 
 Measured with an AMQP-only script (now part of ``python -m benchmarks.latency``) on a local
 broker (2 CPUs, shared): publish-to-receive p50/p99 0.63/8.7 ms with confirms and 0.56/8.9 ms
@@ -119,6 +120,8 @@ log = logging.getLogger("cachesync.transports.amqp")
 DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_PREFETCH = 1000
 DEFAULT_RECONNECT_INTERVAL = 1.0
+ACK_DELAY = 0.005
+"""Seconds without a delivery after which what a subscription took is acknowledged."""
 
 # Options this module reads from the query string; everything else goes to aio-pika.
 _OPTIONS = (
@@ -550,9 +553,11 @@ class AmqpTransport(Transport):
             if on_ready is not None:
                 on_ready(False)
             buffer = sub.buffer
-            # Acks go out in batches: as the iterator takes messages, and whenever it has
-            # taken all there is. They only pace the broker (the queue is exclusive, nothing
-            # is ever redelivered), so acking before the consumer handles a message is fine.
+            # Acks go out in batches (multiple=True): one per quarter of the prefetch taken,
+            # and one once nothing more has come for ACK_DELAY (not each time the buffer runs
+            # dry: deliveries arrive a few at a time, and an ack each time cost a socket write
+            # per few messages). They only pace the broker (the queue is exclusive, nothing is
+            # ever redelivered), so acking before the consumer handles a message is fine.
             ack_every = max(1, self.prefetch // 4)
             unacked = 0
             last_tag = 0
@@ -570,7 +575,7 @@ class AmqpTransport(Transport):
                         or not self.too_big(len(body), f"a message on {channel!r}")
                     ):
                         yield body
-                if unacked:
+                if unacked and not await sub.refill(what, ACK_DELAY):
                     await self._ack(underlay, last_tag, sub)
                     unacked = 0
                 await sub.refill(what)
