@@ -767,7 +767,7 @@ class CacheSync(Service):
             "cachesync subscribed again", extra={"channels": sorted(wires), "namespaces": names}
         )
 
-    def _lost_on(self, name: str, event: ChangeEvent) -> None:
+    def _lost_on(self, name: str, event: EventView) -> None:
         """A gap in the seqs of source ``name`` on a channel subscribed again (see
         :meth:`_on_channels`): events on it may have been lost after it was back, and only
         there. Flush the namespaces of that channel."""
