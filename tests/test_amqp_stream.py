@@ -94,6 +94,26 @@ async def test_retention_that_dropped_missed_messages_reports_not_resumed(
         await transport.close()
 
 
+async def test_a_channel_closed_under_a_publish_is_a_transport_error(
+    amqp_url: str, channel: str
+) -> None:
+    """aiormq raises ChannelInvalidStateError (a RuntimeError) when a heartbeat timeout closed
+    the channel under an RPC; it must reach the publisher as TransportError, which it retries."""
+    import aiormq.exceptions
+
+    from cachesync.errors import TransportError
+
+    class ClosedExchange:
+        async def publish(self, *args: object, **kwargs: object) -> None:
+            raise aiormq.exceptions.ChannelInvalidStateError("Channel closed by RPC timeout")
+
+    transport = AmqpStreamTransport(_stream_url(amqp_url), connect_timeout=5.0)
+    async with transport:
+        transport._exchanges[channel] = ClosedExchange()  # type: ignore[assignment]
+        with pytest.raises(TransportError, match="closed by RPC timeout"):
+            await transport.publish(channel, b"x")
+
+
 async def test_connect_rotates_over_the_hosts(amqp_url: str, channel: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

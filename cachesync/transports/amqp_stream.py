@@ -87,11 +87,11 @@ _OPTIONS: Final = (
     duration_option("publish_timeout", None),
 )
 _AGE = re.compile(r"^\d+[YMDhms]$")
-_FAILURES = (
+# What "the broker or the socket failed" looks like, as in amqp.py: aio-pika's own list, which
+# has RuntimeError for aiormq's ChannelInvalidStateError ("Channel closed by RPC timeout").
+_FAILURES: tuple[type[BaseException], ...] = (
+    *aio_pika.exceptions.CONNECTION_EXCEPTIONS,
     aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
     TimeoutError,
     asyncio.IncompleteReadError,
 )
