@@ -320,7 +320,7 @@ class Publisher(Service):
         signer = self._signer
         payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
         loop = asyncio.get_running_loop()
-        backoff = Backoff(initial=0.05, maximum=1.0)
+        backoff: Backoff | None = None  # made on the first failure: seeding it reads urandom
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -332,6 +332,8 @@ class Publisher(Service):
                 return
             except (TransportError, TimeoutError) as exc:
                 self.publish_errors += 1
+                if backoff is None:
+                    backoff = Backoff(initial=0.05, maximum=1.0)
                 delay = backoff.next_delay()
                 # A broker client's message may quote the URL, password and all.
                 detail = scrub(str(exc), self.url) or "no answer from the broker"

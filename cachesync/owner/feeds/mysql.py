@@ -52,6 +52,7 @@ POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
 _QUEUE = 20_000
+_CHUNK = 1000
 _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,
@@ -112,6 +113,7 @@ class MySQLSource(Source):
         self._queue: queue.Queue[Any] = queue.Queue(_QUEUE)
         self._ready = asyncio.Event()
         self._waiting = False
+        self._woken = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._position: tuple[str, int] | None = None
         self._saved: tuple[str, int] | None = None
@@ -230,8 +232,12 @@ class MySQLSource(Source):
                 slave_heartbeat=_HEARTBEAT,
                 pymysql_wrapper=_connect,
                 enable_logging=False,
+                freeze_schema=True,
             )
             last = position
+            # A transaction's items go to the queue together, at its commit (or every
+            # _CHUNK rows of a large one): one queue operation per transaction, not per event.
+            pending: list[Any] = []
             while not self._stop.is_set():
                 event = stream.fetchone()
                 if event is None:
@@ -242,11 +248,16 @@ class MySQLSource(Source):
                     here = (stream.log_file, stream.log_pos)
                     if here != last:
                         last = here
-                        self._put([("idle", here, None)])
+                        self._put([*pending, ("idle", here, None)])
+                        pending = []
                     continue
                 items = self._items(event, stream)
-                if items:
-                    self._put(items)  # one queue operation per binlog event, not per row
+                if not items:
+                    continue
+                pending.extend(items)
+                if len(pending) >= _CHUNK or not isinstance(items[-1], RowChange):
+                    self._put(pending)
+                    pending = []
         except BaseException as exc:  # handed to the loop, which reconnects
             self._put(exc)
         finally:
@@ -297,7 +308,8 @@ class MySQLSource(Source):
                 self._queue.put(item, timeout=0.2)
             except queue.Full:
                 continue
-            if self._waiting and self._loop is not None:
+            if self._waiting and not self._woken and self._loop is not None:
+                self._woken = True  # one wake-up per wait, however many items follow
                 with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
                     self._loop.call_soon_threadsafe(self._ready.set)
             return
@@ -333,6 +345,7 @@ class MySQLSource(Source):
         return batch
 
     async def _wait(self, timeout: float) -> None:
+        self._woken = False
         self._ready.clear()
         self._waiting = True
         try:
