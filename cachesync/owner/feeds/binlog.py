@@ -31,7 +31,7 @@ from .base import Kind, RowChange, Table
 
 Position = tuple[str, int, "str | None"]
 
-CHUNK = 1000
+CHUNK = 100  # rows: a large transaction reaches the loop in pieces, published while read
 _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,

@@ -52,7 +52,7 @@ __all__ = ["MySQLSource"]
 POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
-_QUEUE = 20_000  # transactions (or chunks of a large one) read and not yet handed over
+_QUEUE = 2_000  # transactions (or CHUNKs of a large one) read and not yet handed over
 _MISSING_GTID = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: a position the server no longer has
 
 
