@@ -13,13 +13,15 @@ names from the log itself, so rows decoded after an ``ALTER TABLE`` use the colu
 written with. The feed's replica id is derived from its ``name``: one running feed per name.
 
 The position is kept in the table ``cachesync_feed_position`` of the DSN's database, written
-after the broker took the events (at most every ``SAVE_INTERVAL`` and on close). On MariaDB it
-is the GTID position (``domain-server-seq`` per domain) beside the binlog file and offset; a
-restart resumes by GTID, so a feed pointed at a replica promoted after a failover resumes
-where it was (the replica needs ``log_slave_updates``, and the position row replicates: on
-MariaDB it is written to the binlog, and the reader passes over those writes). On MySQL, or
-before the server has any GTID, it is the file and offset, written with ``sql_log_bin=0``. A
-first start begins at the server's current position. ``ChangeFeed.drop()`` deletes the row. The
+after the broker took the events (at most every ``SAVE_INTERVAL`` and on close), with the
+``server_id`` of the server it was read from. On MariaDB it holds the GTID position
+(``domain-server-seq`` per domain) beside the binlog file and offset. A restart on the same
+server resumes by file and offset (exact, and quicker: a GTID start first reads the binlog file
+that holds it up to there); a position saved on another server (the DSN now names a replica
+promoted after a failover, which needs ``log_slave_updates``) resumes by GTID. For that the
+position row replicates: on MariaDB it is written to the binlog, and the reader passes over
+those writes. On MySQL it is the file and offset, written with ``sql_log_bin=0``. A first
+start begins at the server's current position. ``ChangeFeed.drop()`` deletes the row. The
 server purges binlogs by age (``binlog_expire_logs_seconds``): a feed down for longer than
 that cannot resume and says so.
 """
