@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -222,12 +222,13 @@ class Publisher(Service):
             # Transport.channel_for); they are taken only once every event is valid.
             taken: dict[str, int] = {}
             events = []
+            encoded: dict[int, bytes] = {}  # kept to send: an event is encoded once
             for offset, change in enumerate(changes):
                 wire = self._transport.channel_for(self.channel, change.ns)
                 seq = taken.get(wire, self._last_seq(wire)) + 1
                 try:
                     event = self._event(seq, change)
-                    event.encode()
+                    encoded[id(event)] = event.encode()
                 except (ValueError, TypeError) as exc:
                     raise ValueError(
                         f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
@@ -244,7 +245,7 @@ class Publisher(Service):
                 wire = self._transport.channel_for(self.channel, change.ns)
                 if wire != self.channel:
                     self._wire_ns.setdefault(wire, change.ns)
-            await self._send(events)
+            await self._send(events, encoded=encoded)
         return events
 
     def _last_seq(self, wire: str) -> int:
@@ -294,12 +295,19 @@ class Publisher(Service):
             tags=tuple(change.tags) if change.tags else None,
         )
 
-    async def _send(self, events: Sequence[ChangeEvent], *, timeout: float | None = None) -> None:
+    async def _send(
+        self,
+        events: Sequence[ChangeEvent],
+        *,
+        timeout: float | None = None,
+        encoded: Mapping[int, bytes] | None = None,
+    ) -> None:
         """Publish ``events``, retrying (and reconnecting) for ``timeout`` seconds at most,
         ``publish_timeout`` by default, from the first attempt to the last: a stalled network
         or a broker that is down makes it raise TransportError in time, and the next call
         tries again on a fresh connection, however long the outage lasts. Consecutive events
-        for one channel go out together, in order."""
+        for one channel go out together, in order. ``encoded`` maps ``id(event)`` to its
+        bytes, when they are known already."""
         budget = self.publish_timeout if timeout is None else timeout
         deadline = asyncio.get_running_loop().time() + budget
         run: list[ChangeEvent] = []
@@ -307,20 +315,30 @@ class Publisher(Service):
         for event in events:
             target = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
             if run and target != wire:
-                await self._send_to(wire, run, deadline, budget)
+                await self._send_to(wire, run, deadline, budget, encoded)
                 run = []
             wire = target
             run.append(event)
         if run:
-            await self._send_to(wire, run, deadline, budget)
+            await self._send_to(wire, run, deadline, budget, encoded)
 
     async def _send_to(
-        self, channel: str, events: Sequence[ChangeEvent], deadline: float, budget: float
+        self,
+        channel: str,
+        events: Sequence[ChangeEvent],
+        deadline: float,
+        budget: float,
+        encoded: Mapping[int, bytes] | None = None,
     ) -> None:
         signer = self._signer
-        payloads = [(signer.sign(e) if signer is not None else e).encode() for e in events]
+        if signer is not None:
+            payloads = [signer.sign(e).encode() for e in events]
+        elif encoded:
+            payloads = [encoded.get(id(e)) or e.encode() for e in events]
+        else:
+            payloads = [e.encode() for e in events]
         loop = asyncio.get_running_loop()
-        backoff = Backoff(initial=0.05, maximum=1.0)
+        backoff: Backoff | None = None  # made on the first failure: seeding it reads urandom
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -332,6 +350,8 @@ class Publisher(Service):
                 return
             except (TransportError, TimeoutError) as exc:
                 self.publish_errors += 1
+                if backoff is None:
+                    backoff = Backoff(initial=0.05, maximum=1.0)
                 delay = backoff.next_delay()
                 # A broker client's message may quote the URL, password and all.
                 detail = scrub(str(exc), self.url) or "no answer from the broker"

@@ -234,6 +234,64 @@ async def test_lag_is_reported_and_a_restart_resumes_from_the_saved_position(
     assert not my.sql("SELECT 1 FROM cachesync_feed_position WHERE name = %s", my.name)
 
 
+def _saved(my: My) -> tuple[Any, ...]:
+    rows = my.sql(
+        "SELECT log_file, log_pos, gtid, server_id FROM cachesync_feed_position WHERE name = %s",
+        my.name,
+    )
+    return rows[0]
+
+
+@pytest.mark.timeout(30)
+async def test_a_position_saved_on_another_server_resumes_by_gtid(my: My, unique: str) -> None:
+    # After a failover the feed's DSN names the promoted replica: the saved file and offset
+    # are the old primary's, only the GTID places the feed in the new server's binlog.
+    url = f"memory://{unique}"
+    async with Collector(url) as collector:
+        feed = _feed(my, url)
+        async with feed:
+            for version in range(1, 11):
+                my.sql(f"INSERT INTO {my.table} VALUES (%s, 1, %s)", f"A{version}", version)
+            await collector.wait_changes(10)
+        log_file, _, gtid, server_id = _saved(my)
+        assert gtid and log_file.startswith("mariadb-bin.")
+        assert server_id == my.sql("SELECT @@server_id")[0][0]
+        for version in range(1, 11):  # committed while no feed runs
+            my.sql(f"INSERT INTO {my.table} VALUES (%s, 1, %s)", f"B{version}", version)
+        my.sql(
+            "UPDATE cachesync_feed_position SET log_file = 'elsewhere-bin.000001', log_pos = 4, "
+            "server_id = server_id + 1000 WHERE name = %s",
+            my.name,
+        )
+        feed = _feed(my, url)
+        async with feed:
+            events = await collector.wait_changes(20)
+            await feed.wait_caught_up(10)
+            # Exactly the changes after the saved GTID: none lost, none sent twice.
+            assert [e.keys[0] for e in events[10:]] == [f"B{v}" for v in range(1, 11)]
+            assert feed.stats()["gtid"] != gtid
+            assert feed.stats()["position"].startswith("mariadb-bin.")  # this server's file
+        assert len(collector.changes) == 20
+        # Saved on this server again: the next restart uses the file and offset.
+        assert _saved(my)[0].startswith("mariadb-bin.") and _saved(my)[3] == server_id
+
+
+@pytest.mark.timeout(20)
+async def test_a_gtid_the_server_does_not_have_is_a_clear_error(my: My, unique: str) -> None:
+    url = f"memory://{unique}"
+    async with _feed(my, url):
+        pass
+    my.sql(
+        "UPDATE cachesync_feed_position SET gtid = '0-1-999999999999', "
+        "server_id = server_id + 1000 WHERE name = %s",
+        my.name,
+    )
+    feed = _feed(my, url)
+    async with feed:
+        await eventually(lambda: "cannot send the binlog" in (feed.stats()["last_error"] or ""))
+        assert "GTID 0-1-999999999999" in feed.stats()["last_error"]
+
+
 @pytest.mark.timeout(20)
 async def test_settings_the_feed_cannot_work_with_are_clear_errors(my: My, unique: str) -> None:
     url = f"memory://{unique}"

@@ -1,19 +1,26 @@
 """MySQL / MariaDB change feed: the row-based binlog, read with ``mysql-replication``.
 
 The feed connects as a replica (``COM_BINLOG_DUMP``) with **mysql-replication** over PyMySQL,
-the maintained pure-Python binlog reader. Its reader blocks, so it runs on one thread that
-hands decoded rows to the event loop through a bounded queue (the thread waits when the
-publisher falls behind); the server's heartbeat (every 0.5 s when idle) lets the thread
-notice a stop.
+the maintained pure-Python binlog reader (:mod:`cachesync.owner.feeds.binlog`). Its reader
+blocks, so it runs on one thread that hands each transaction's rows to the event loop through a
+bounded queue (the thread waits when the publisher falls behind), waking the loop once however
+many transactions follow before it runs; the server's heartbeat (every 0.5 s when idle) lets the
+thread notice a stop and moves the position past other tables' changes.
 
 The server needs ``log_bin``, ``binlog_format=ROW`` and ``binlog_row_image=FULL`` (checked at
 start), and a ``server_id``; ``binlog_row_metadata=FULL`` (MySQL 8, MariaDB 10.5+) gives column
 names from the log itself, so rows decoded after an ``ALTER TABLE`` use the columns they were
 written with. The feed's replica id is derived from its ``name``: one running feed per name.
 
-The position (binlog file and offset after the last published commit) is kept in the table
-``cachesync_feed_position`` of the DSN's database, written after the broker took the events,
-with ``sql_log_bin=0`` so it stays out of the log it tracks. A restart resumes there; a first
+The position is kept in the table ``cachesync_feed_position`` of the DSN's database, written
+after the broker took the events (at most every ``SAVE_INTERVAL`` and on close), with the
+``server_id`` of the server it was read from. On MariaDB it holds the GTID position
+(``domain-server-seq`` per domain) beside the binlog file and offset. A restart on the same
+server resumes by file and offset (exact, and quicker: a GTID start first reads the binlog file
+that holds it up to there); a position saved on another server (the DSN now names a replica
+promoted after a failover, which needs ``log_slave_updates``) resumes by GTID. For that the
+position row replicates: on MariaDB it is written to the binlog, and the reader passes over
+those writes. On MySQL it is the file and offset, written with ``sql_log_bin=0``. A first
 start begins at the server's current position. ``ChangeFeed.drop()`` deletes the row. The
 server purges binlogs by age (``binlog_expire_logs_seconds``): a feed down for longer than
 that cannot resume and says so.
@@ -24,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import re
 import threading
 import time
 import zlib
@@ -32,15 +38,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic_core import to_jsonable_python
-
-from .base import Batch, FeedError, Kind, RowChange, Source, Table
+from .base import Batch, FeedError, RowChange, Source, Table
 
 try:
     import pymysql
-    from pymysqlreplication import BinLogStreamReader
-    from pymysqlreplication.event import HeartbeatLogEvent, QueryEvent, XidEvent
-    from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+    from .binlog import Position, Reader
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "the MySQL/MariaDB change feed needs mysql-replication: pip install 'cachesync[cdc]'"
@@ -51,13 +54,8 @@ __all__ = ["MySQLSource"]
 POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
-_QUEUE = 20_000
-_TRUNCATE = re.compile(
-    r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
-    re.IGNORECASE,
-)
-# Statements logged inside a transaction: the position after them is not a commit boundary.
-_IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
+_QUEUE = 2_000  # transactions (or CHUNKs of a large one) read and not yet handed over
+_MISSING_GTID = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: a position the server no longer has
 
 
 def _settings(dsn: str) -> tuple[dict[str, Any], str]:
@@ -72,22 +70,6 @@ def _settings(dsn: str) -> tuple[dict[str, Any], str]:
         "password": unquote(parts.password or ""),
     }
     return settings, database
-
-
-def _connect(**settings: Any) -> Any:
-    # mysql-replication names the database with PyMySQL's deprecated ``db``.
-    if "db" in settings:
-        settings["database"] = settings.pop("db")
-    return pymysql.connect(**settings)
-
-
-def _json(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    try:
-        return to_jsonable_python(value)
-    except Exception:  # a type pydantic does not know: its text is still a faithful key
-        return str(value)
 
 
 class FeedBusy(ConnectionError):
@@ -106,15 +88,19 @@ class MySQLSource(Source):
         self.server_id = 0x40000000 + zlib.crc32(name.encode()) % 0x3FFFFFFF
         self._by_table = {(t.schema or self.database, t.table): t for t in tables}
         self._ctl: Any = None
-        self._ctl_lock = threading.Lock()
+        self._ctl_lock = asyncio.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue(_QUEUE)
         self._ready = asyncio.Event()
         self._waiting = False
+        self._woken = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._position: tuple[str, int] | None = None
-        self._saved: tuple[str, int] | None = None
+        self._mariadb = False
+        self._server = 0  # the server's server_id, stored with the position
+        self._by_gtid = False
+        self._position: Position | None = None
+        self._saved: Position | None = None
         self._saved_at = 0.0
         self._idle_reported = False
 
@@ -124,10 +110,14 @@ class MySQLSource(Source):
         return pymysql.connect(**self.settings, database=self.database, autocommit=True)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        # One connection, used from worker threads (confirm, lag): one statement at a time.
-        with self._ctl_lock, self._ctl.cursor() as cur:
+        with self._ctl.cursor() as cur:
             cur.execute(sql, tuple(args))
             return list(cur.fetchall())
+
+    async def _ask(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        # One connection, used from worker threads (confirm, lag): one statement at a time.
+        async with self._ctl_lock:
+            return await asyncio.to_thread(self._query, sql, args)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -139,14 +129,28 @@ class MySQLSource(Source):
         self._queue = queue.Queue(_QUEUE)
         self._ready = asyncio.Event()
         self._idle_reported = False
+        reader = Reader(
+            settings=self.settings,
+            server_id=self.server_id,
+            position=position,
+            by_gtid=self._by_gtid,
+            tables=self._by_table,
+            own=(self.database, POSITION_TABLE),
+            heartbeat=_HEARTBEAT,
+            send=self._put,
+            stop=self._stop,
+        )
         self._thread = threading.Thread(
-            target=self._reader, args=(position,), name=f"cachesync-binlog-{self.name}", daemon=True
+            target=self._read_binlog,
+            args=(reader,),
+            name=f"cachesync-binlog-{self.name}",
+            daemon=True,
         )
         self._thread.start()
 
-    def _setup(self) -> tuple[str, int]:
-        (log_bin, fmt, image) = self._query(
-            "SELECT @@log_bin, @@binlog_format, @@binlog_row_image"
+    def _setup(self) -> Position:
+        (log_bin, fmt, image, version, server) = self._query(
+            "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, VERSION(), @@server_id"
         )[0]
         if str(log_bin) not in ("1", "ON") or fmt != "ROW" or image != "FULL":
             raise FeedError(
@@ -155,6 +159,9 @@ class MySQLSource(Source):
                 "binlog_row_image=FULL and a server_id in the [mysqld] section of its "
                 "configuration (then restart it)"
             )
+        self._mariadb = "mariadb" in str(version).lower()
+        self._server = int(server)
+        self._by_gtid = False
         for (schema, name), table in self._by_table.items():
             columns = {
                 row[0]
@@ -176,120 +183,89 @@ class MySQLSource(Source):
             raise FeedBusy(f"feed {self.name} already runs against this server; waiting")
         self._query(
             f"CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (name VARCHAR(64) PRIMARY KEY, "
-            "log_file VARCHAR(255) NOT NULL, log_pos BIGINT NOT NULL, "
+            "log_file VARCHAR(255) NOT NULL, log_pos BIGINT NOT NULL, gtid TEXT NULL, "
+            "server_id BIGINT NULL, "
             "updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) "
             "ON UPDATE CURRENT_TIMESTAMP(6))"
         )
-        with contextlib.suppress(pymysql.err.MySQLError):  # needs a privilege; harmless without
-            self._query("SET SESSION sql_log_bin = 0")
+        have = {
+            row[0]
+            for row in self._query(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = DATABASE() AND table_name = %s",
+                (POSITION_TABLE,),
+            )
+        }
+        for column, definition in (("gtid", "TEXT NULL"), ("server_id", "BIGINT NULL")):
+            if column not in have:  # a table from before GTID positions
+                self._query(f"ALTER TABLE {POSITION_TABLE} ADD COLUMN {column} {definition}")
+        if not self._mariadb:
+            # A file and offset mean nothing on another server: keep the row out of the log.
+            with contextlib.suppress(pymysql.err.MySQLError):  # needs a privilege
+                self._query("SET SESSION sql_log_bin = 0")
         rows = self._query(
-            f"SELECT log_file, log_pos FROM {POSITION_TABLE} WHERE name = %s", (self.name,)
+            f"SELECT log_file, log_pos, gtid, server_id FROM {POSITION_TABLE} WHERE name = %s",
+            (self.name,),
         )
-        logs = {row[0] for row in self._query("SHOW BINARY LOGS")}
         if rows:
-            log_file, log_pos = rows[0][0], int(rows[0][1])
+            log_file, log_pos, gtid, saved_by = rows[0]
+            log_file, log_pos, gtid = str(log_file), int(log_pos), gtid or None
+            if self._mariadb and gtid and saved_by != self._server:
+                # Saved on another server (a failover): its file and offset mean nothing here,
+                # the GTID does. The server says if it no longer has it. On the same server the
+                # file and offset are exact and quicker: starting from a GTID, the server first
+                # reads the binlog file that holds it up to there.
+                self._by_gtid = True
+                return log_file, log_pos, gtid
+            logs = {row[0] for row in self._query("SHOW BINARY LOGS")}
             if log_file not in logs:
                 raise FeedError(
                     f"binlog {log_file} of feed {self.name} was purged: changes since were lost "
-                    f"to it. Flush the consumers' caches, then DELETE FROM {POSITION_TABLE} "
-                    f"WHERE name = '{self.name}' to start from now"
+                    f"to it. {self._start_over}"
                 )
-            return log_file, log_pos
-        log_file, log_pos = self._query("SHOW MASTER STATUS")[0][:2]
-        self._save((log_file, int(log_pos)))
-        return log_file, int(log_pos)
+            return log_file, log_pos, gtid
+        position = self._current()
+        self._save(position)
+        return position
 
-    def _save(self, position: tuple[str, int]) -> None:
-        self._query(
-            f"INSERT INTO {POSITION_TABLE} (name, log_file, log_pos) VALUES (%s, %s, %s) "
-            "ON DUPLICATE KEY UPDATE log_file = VALUES(log_file), log_pos = VALUES(log_pos)",
-            (self.name, *position),
+    def _current(self) -> Position:
+        """The server's position now. On MariaDB its GTID is read before and after the file
+        and offset, until both agree (BINLOG_GTID_POS would read the whole binlog file): the
+        earlier one, if they never do, at worst sends a commit twice after a failover."""
+        log_file, log_pos = self._query("SHOW MASTER STATUS")[0][:2]
+        if not self._mariadb:
+            return str(log_file), int(log_pos), None
+        gtid = first = self._query("SELECT @@gtid_binlog_pos")[0][0]
+        for _ in range(5):
+            log_file, log_pos = self._query("SHOW MASTER STATUS")[0][:2]
+            after = self._query("SELECT @@gtid_binlog_pos")[0][0]
+            if after == gtid:
+                return str(log_file), int(log_pos), gtid or None
+            gtid = after
+        return str(log_file), int(log_pos), first or None
+
+    @property
+    def _start_over(self) -> str:
+        return (
+            f"Flush the consumers' caches, then DELETE FROM {POSITION_TABLE} "
+            f"WHERE name = '{self.name}' to start from now"
         )
 
-    # -- the reader thread -----------------------------------------------------------------
+    def _save(self, position: Position) -> None:
+        self._query(
+            f"INSERT INTO {POSITION_TABLE} (name, log_file, log_pos, gtid, server_id) "
+            "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE log_file = VALUES(log_file), "
+            "log_pos = VALUES(log_pos), gtid = VALUES(gtid), server_id = VALUES(server_id)",
+            (self.name, *position, self._server),
+        )
 
-    def _reader(self, position: tuple[str, int]) -> None:
-        stream = None
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read_binlog(self, reader: Reader) -> None:
         try:
-            stream = BinLogStreamReader(
-                connection_settings=self.settings,
-                server_id=self.server_id,
-                resume_stream=True,
-                log_file=position[0],
-                log_pos=position[1],
-                blocking=True,
-                only_events=[
-                    WriteRowsEvent,
-                    UpdateRowsEvent,
-                    DeleteRowsEvent,
-                    XidEvent,
-                    QueryEvent,
-                    HeartbeatLogEvent,
-                ],
-                only_schemas=sorted({schema for schema, _ in self._by_table}),
-                slave_heartbeat=_HEARTBEAT,
-                pymysql_wrapper=_connect,
-                enable_logging=False,
-            )
-            last = position
-            while not self._stop.is_set():
-                event = stream.fetchone()
-                if event is None:
-                    continue
-                if isinstance(event, HeartbeatLogEvent):
-                    # The server beats only when it has sent everything: its position is a
-                    # commit boundary past changes of other tables, safe to confirm.
-                    here = (stream.log_file, stream.log_pos)
-                    if here != last:
-                        last = here
-                        self._put([("idle", here, None)])
-                    continue
-                items = self._items(event, stream)
-                if items:
-                    self._put(items)  # one queue operation per binlog event, not per row
+            reader.run()
         except BaseException as exc:  # handed to the loop, which reconnects
-            self._put(exc)
-        finally:
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.close()
-
-    def _items(self, event: Any, stream: Any) -> list[Any]:
-        ts = float(event.timestamp)
-        if isinstance(event, XidEvent):
-            return [("commit", (stream.log_file, stream.log_pos), ts)]
-        if isinstance(event, QueryEvent):
-            query = event.query.strip() if isinstance(event.query, str) else ""
-            upper = query.upper()
-            if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
-                return []  # not a commit boundary: no position to confirm here
-            items: list[Any] = []
-            match = _TRUNCATE.match(query)
-            if match is not None:
-                schema = match.group(1) or (
-                    event.schema.decode() if isinstance(event.schema, bytes) else event.schema
-                )
-                table = self._by_table.get((schema, match.group(2)))
-                if table is not None:
-                    items.append(RowChange(table, "truncate", None, ts))
-            # DDL commits on its own: a position to confirm.
-            items.append(("commit", (stream.log_file, stream.log_pos), ts))
-            return items
-        table = self._by_table.get((event.schema, event.table))
-        if table is None:
-            return []
-        changes: list[Any] = []
-        if isinstance(event, UpdateRowsEvent):
-            for row in event.rows:
-                new = {k: _json(v) for k, v in row["after_values"].items()}
-                old = {k: _json(v) for k, v in row["before_values"].items()}
-                changes.append(RowChange(table, "update", new, ts, old))
-        else:
-            kind: Kind = "insert" if isinstance(event, WriteRowsEvent) else "delete"
-            for row in event.rows:
-                values = {k: _json(v) for k, v in row["values"].items()}
-                changes.append(RowChange(table, kind, values, ts))
-        return changes
+            self._put(self._error(exc))
 
     def _put(self, item: Any) -> None:
         while not self._stop.is_set():
@@ -297,10 +273,20 @@ class MySQLSource(Source):
                 self._queue.put(item, timeout=0.2)
             except queue.Full:
                 continue
-            if self._waiting and self._loop is not None:
+            if self._waiting and not self._woken and self._loop is not None:
+                self._woken = True  # one wake-up per wait, however many items follow
                 with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
                     self._loop.call_soon_threadsafe(self._ready.set)
             return
+
+    def _error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] == (_MISSING_GTID,):
+            return FeedError(
+                f"the server cannot send the binlog of feed {self.name} from "
+                f"{self._describe_position()}: {exc.args[-1]}. If it was purged, changes since "
+                f"were lost to it. {self._start_over}"
+            )
+        return exc
 
     # -- the loop side ---------------------------------------------------------------------
 
@@ -333,6 +319,7 @@ class MySQLSource(Source):
         return batch
 
     async def _wait(self, timeout: float) -> None:
+        self._woken = False
         self._ready.clear()
         self._waiting = True
         try:
@@ -350,7 +337,8 @@ class MySQLSource(Source):
         now = time.monotonic()
         if now - self._saved_at >= SAVE_INTERVAL:
             self._saved_at = now
-            await asyncio.to_thread(self._save, position)
+            async with self._ctl_lock:
+                await asyncio.to_thread(self._save, position)
             self._saved = position
 
     async def close(self) -> None:
@@ -362,7 +350,8 @@ class MySQLSource(Source):
         position = self._position
         if self._ctl is not None and position is not None and position != self._saved:
             with contextlib.suppress(*self.errors):
-                await asyncio.to_thread(self._save, position)
+                async with self._ctl_lock:
+                    await asyncio.to_thread(self._save, position)
                 self._saved = position
         ctl, self._ctl = self._ctl, None
         if ctl is not None:
@@ -373,7 +362,7 @@ class MySQLSource(Source):
         position = self._position
         if position is None or self._ctl is None:
             return None
-        logs = await asyncio.to_thread(self._query, "SHOW BINARY LOGS")
+        logs = await self._ask("SHOW BINARY LOGS")
         behind = 0
         seen = False
         for name, size, *_ in logs:
@@ -384,11 +373,18 @@ class MySQLSource(Source):
                 behind += int(size)
         return max(0, behind) if seen else None
 
+    def _describe_position(self) -> str:
+        position = self._position
+        if position is None:
+            return "no position"
+        return f"GTID {position[2]}" if self._by_gtid else f"{position[0]}:{position[1]}"
+
     def describe(self) -> dict[str, Any]:
         position = self._position
         return {
             "server_id": self.server_id,
             "position": f"{position[0]}:{position[1]}" if position else None,
+            "gtid": position[2] if position else None,
         }
 
     async def drop(self) -> None:
@@ -396,10 +392,6 @@ class MySQLSource(Source):
         if own:
             self._ctl = await asyncio.to_thread(self._connect)
         try:
-            await asyncio.to_thread(
-                self._query,
-                f"DELETE FROM {POSITION_TABLE} WHERE name = %s",
-                (self.name,),
-            )
+            await self._ask(f"DELETE FROM {POSITION_TABLE} WHERE name = %s", (self.name,))
         except pymysql.err.ProgrammingError:
             pass  # no position table: nothing to drop

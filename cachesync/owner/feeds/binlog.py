@@ -1,0 +1,227 @@
+"""The binlog reader of the MySQL/MariaDB change feed: the row events of a transaction in,
+:class:`~cachesync.owner.feeds.base.RowChange` s and commit positions out.
+
+:class:`Reader` runs on the feed's reader thread with **mysql-replication** and hands each
+transaction's items (or every ``CHUNK`` rows of a large one) to ``send`` in one call:
+
+- :class:`RowChange` s, values already JSON values;
+- ``("commit", (file, pos, gtid), ts)``: a commit boundary, safe to confirm once published;
+- ``("idle", (file, pos, gtid), 0.0)``: the server has sent everything up to there.
+
+``gtid`` is MariaDB's GTID position (``domain-server-seq`` per domain, comma-separated) after
+the commit, or None without GTIDs. Transactions that only write the feeds' position table are
+passed over: they are the feeds' own bookkeeping (on MariaDB they are in the binlog, so that
+the position replicates), and confirming them would only write it again.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pymysql
+from pydantic_core import to_jsonable_python
+from pymysqlreplication import BinLogStreamReader
+from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryEvent, XidEvent
+from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+from .base import Kind, RowChange, Table
+
+Position = tuple[str, int, "str | None"]
+
+CHUNK = 100  # rows: a large transaction reaches the loop in pieces, published while read
+_TRUNCATE = re.compile(
+    r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
+    re.IGNORECASE,
+)
+# Statements logged inside a transaction: the position after them is not a commit boundary.
+_IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
+
+
+def _json(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    try:
+        return to_jsonable_python(value)
+    except Exception:  # a type pydantic does not know: its text is still a faithful key
+        return str(value)
+
+
+def _row(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json(v) for k, v in values.items()}
+
+
+class Reader:
+    """Reads the binlog from ``position`` (from its GTID when ``by_gtid``, else from its file
+    and offset) and hands what the feed needs to ``send`` until ``stop`` is set (seen at the
+    next event or heartbeat)."""
+
+    def __init__(
+        self,
+        *,
+        settings: dict[str, Any],
+        server_id: int,
+        position: Position,
+        by_gtid: bool,
+        tables: dict[tuple[str, str], Table],
+        own: tuple[str, str],
+        heartbeat: float,
+        send: Callable[[list[Any]], None],
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.server_id = server_id
+        self.position = position
+        self.by_gtid = by_gtid and bool(position[2])
+        self.tables = tables
+        self.own = own
+        self.heartbeat = heartbeat
+        self.send = send
+        self.stop = stop
+        # The GTID position, one entry per replication domain.
+        self.gtids = {
+            part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
+        }
+
+    def stream(self) -> Any:
+        """The library's reader, with the options that keep its work to what the feed needs."""
+        options: dict[str, Any] = {}
+        if self.by_gtid:
+            options.update(is_mariadb=True, auto_position=self.position[2])
+        else:
+            options.update(resume_stream=True, log_file=self.position[0], log_pos=self.position[1])
+        schemas = {schema for schema, _ in self.tables} | {self.own[0]}
+        names = {table for _, table in self.tables} | {self.own[1]}
+        return BinLogStreamReader(
+            connection_settings=dict(self.settings),
+            server_id=self.server_id,
+            blocking=True,
+            only_events=[
+                WriteRowsEvent,
+                UpdateRowsEvent,
+                DeleteRowsEvent,
+                XidEvent,
+                QueryEvent,
+                HeartbeatLogEvent,
+                MariadbGtidEvent,
+            ],
+            only_schemas=sorted(schemas),
+            only_tables=sorted(names),
+            # A table id names one version of a table's definition (an ALTER TABLE gives the
+            # table a new one), so its table map is decoded once, not before every row event.
+            freeze_schema=True,
+            slave_heartbeat=self.heartbeat,
+            pymysql_wrapper=_connect,
+            enable_logging=False,
+            **options,
+        )
+
+    def run(self) -> None:
+        """Read until ``stop`` is set; errors propagate."""
+        stream = self.stream()
+        try:
+            self._run(stream)
+        finally:
+            stream.close()
+
+    def _run(self, stream: Any) -> None:
+        send = self.send
+        stop = self.stop
+        tables = self.tables
+        own = self.own
+        pending: list[Any] = []
+        gtid = ""  # the GTID of the transaction being read
+        own_tx = False  # it wrote the position table
+        moved = False  # a transaction not confirmed yet has ended since the last position
+        last: tuple[str, int] = (self.position[0], self.position[1])
+        while not stop.is_set():
+            event = stream.fetchone()
+            if event is None:
+                continue
+            if isinstance(event, MariadbGtidEvent):
+                gtid = event.gtid
+                own_tx = False
+                continue
+            if isinstance(event, HeartbeatLogEvent):
+                # The server beats only when it has sent everything: its position is a commit
+                # boundary past changes of other tables, safe to confirm.
+                here = (stream.log_file, stream.log_pos)
+                if here != last and (moved or here[0] != last[0]):
+                    last = here
+                    moved = False
+                    pending.append(("idle", (*here, self._gtid()), 0.0))
+                    send(pending)
+                    pending = []
+                continue
+            ts = float(event.timestamp)
+            if isinstance(event, XidEvent):
+                if own_tx:
+                    own_tx = False
+                    continue  # the feeds' own bookkeeping: nothing to publish or confirm
+                self._advance(gtid)
+                last = (stream.log_file, stream.log_pos)
+                moved = False
+                pending.append(("commit", (*last, self._gtid()), ts))
+                send(pending)
+                pending = []
+                continue
+            if isinstance(event, QueryEvent):
+                query = event.query.strip() if isinstance(event.query, str) else ""
+                upper = query.upper()
+                if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
+                    # Not a commit boundary (a COMMIT of non-transactional tables is confirmed
+                    # at the next heartbeat).
+                    moved = moved or not own_tx
+                    continue
+                match = _TRUNCATE.match(query)
+                if match is not None:
+                    schema = match.group(1) or (
+                        event.schema.decode() if isinstance(event.schema, bytes) else event.schema
+                    )
+                    truncated = tables.get((schema, match.group(2)))
+                    if truncated is not None:
+                        pending.append(RowChange(truncated, "truncate", None, ts))
+                # DDL commits on its own: a position to confirm.
+                self._advance(gtid)
+                last = (stream.log_file, stream.log_pos)
+                moved = False
+                pending.append(("commit", (*last, self._gtid()), ts))
+                send(pending)
+                pending = []
+                continue
+            key = (event.schema, event.table)
+            if key == own:
+                own_tx = True
+                continue
+            table = tables.get(key)
+            if table is None:
+                continue
+            if isinstance(event, UpdateRowsEvent):
+                for row in event.rows:
+                    new, old = _row(row["after_values"]), _row(row["before_values"])
+                    pending.append(RowChange(table, "update", new, ts, old))
+            else:
+                kind: Kind = "insert" if isinstance(event, WriteRowsEvent) else "delete"
+                for row in event.rows:
+                    pending.append(RowChange(table, kind, _row(row["values"]), ts))
+            if len(pending) >= CHUNK:
+                send(pending)
+                pending = []
+
+    def _advance(self, gtid: str) -> None:
+        if gtid:
+            self.gtids[gtid.split("-", 1)[0]] = gtid
+
+    def _gtid(self) -> str | None:
+        if not self.gtids:
+            return None
+        return ",".join(self.gtids[domain] for domain in sorted(self.gtids, key=int))
+
+
+def _connect(**settings: Any) -> Any:
+    # mysql-replication names the database with PyMySQL's deprecated ``db``.
+    if "db" in settings:
+        settings["database"] = settings.pop("db")
+    return pymysql.connect(**settings)
