@@ -162,3 +162,114 @@ async def test_a_full_reconnect_clears_what_was_down() -> None:
         transport.queue.put_nowait(ConnectionLost("gave up"))
         await eventually(lambda: transport.subscriptions == 2 and sync.listener_up)
         assert get.cache.trusted
+
+
+async def _two_namespaces(
+    transport: ShardedFake, clock: FakeClock, **options: object
+) -> tuple[CacheSync, Publisher, dict[str, Owner], dict[str, object]]:
+    sync = CacheSync(
+        "fake://shards", channel="c", transport=transport, clock=clock, heartbeat_timeout=5.0
+    )
+    owners = {"a": Owner(k=1), "b": Owner(k=1)}
+    get = {ns: sync.cached(ns, ttl=3600, **options)(owner.fetch) for ns, owner in owners.items()}
+    publisher = Publisher(
+        "fake://shards", channel="c", transport=transport, heartbeat_interval=None
+    )
+    return sync, publisher, owners, get
+
+
+async def test_a_replayed_event_on_a_channel_back_is_a_duplicate() -> None:
+    # A captured event sent again after its channel was lost and back must not put its old
+    # value back (an event is applied at most once), nor restart its source's seqs.
+    transport = ShardedFake()
+    sync, publisher, owners, get = await _two_namespaces(transport, FakeClock(), mode="refresh")
+    async with sync, publisher:
+        assert await get["a"]("k") == 1  # type: ignore[operator]
+        first = await publisher.changed("a", "k", value=5)
+        await publisher.changed("a", "k", value=2)
+        await publisher.changed("b", "k", value=2)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 3)
+        assert await get["a"]("k") == 2  # type: ignore[operator]
+        transport.part(["c{a}"], live=False)
+        transport.part(["c{a}"], live=True)
+        owners["a"].values["k"] = 2
+        assert await get["a"]("k") == 2  # type: ignore[operator]
+        flushes = _flushes(sync)
+        transport.queue.put_nowait(first.encode())
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 4)
+        assert sync.stats()["listener"]["duplicates"] == 1
+        assert await get["a"]("k") == 2  # type: ignore[operator]
+        # The next event of the source is no gap: nothing is flushed, here or elsewhere.
+        await publisher.changed("a", "k", value=3)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 5)
+        assert await get["a"]("k") == 3  # type: ignore[operator]
+        assert _flushes(sync) == flushes
+
+
+async def test_a_replayed_event_while_a_channel_is_down_costs_no_other_channel() -> None:
+    transport = ShardedFake()
+    sync, publisher, owners, get = await _two_namespaces(transport, FakeClock())
+    async with sync, publisher:
+        first = await publisher.changed("a", "k", version=2)
+        await publisher.changed("a", "k", version=3)
+        await publisher.changed("b", "k", version=2)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 3)
+        assert await get["b"]("k") == 1  # type: ignore[operator]
+        transport.part(["c{a}"], live=False)
+        transport.queue.put_nowait(first.encode())  # replayed while a is down
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 4)
+        transport.part(["c{a}"], live=True)
+        flushes = _flushes(sync)
+        await publisher.changed("a", "k", version=4)  # seq 3: no gap
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 5)
+        assert _flushes(sync) == flushes
+        assert sync.stats()["listener"]["duplicates"] == 1
+
+
+async def test_a_source_silent_once_its_channel_is_back_is_a_loss() -> None:
+    # Silence is not safety: a source set aside while its channel was down, and never heard
+    # again once the channel is back, is missed like any other, and its namespace is not
+    # served from then on.
+    transport = ShardedFake()
+    clock = FakeClock()
+    sync, publisher, owners, get = await _two_namespaces(transport, clock)
+    async with sync, publisher:
+        await publisher.changed("a", "k", version=2)
+        await publisher.changed("b", "k", version=2)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 2)
+        transport.part(["c{a}"], live=False)
+        transport.part(["c{a}"], live=True)
+        assert await get["a"]("k") == 1  # type: ignore[operator]
+        # b's channel is heard all along; a's never again.
+        for version in (3, 4, 5):
+            clock.advance(2.0)
+            await publisher.changed("b", "k", version=version)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 5)
+        assert sync.check_sources() == 1
+        assert sync.stats()["listener"]["heartbeat_misses"] == 1
+        assert not get["a"].cache.trusted  # type: ignore[attr-defined]
+        assert get["b"].cache.trusted  # type: ignore[attr-defined]
+
+
+async def test_a_late_event_of_a_channel_down_does_not_make_its_source_expected() -> None:
+    # An event of a lost channel still on its way when the loss is reported (the old
+    # connection's last one): its source must not be missed while the channel is down.
+    transport = ShardedFake()
+    clock = FakeClock()
+    sync, publisher, owners, get = await _two_namespaces(transport, clock)
+    async with sync, publisher:
+        await publisher.changed("a", "k", version=2)
+        await publisher.changed("b", "k", version=2)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 2)
+        await publisher.changed("a", "k", version=3)  # queued, not read yet
+        transport.part(["c{a}"], live=False)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 3)
+        assert not get["a"].cache.trusted  # type: ignore[attr-defined]
+        flushes = _flushes(sync)
+        for version in (3, 4, 5):
+            clock.advance(2.0)
+            await publisher.changed("b", "k", version=version)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 6)
+        assert sync.check_sources() == 0
+        assert _flushes(sync) == flushes
+        assert get["b"].cache.trusted  # type: ignore[attr-defined]
