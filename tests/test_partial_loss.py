@@ -273,3 +273,45 @@ async def test_a_late_event_of_a_channel_down_does_not_make_its_source_expected(
         assert sync.check_sources() == 0
         assert _flushes(sync) == flushes
         assert get["b"].cache.trusted  # type: ignore[attr-defined]
+
+
+class StuckShards(ShardedFake):
+    """Publishing to the channels in ``stuck`` hangs (a shard failing over, its connection
+    unanswered); the others go through, and when each did is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck: set[str] = set()
+        self.sent: dict[str, list[float]] = {}
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        if channel in self.stuck:
+            await asyncio.Event().wait()
+        self.sent.setdefault(channel, []).append(asyncio.get_running_loop().time())
+        await super().publish(channel, payload)
+
+
+async def test_heartbeats_to_a_failing_shard_do_not_delay_the_others() -> None:
+    # Consumers miss a source after 3 heartbeat intervals: the beats of the healthy channels
+    # must keep coming within that, however many channels the failing shard has, and a change
+    # waits for the heartbeats for an interval at most.
+    interval = 0.2
+    transport = StuckShards()
+    publisher = Publisher(
+        "fake://shards", channel="c", transport=transport, heartbeat_interval=interval
+    )
+    stuck = [f"s{i}" for i in range(6)]
+    async with publisher:
+        for ns in [*stuck, "ok"]:  # the failing shard's channels come first
+            await publisher.changed(ns, "k")
+        transport.stuck = {f"c{{{ns}}}" for ns in stuck}
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        beats = transport.sent.setdefault("c{ok}", [])
+        await eventually(lambda: len([t for t in beats if t > began]) >= 5, timeout=15)
+        heard = [began] + [t for t in beats if t > began]
+        gaps = [later - earlier for earlier, later in zip(heard, heard[1:], strict=False)]
+        assert max(gaps) < 3 * interval, gaps
+        start = loop.time()
+        await publisher.changed("ok", "k")
+        assert loop.time() - start < 3 * interval

@@ -248,7 +248,10 @@ class RedisClusterTransport(Transport):
                     except redis_errors.ConnectionError:
                         # A connection the server closed while it sat idle (a timeout, a
                         # CLIENT KILL) is replaced once; a node that is gone fails again.
-                        del self._publishers[address]
+                        # (Another publish to that node at the same time, such as a
+                        # heartbeat to another channel, may have replaced it already.)
+                        if self._publishers.get(address) is client:
+                            del self._publishers[address]
                         await _close_client(client)
                         if attempt == 2:
                             raise
