@@ -6,6 +6,7 @@ are live again, and leaves the others alone. Driven step by step with a fake tra
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -315,3 +316,105 @@ async def test_heartbeats_to_a_failing_shard_do_not_delay_the_others() -> None:
         start = loop.time()
         await publisher.changed("ok", "k")
         assert loop.time() - start < 3 * interval
+
+
+async def test_fills_begun_before_or_while_a_channel_is_down_are_not_stored() -> None:
+    transport = ShardedFake()
+    sync, publisher, owners, get = await _two_namespaces(transport, FakeClock())
+    owner = owners["a"]
+    async with sync, publisher:
+        owner.gate = asyncio.Event()
+        before = asyncio.create_task(get["a"]("k"))  # reads 1 now, answers later
+        await owner.started.wait()
+        transport.part(["c{a}"], live=False)
+        await publisher.changed("a", "k", version=owner.commit("k", 2))  # lost
+        owner.started.clear()
+        during = asyncio.create_task(get["a"]("k"))  # reads 2 now, answers later
+        await owner.started.wait()
+        await publisher.changed("a", "k", version=owner.commit("k", 3))  # lost
+        transport.part(["c{a}"], live=True)
+        owner.gate.set()
+        assert (await before, await during) == (1, 2)
+        owner.gate = None
+        assert await get["a"]("k") == 3  # type: ignore[operator]
+        assert await get["a"]("k") == 3  # type: ignore[operator]
+
+
+async def test_two_shards_lost_at_once_and_back_one_after_the_other() -> None:
+    transport = ShardedFake()
+    clock = FakeClock()
+    sync = CacheSync(
+        "fake://shards", channel="c", transport=transport, clock=clock, heartbeat_timeout=5.0
+    )
+    owners = {ns: Owner(k=1) for ns in "abc"}
+    get = {ns: sync.cached(ns, ttl=3600)(owner.fetch) for ns, owner in owners.items()}
+    publisher = Publisher(
+        "fake://shards", channel="c", transport=transport, heartbeat_interval=None
+    )
+    stop = threading.Event()
+    # What a read may not go below: the value of the last change applied, or of the last
+    # one committed when a lost channel was back (flushed).
+    floor = dict.fromkeys(owners, 2)
+    served: list[tuple[str, int, int]] = []  # (ns, value read, floor when the read began)
+
+    def read_in_a_thread(ns: str) -> None:
+        cache = get[ns].cache  # type: ignore[attr-defined]
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            least = floor[ns]
+            entry = cache.get_fresh("k")
+            if entry is not None:
+                served.append((ns, entry.value, least))
+
+    async with sync, publisher:
+        messages = 0
+
+        async def change(ns: str, value: int) -> None:
+            nonlocal messages
+            await publisher.changed(ns, "k", version=owners[ns].commit("k", value))
+            if f"c{{{ns}}}" not in transport.broken:
+                messages += 1
+                await eventually(lambda: sync.stats()["listener"]["messages"] == messages)
+                floor[ns] = value
+
+        def back(ns: str) -> None:
+            transport.part([f"c{{{ns}}}"], live=True)
+            floor[ns] = owners[ns].values["k"]
+
+        for ns in owners:
+            await change(ns, 2)
+            assert await get[ns]("k") == 2  # type: ignore[operator]
+        threads = [threading.Thread(target=read_in_a_thread, args=(ns,)) for ns in owners]
+        for thread in threads:
+            thread.start()
+        try:
+            before = _flushes(sync)
+            transport.part(["c{a}"], live=False)
+            transport.part(["c{b}"], live=False)
+            await change("a", 3)
+            await change("b", 3)
+            await change("c", 3)
+            transport.part(["c{a}"], live=False)  # failing again while subscribing again
+            clock.advance(6.0)
+            assert sync.check_sources() == 1  # c's: silent meanwhile, the others not expected
+            await change("c", 4)
+            back("b")
+            assert not get["a"].cache.trusted  # type: ignore[attr-defined]
+            assert await get["b"]("k") == 3  # type: ignore[operator]
+            assert await get["a"]("k") == 3  # type: ignore[operator]
+            back("a")
+            for ns in owners:
+                await change(ns, 5)
+                assert await get[ns]("k") == 5  # type: ignore[operator]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        listener = sync.stats()["listener"]
+        assert listener["partial_reconnects"] == 2 and listener["reconnects"] == 0
+        assert listener["heartbeat_misses"] == 1
+        # Never a value from before a change applied, or lost, before the read began.
+        assert served and all(value >= least for _, value, least in served)
+        after = _flushes(sync)
+        assert after["a"] > before["a"] and after["b"] > before["b"]
