@@ -700,7 +700,9 @@ class CacheSync(Service):
             resumed, self._suspect_on_ready = False, False
         if not resumed:
             self._flushed(None, "reconnect", self._wall_clock(), channel=self.channel)
-        self._down.clear()
+        if self._down:
+            self._expect_again(self._down)
+            self._down.clear()
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -743,10 +745,7 @@ class CacheSync(Service):
             return
         self._down -= wires
         self._stats.partial_reconnects += 1
-        now = self._clock()
-        for source_name, source in self._sources.items():
-            if source_name.partition("@")[2] in wires:
-                source.last_seen = now  # expected again from now on
+        self._expect_again(wires)
         wall = self._wall_clock()
         for name in names:
             ns = self._namespaces[name]
@@ -762,6 +761,14 @@ class CacheSync(Service):
         log.info(
             "cachesync subscribed again", extra={"channels": sorted(wires), "namespaces": names}
         )
+
+    def _expect_again(self, wires: set[str]) -> None:
+        """The channels ``wires`` are live again: their sources, not expected while they were
+        down, are from now on (silent past their timeout, they are missed)."""
+        now = self._clock()
+        for name, source in self._sources.items():
+            if name.partition("@")[2] in wires:
+                source.last_seen = now
 
     def _lost_on(self, name: str, event: ChangeEvent) -> None:
         """A gap in the seqs of source ``name`` on a channel subscribed again (see

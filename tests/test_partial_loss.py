@@ -418,3 +418,25 @@ async def test_two_shards_lost_at_once_and_back_one_after_the_other() -> None:
         assert served and all(value >= least for _, value, least in served)
         after = _flushes(sync)
         assert after["a"] > before["a"] and after["b"] > before["b"]
+
+
+async def test_sources_of_a_channel_down_are_expected_again_after_a_full_reconnect() -> None:
+    transport = ShardedFake()
+    clock = FakeClock()
+    sync, publisher, owners, get = await _two_namespaces(transport, clock)
+    async with sync, publisher:
+        await publisher.changed("a", "k", version=2)
+        await publisher.changed("b", "k", version=2)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 2)
+        transport.part(["c{a}"], live=False)
+        for version in (3, 4, 5):
+            clock.advance(2.0)
+            await publisher.changed("b", "k", version=version)
+        await eventually(lambda: sync.stats()["listener"]["messages"] == 5)
+        # The transport gives up on a; the whole subscription starts over.
+        transport.queue.put_nowait(ConnectionLost("gave up"))
+        await eventually(lambda: transport.subscriptions == 2 and sync.listener_up)
+        assert sync.check_sources() == 0  # a's source: expected from now on, not missed at once
+        clock.advance(6.0)
+        assert sync.check_sources() == 2  # neither heard since
+        assert sync.stats()["listener"]["heartbeat_misses"] == 2
