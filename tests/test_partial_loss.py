@@ -296,7 +296,7 @@ async def test_heartbeats_to_a_failing_shard_do_not_delay_the_others() -> None:
     # Consumers miss a source after 3 heartbeat intervals: the beats of the healthy channels
     # must keep coming within that, however many channels the failing shard has, and a change
     # waits for the heartbeats for an interval at most.
-    interval = 0.2
+    interval = 0.3
     transport = StuckShards()
     publisher = Publisher(
         "fake://shards", channel="c", transport=transport, heartbeat_interval=interval
@@ -309,7 +309,7 @@ async def test_heartbeats_to_a_failing_shard_do_not_delay_the_others() -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
         beats = transport.sent.setdefault("c{ok}", [])
-        await eventually(lambda: len([t for t in beats if t > began]) >= 5, timeout=15)
+        await eventually(lambda: len([t for t in beats if t > began]) >= 3, timeout=15)
         heard = [began] + [t for t in beats if t > began]
         gaps = [later - earlier for earlier, later in zip(heard, heard[1:], strict=False)]
         assert max(gaps) < 3 * interval, gaps
