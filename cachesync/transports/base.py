@@ -34,9 +34,10 @@ over each one):
   That is the one exception to "never reconnects on its own": it happens only after
   ``on_ready``, only with ``on_channels``, and a transport that cannot be live again within a
   bound of its own (``resubscribe_timeout`` on ``redis+cluster://``) ends the whole
-  subscription with ``ConnectionLost`` as before. Every other
-  transport ignores ``on_channels``. The client flushes the namespaces of ``names`` (and only
-  those) and keeps reads away from them in between.
+  subscription with ``ConnectionLost`` as before. Every other transport ignores
+  ``on_channels``. The client flushes the namespaces of ``names`` (and only those) and keeps
+  reads away from them in between; a message of ``names`` already on its way when they were
+  reported lost may still arrive, and is applied as usual.
 - ``max_payload`` (set by the client to its ``max_event_bytes``): a transport drops a payload
   larger than this instead of yielding it, without buffering it whole where its client library
   allows, and counts it in ``oversized``. A transport that ignores it is still correct: the
