@@ -251,8 +251,8 @@ class CacheSync(Service):
         self._retired: dict[str, int] = {}  # silent sources -> their last seq
         self._wires: list[str] = []  # the channels subscribed to
         self._down: set[str] = set()  # of those, the ones the transport is subscribing again to
-        # Sources of such channels, set aside with their last seq until they speak again.
-        self._rebased: dict[str, int] = {}
+        # Sources of such channels, whose next gap flushes that channel's namespaces only.
+        self._rebased: set[str] = set()
         # Whether the transport gives namespaces channels of their own (Redis Cluster).
         self._spread = type(self._transport).channel_for is not Transport.channel_for
         self._suspect_on_ready = False  # an apply failed: flush when the listener is back
@@ -706,7 +706,9 @@ class CacheSync(Service):
             resumed, self._suspect_on_ready = False, False
         if not resumed:
             self._flushed(None, "reconnect", self._wall_clock(), channel=self.channel)
-        self._down.clear()
+        if self._down:
+            self._expect_again(self._down)
+            self._down.clear()
         for ns in self._namespaces.values():
             for member in ns.members:
                 if not resumed:
@@ -735,14 +737,12 @@ class CacheSync(Service):
             for name in names:
                 for member in self._namespaces[name].members:
                     member.cache.distrust()
-            # Their sources there are set aside (their silence meanwhile is no loss), with
-            # their last seq: a gap when they speak again flushes these namespaces only.
-            for source in [s for s in self._sources if s.partition("@")[2] in wires]:
-                self._rebased[source] = self._sources.pop(source).seq
-            for source in [s for s in self._retired if s.partition("@")[2] in wires]:
-                self._rebased[source] = self._retired.pop(source)
-            while len(self._rebased) > MAX_RETIRED_SOURCES:
-                del self._rebased[next(iter(self._rebased))]
+            # Their sources there keep their last seqs (a replay is still a duplicate); their
+            # silence meanwhile is no loss (see check_sources), and a gap when they speak
+            # again flushes these namespaces only.
+            self._rebased.update(
+                s for s in (*self._sources, *self._retired) if s.partition("@")[2] in wires
+            )
             log.warning(
                 "cachesync lost part of its subscription; reads of its namespaces go to the "
                 "owner until it is back",
@@ -751,6 +751,7 @@ class CacheSync(Service):
             return
         self._down -= wires
         self._stats.partial_reconnects += 1
+        self._expect_again(wires)
         wall = self._wall_clock()
         for name in names:
             ns = self._namespaces[name]
@@ -766,6 +767,14 @@ class CacheSync(Service):
         log.info(
             "cachesync subscribed again", extra={"channels": sorted(wires), "namespaces": names}
         )
+
+    def _expect_again(self, wires: set[str]) -> None:
+        """The channels ``wires`` are live again: their sources, not expected while they were
+        down, are from now on (silent past their timeout, they are missed)."""
+        now = self._clock()
+        for name, source in self._sources.items():
+            if name.partition("@")[2] in wires:
+                source.last_seen = now
 
     def _lost_on(self, name: str, event: EventView) -> None:
         """A gap in the seqs of source ``name`` on a channel subscribed again (see
@@ -980,15 +989,12 @@ class CacheSync(Service):
             others = any(_source_id(known) != event.source for known in self._sources)
             self._sources[name] = _Source(seq, now, timeout, event.ts)
             self._heard_again(name)
-            if self._rebased and name in self._rebased:
-                # Its channel was subscribed again: a gap flushes that channel's namespaces.
-                if seq > self._rebased.pop(name) + (0 if heartbeat else 1):
-                    self._stats.gaps += 1
-                    self._lost_on(name, event)
-            elif retired is not None:
+            if retired is not None:
                 if not at_start:
                     self._stats.gaps += 1
-                    self._lost("gap", event, expected=last + (0 if heartbeat else 1))
+                    self._gap(name, event, expected=last + (0 if heartbeat else 1))
+                elif self._rebased:
+                    self._heard_back(name)
             elif others or not at_start:
                 # Quietly when nothing is cached: then it only voids the fetches in flight.
                 quiet = not self._had_entries()
@@ -1021,10 +1027,27 @@ class CacheSync(Service):
             expected = source.seq + 1
         if seq > expected:
             self._stats.gaps += 1
-            self._lost("gap", event, expected=expected)
+            self._gap(name, event, expected=expected)
+        elif self._rebased:
+            self._heard_back(name)
         if seq > source.seq:
             source.seq = seq
         return True
+
+    def _gap(self, name: str, event: EventView, expected: int) -> None:
+        """A gap in the seqs of source ``name``: flush every namespace, or only those of its
+        channel where that channel was subscribed again (see :meth:`_on_channels`)."""
+        if self._rebased and name in self._rebased:
+            self._heard_back(name)
+            self._lost_on(name, event)
+        else:
+            self._lost("gap", event, expected=expected)
+
+    def _heard_back(self, name: str) -> None:
+        """Source ``name`` was heard in order: once its channel is live, it is followed as
+        any other again."""
+        if name in self._rebased and name.partition("@")[2] not in self._down:
+            self._rebased.discard(name)
 
     def _numbered_zero(self, event: EventView) -> None:
         """Events are numbered from 1 (seq 0 is a heartbeat's "nothing sent yet"): an event at
@@ -1063,6 +1086,7 @@ class CacheSync(Service):
         while len(self._retired) > MAX_RETIRED_SOURCES:
             forgotten = next(iter(self._retired))
             del self._retired[forgotten]
+            self._rebased.discard(forgotten)
             for ns in self._namespaces.values():  # what namespaces heard stays bounded too
                 ns.heard.discard(forgotten)
 
@@ -1168,10 +1192,13 @@ class CacheSync(Service):
         safety); return how many were retired. The watchdog calls it a few times per
         timeout."""
         now = self._clock()
+        down = self._down
         silent = [
             name
             for name, src in self._sources.items()
-            if src.timeout is not None and now - src.last_seen > src.timeout
+            if src.timeout is not None
+            and now - src.last_seen > src.timeout
+            and not (down and name.partition("@")[2] in down)  # not expected meanwhile
         ]
         for name in silent:
             self._retire(name)

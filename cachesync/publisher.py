@@ -401,14 +401,18 @@ class Publisher(Service):
                 async with asyncio.timeout(max(interval, 0.001)):
                     await self._lock.acquire()
                 try:
-                    failures = []
-                    for beat in self._heartbeats(interval):
-                        # Each channel on its own: one that fails (its shard failing over)
-                        # must not hold back the beats of the others.
-                        try:
-                            await self._send([beat], timeout=min(interval, self.publish_timeout))
-                        except (TransportError, TimeoutError) as exc:
-                            failures.append(exc)
+                    # Each channel on its own, all at once: one that fails or hangs (its shard
+                    # failing over) holds back neither the beats of the others (consumers
+                    # would miss them) nor, for more than an interval, the changes waiting.
+                    timeout = min(interval, self.publish_timeout)
+                    results = await asyncio.gather(
+                        *(
+                            self._send([beat], timeout=timeout)
+                            for beat in self._heartbeats(interval)
+                        ),
+                        return_exceptions=True,
+                    )
+                    failures = [r for r in results if isinstance(r, BaseException)]
                     if failures:
                         raise failures[0]
                 finally:

@@ -141,6 +141,8 @@ _HELP = {
     "gaps": "Gaps in a source's sequence numbers (events lost: caches flushed).",
     "source_changes": "New sources heard (an owner restarted: caches flushed).",
     "reconnects": "Reconnects of the listener.",
+    "partial_reconnects": "Parts of the subscription (a shard's channels) lost and live again "
+    "(their namespaces flushed, the others kept).",
     "heartbeat_misses": "Sources whose heartbeats stopped (caches flushed).",
     "replays": "Reconnects after which the transport replayed what was missed.",
     "duplicates": "Events received again and ignored (at or below the last applied seq).",

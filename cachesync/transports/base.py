@@ -32,10 +32,12 @@ over each one):
   ``names`` may be lost from now on) and ``on_channels(names, True)`` once they are live again
   (what was published on them meanwhile may be lost), while the other channels keep delivering.
   That is the one exception to "never reconnects on its own": it happens only after
-  ``on_ready``, only with ``on_channels``, and a transport that cannot be live again within its
-  ``connect_timeout`` ends the whole subscription with ``ConnectionLost`` as before. Every other
-  transport ignores ``on_channels``. The client flushes the namespaces of ``names`` (and only
-  those) and keeps reads away from them in between.
+  ``on_ready``, only with ``on_channels``, and a transport that cannot be live again within a
+  bound of its own (``resubscribe_timeout`` on ``redis+cluster://``) ends the whole
+  subscription with ``ConnectionLost`` as before. Every other transport ignores
+  ``on_channels``. The client flushes the namespaces of ``names`` (and only those) and keeps
+  reads away from them in between; a message of ``names`` already on its way when they were
+  reported lost may still arrive, and is applied as usual.
 - ``max_payload`` (set by the client to its ``max_event_bytes``): a transport drops a payload
   larger than this instead of yielding it, without buffering it whole where its client library
   allows, and counts it in ``oversized``. A transport that ignores it is still correct: the

@@ -248,7 +248,10 @@ class RedisClusterTransport(Transport):
                     except redis_errors.ConnectionError:
                         # A connection the server closed while it sat idle (a timeout, a
                         # CLIENT KILL) is replaced once; a node that is gone fails again.
-                        del self._publishers[address]
+                        # (Another publish to that node at the same time, such as a
+                        # heartbeat to another channel, may have replaced it already.)
+                        if self._publishers.get(address) is client:
+                            del self._publishers[address]
                         await _close_client(client)
                         if attempt == 2:
                             raise
@@ -308,10 +311,20 @@ class RedisClusterTransport(Transport):
         def alive() -> bool:
             return self._generation == generation and not self._closed and not ended
 
+        # redis-py may lose a cancellation (see the end): a reader or a retry may go on after
+        # the subscription ended. It then starts nothing, and hands nothing to a queue that
+        # nobody reads any more (a full one would block it for good).
         def spawn(work: Coroutine[Any, Any, None]) -> None:
+            if ended:
+                work.close()
+                return
             task = asyncio.create_task(work)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+        async def hand(item: object) -> None:
+            if not ended:
+                await queue.put(item)
 
         async def read(
             address: tuple[str, int], names: list[str], live: Callable[[], Awaitable[None]]
@@ -332,7 +345,7 @@ class RedisClusterTransport(Transport):
                 ):
                     kind = message["type"]
                     if kind == "smessage":
-                        await queue.put(message["data"])
+                        await hand(message["data"])
                     elif kind == "ssubscribe":
                         pending.discard(_text(message["channel"]))
                         if not pending:
@@ -362,13 +375,13 @@ class RedisClusterTransport(Transport):
             async def live() -> None:
                 nonlocal was_live
                 was_live = True
-                await queue.put(_READY if retry is None else _Live(names))
+                await hand(_READY if retry is None else _Live(names))
 
             try:
                 await read(address, names, live)
             except Exception as exc:  # handed to the iterating task, which decides
                 self._stale = True
-                await queue.put(_Broken(names, exc, None if was_live else retry))
+                await hand(_Broken(names, exc, None if was_live else retry))
 
         async def again(names: list[str], retry: _Retry) -> None:
             """Subscribe to ``names`` again on their owners in a fresh slot map."""
@@ -380,7 +393,7 @@ class RedisClusterTransport(Transport):
                 await self._load_slots(min(retry.deadline, loop.time() + self.connect_timeout))
                 groups = self._by_owner(names, what)
             except TransportError as exc:
-                await queue.put(_Broken(names, exc, retry))
+                await hand(_Broken(names, exc, retry))
                 return
             for address, group in groups.items():
                 spawn(guarded(address, group, retry))
