@@ -209,6 +209,12 @@ def test_decode_event_agrees_on_random_bytes(payload: bytes) -> None:
         b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":"\xff"}',  # not UTF-8
         b'{"source":"a","seq":1,"op":"upsert","ts":1,"value":[1,]}',
         b'{"source":"a","seq":1,"op":"upsert","ts":1,}',
+        # A ts of 19 digits or more: pydantic before 2.12 refuses such an int for a float.
+        b'{"source":"a","seq":1,"op":"upsert","ts":1000000000000000000}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":-1000000000000000000}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":18446744073709551616}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":1e18}',
+        b'{"source":"a","seq":1,"op":"upsert","ts":999999999999999999}',
         *(
             json.dumps(
                 {"source": "s" * n, "ns": "n" * m, "seq": 1, "op": "delete", "ts": 1}
