@@ -222,6 +222,7 @@ _decode_fast = msgspec.json.Decoder(_Event).decode
 # the model. Events without deep values never come near.
 _SHORT = 256
 _MAX_BRACKETS = 128
+_MAX_TS = 1e18  # seconds: a ts this far goes to the model, which decides
 
 
 def decode_event(data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> EventView:
@@ -242,7 +243,8 @@ def decode_event(data: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> Even
             # decides, and gives the error.
             pass
         else:
-            ts = event.ts
-            if ts - ts == 0.0:  # finite (msgspec reads no NaN, but say it here too)
+            # Finite (msgspec reads no NaN, but say it here too), and short of 19 digits:
+            # pydantic before 2.12 refuses an int that long for a float, msgspec reads it.
+            if -_MAX_TS < event.ts < _MAX_TS:
                 return event
     return ChangeEvent.decode(data, max_bytes=max_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 
@@ -179,3 +180,38 @@ def test_distrust_hides_entries_and_refuses_fills_then_trust_restores() -> None:
 def test_bad_options_raise_value_error_naming_the_option(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         make(FakeClock(), **{option: value})
+
+
+def test_a_fill_begun_in_another_thread_before_an_invalidation_is_voided() -> None:
+    """invalidate() looks for fills to void only when some are under way: a fill begun in
+    another thread just before it (threaded, plain, or a bulk one) must still be voided."""
+    cache = make(FakeClock())
+    started = done = 0
+    stop = False
+    progress = threading.Condition()
+
+    def invalidator() -> None:
+        nonlocal started, done
+        while not stop:
+            started += 1
+            cache.invalidate("a")
+            with progress:
+                done += 1
+                progress.notify_all()
+
+    thread = threading.Thread(target=invalidator, daemon=True)
+    thread.start()
+    try:
+        for i in range(300):
+            bulk = cache.begin_bulk() if i % 3 == 2 else None
+            flight = cache.begin_fill("a", None, threaded=i % 3 == 1)
+            after = started  # an invalidation started after this began the fills
+            with progress:
+                assert progress.wait_for(lambda: done > after, timeout=5.0)  # noqa: B023
+            assert not cache.finish_fill(flight, "old"), i
+            if bulk is not None:
+                assert not bulk.put("a", "old")
+                bulk.close()
+    finally:
+        stop = True
+        thread.join(timeout=5.0)
