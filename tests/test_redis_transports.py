@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 
 from cachesync.errors import ConfigError, ConnectionLost, TransportError
 from cachesync.transports.base import Transport, from_url
@@ -20,6 +21,7 @@ from cachesync.transports.redis import RedisPubSubTransport
 from cachesync.transports.redis.stream import (
     RedisStreamTransport,
     StreamId,
+    _Cursor,
     _gap,
     _Info,
 )
@@ -260,6 +262,83 @@ async def test_stream_catch_up_cut_midway_resumes_from_where_it_was(rd: Redis) -
             assert third.log == [*missed[seen:], ("ready", True)]
         finally:
             await third.stop()
+
+
+Step = Callable[[], Awaitable[None]]
+
+
+class _RacedStream(RedisStreamTransport):
+    """A stream transport whose next read runs ``before`` first: changes made after the
+    subscription took its snapshot of the stream and before its first ``XREAD`` (what a
+    publisher racing a reconnect does); and ``between`` after the ``XREAD``, before the
+    ``XINFO STREAM`` that comes with it (its snapshot is taken again after ``between``)."""
+
+    before: Step | None = None
+    between: Step | None = None
+
+    async def _read(
+        self, conn: AbstractConnection, key: bytes, cursor: _Cursor, block: bool
+    ) -> tuple[list[tuple[bytes, bytes | None]], _Info | None]:
+        before, between, self.before, self.between = self.before, self.between, None, None
+        if before is not None:
+            await before()
+        entries, info = await super()._read(conn, key, cursor, block)
+        if between is not None:
+            await between()
+            # Reading from "$" without blocking returns nothing: only the fresh XINFO counts.
+            _, info = await super()._read(conn, key, _Cursor(b"$", None), False)
+        return entries, info
+
+
+async def test_stream_catch_up_that_reads_past_its_snapshot_reports_resumed(rd: Redis) -> None:
+    async with (
+        rd.stream(rd.pub_name) as pub,
+        _RacedStream(rd.url("redis+stream", rd.sub_name)) as transport,
+    ):
+        async with subscribed(transport, rd.channel) as first:
+            await pub.publish(rd.channel, b"seen")
+            await first.wait_for(1)
+        missed = [b"missed %d" % i for i in range(3)]
+        await publish_all(pub, rd.channel, missed)
+
+        async def late() -> None:
+            await pub.publish(rd.channel, b"late")
+
+        transport.before = late
+        async with subscribed(transport, rd.channel) as second:
+            await second.wait_for(len(missed) + 1)
+            # Nothing was lost: the backlog, on_ready(True) once its last entry was taken
+            # (the one read in the same batch comes after it), then the rest.
+            assert second.log == [*missed, ("ready", True), b"late"]
+
+
+async def test_stream_catch_up_missing_its_last_entry_reports_not_resumed(
+    rd: Redis, admin: aioredis.Redis
+) -> None:
+    async with (
+        rd.stream(rd.pub_name) as pub,
+        _RacedStream(rd.url("redis+stream", rd.sub_name)) as transport,
+    ):
+        async with subscribed(transport, rd.channel) as first:
+            await pub.publish(rd.channel, b"seen")
+            await first.wait_for(1)
+        await publish_all(pub, rd.channel, [b"m0", b"m1", b"m2"])
+
+        async def delete_the_last_and_add() -> None:
+            last_id = (await admin.xrevrange(rd.channel, count=1))[0][0]
+            await admin.xdel(rd.channel, last_id)  # m2, never read by the subscriber
+            await pub.publish(rd.channel, b"late")  # the count comes out as if m2 were there
+
+        async def add() -> None:
+            await pub.publish(rd.channel, b"later")  # the XINFO cannot tell yet
+
+        transport.before, transport.between = delete_the_last_and_add, add
+        async with subscribed(transport, rd.channel) as second:
+            await pub.publish(rd.channel, b"live")
+            await second.wait_for(4)
+            # m2 is lost: not resumed, once the backlog's end is passed. Reading goes on from
+            # the end of the stream ("later" came before the flush) and is not cut later.
+            assert second.log == [b"m0", b"m1", b"late", ("ready", False), b"live"]
 
 
 # -- oversized payloads ------------------------------------------------------------------------

@@ -17,13 +17,15 @@ When ``on_ready(resumed)`` is called
     - entries were added since, and all of them are still in the stream: they are yielded first
       (the backlog, up to the end of the stream as it was when the subscription started), and
       ``on_ready(True)`` is called only after the consumer has taken the last of them, i.e.
-      when it has caught up. Until then the consumer keeps treating its cache as untrusted;
+      when it has caught up (entries added since, read in the same round trip, come after
+      it). Until then the consumer keeps treating its cache as untrusted;
     - some were lost (trimmed by ``MAXLEN`` or deleted before this subscriber read them, the
       key deleted or recreated, or a previous subscription already detected a loss): the
       backlog is skipped and ``on_ready(False)`` is called at once; reading goes on from the
       current end of the stream. The consumer flushes on ``resumed=False``, which makes every
       older entry redundant, so replaying what is left of the backlog would only cost time. A
-      loss found in the middle of the backlog is handled the same way, then.
+      loss found in the middle of the backlog, or at its end (its last entry missing, or the
+      count there not matching), is handled the same way, then.
 
     A subscription that has called ``on_ready`` and then finds that entries it had not read yet
     were trimmed (it fell more than about ``maxlen`` entries behind) raises ``ConnectionLost``;
@@ -293,9 +295,10 @@ class RedisStreamTransport(RedisTransportBase):
             except FAILURES_OR_TIMEOUT as exc:
                 raise self._lost(conn, what, exc) from exc
 
-            # The end of the stream to replay up to before on_ready(True); None once on_ready
-            # has been called.
+            # The end of the stream to replay up to before on_ready(True), and the id of its
+            # last entry as Redis sends it; None once on_ready has been called.
             catch_up: _Info | None = None
+            catch_up_end: bytes | None = None
             cursor = self._cursors.get(channel)
             if cursor is None:
                 cursor = self._cursors[channel] = _Cursor.at_end(info)
@@ -311,7 +314,7 @@ class RedisStreamTransport(RedisTransportBase):
             elif info is None or cursor.last_id >= info.last_id:
                 report(True)
             else:
-                catch_up = info
+                catch_up, catch_up_end = info, _format_id(info.last_id)
 
             while True:
                 try:
@@ -344,7 +347,7 @@ class RedisStreamTransport(RedisTransportBase):
                             f"yet were trimmed (maxlen={self.maxlen})"
                         )
                     cursor.jump_to_end(info)
-                    catch_up = None
+                    catch_up = catch_up_end = None
                     report(False)
                     continue
                 position = cursor.count
@@ -356,21 +359,28 @@ class RedisStreamTransport(RedisTransportBase):
                     if position is not None:
                         position += 1
                         cursor.count = position
-                    if payload is None:
-                        continue
-                    if (
+                    if payload is not None and not (
                         limit is not None
                         and len(payload) > limit
                         and self.too_big(
                             len(payload), f"stream entry {entry_id.decode()} of {channel!r}"
                         )
                     ):
-                        continue
-                    yield payload
+                        yield payload
+                    if entry_id == catch_up_end and catch_up is not None:
+                        # The backlog's last entry is taken. The same read may go on past it
+                        # (entries added since the snapshot), so the counts are compared here,
+                        # at the entry where the snapshot took its count.
+                        if position != catch_up.entries_added:
+                            break  # some of the backlog was deleted: below
+                        catch_up = catch_up_end = None
+                        report(True)
                 if catch_up is not None and cursor.last_id >= catch_up.last_id:
-                    resumed = cursor.count == catch_up.entries_added
-                    catch_up = None
-                    report(resumed)
+                    # The backlog's end is reached, and entries of it are gone (its last one
+                    # too, if it was not met): as for a loss found before replaying.
+                    cursor.jump_to_end(info)
+                    catch_up = catch_up_end = None
+                    report(False)
         finally:
             await self._release_connection(conn)
 
