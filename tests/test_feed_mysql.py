@@ -299,3 +299,27 @@ async def test_settings_the_feed_cannot_work_with_are_clear_errors(my: My, uniqu
         await ChangeFeed(my.dsn, [f"{my.table}_nope:code"], url, name=my.name).start()
     with pytest.raises(FeedError, match="no column"):
         await ChangeFeed(my.dsn, [f"{my.table}:code:version=rev"], url, name=my.name).start()
+
+
+@pytest.mark.timeout(20)
+async def test_a_position_of_another_server_without_a_gtid_is_a_clear_error(
+    my: My, unique: str
+) -> None:
+    # Its file and offset mean nothing here (the file may even exist, at another offset):
+    # resuming there would skip changes silently.
+    url = f"memory://{unique}"
+    async with _feed(my, url):
+        pass
+    my.sql(
+        "UPDATE cachesync_feed_position SET gtid = NULL, server_id = server_id + 1000 "
+        "WHERE name = %s",
+        my.name,
+    )
+    with pytest.raises(FeedError, match="saved on the server with server_id"):
+        await _feed(my, url).start()
+    # A row from before server ids were kept (NULL) is this server's: it resumes.
+    my.sql("UPDATE cachesync_feed_position SET server_id = NULL WHERE name = %s", my.name)
+    async with Collector(url) as collector, _feed(my, url):
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        await collector.wait_changes(1)
+

@@ -288,6 +288,7 @@ class ChangeFeed(Service):
         try:
             await self.source.open()
         except FeedError:
+            await self.source.close()  # its connection may hold the feed's lock
             await self._stop_publisher()
             raise
         except self.source.errors as exc:

@@ -217,6 +217,14 @@ class MySQLSource(Source):
                 # reads the binlog file that holds it up to there.
                 self._by_gtid = True
                 return log_file, log_pos, gtid
+            if saved_by is not None and int(saved_by) != self._server:
+                # A file and offset of another server: resuming there would skip or garble
+                # changes without a word.
+                raise FeedError(
+                    f"the position of feed {self.name} ({log_file}:{log_pos}) was saved on "
+                    f"the server with server_id {saved_by}, this one has {self._server}, and "
+                    f"it has no GTID to resume from. {self._start_over}"
+                )
             logs = {row[0] for row in self._query("SHOW BINARY LOGS")}
             if log_file not in logs:
                 raise FeedError(
