@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -323,3 +324,35 @@ async def test_a_position_of_another_server_without_a_gtid_is_a_clear_error(
         my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
         await collector.wait_changes(1)
 
+
+@pytest.mark.timeout(20)
+async def test_a_reader_thread_that_outlived_its_close_feeds_nothing_to_the_next_one(
+    my: My, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() waits for the reader thread a bounded time; one stuck longer (a connect to a
+    # server gone silent) must not hand its stale rows or error to the reader after it.
+    from cachesync.owner.feeds import binlog, mysql
+
+    gate, done = threading.Event(), threading.Event()
+
+    class Stuck(binlog.Reader):
+        def run(self) -> None:
+            gate.wait(10)
+            self.send([("idle", ("stale-bin.000001", 4, None), 0.0)])
+            done.set()
+
+    source = mysql.MySQLSource(my.dsn, [Table(my.table, ("code",), ns="fx")], my.name)
+    monkeypatch.setattr(mysql, "_JOIN", 0.01)
+    monkeypatch.setattr(mysql, "Reader", Stuck)
+    await source.open()
+    await source.close()
+    monkeypatch.setattr(mysql, "Reader", binlog.Reader)
+    await source.open()
+    try:
+        gate.set()
+        assert await asyncio.to_thread(done.wait, 5)
+        batch = await source.read(10)
+        assert batch.position is None or batch.position[0] != "stale-bin.000001"
+    finally:
+        gate.set()
+        await source.close()

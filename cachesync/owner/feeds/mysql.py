@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -55,6 +55,7 @@ POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
 _QUEUE = 2_000  # transactions (or CHUNKs of a large one) read and not yet handed over
+_JOIN = 5.0  # seconds close() waits for the reader thread
 _MISSING_GTID = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: a position the server no longer has
 
 
@@ -125,10 +126,17 @@ class MySQLSource(Source):
         position = await asyncio.to_thread(self._setup)
         self._position = self._saved = position
         self._saved_at = time.monotonic()
-        self._stop = threading.Event()
-        self._queue = queue.Queue(_QUEUE)
+        # Each reader thread has its own stop and queue: one that outlived a close (blocked
+        # past _JOIN in a connect or a read) puts nothing into its successor's queue.
+        stop = self._stop = threading.Event()
+        items: queue.Queue[Any] = queue.Queue(_QUEUE)
+        self._queue = items
         self._ready = asyncio.Event()
         self._idle_reported = False
+
+        def send(item: Any) -> None:
+            self._put(items, stop, item)
+
         reader = Reader(
             settings=self.settings,
             server_id=self.server_id,
@@ -137,12 +145,12 @@ class MySQLSource(Source):
             tables=self._by_table,
             own=(self.database, POSITION_TABLE),
             heartbeat=_HEARTBEAT,
-            send=self._put,
-            stop=self._stop,
+            send=send,
+            stop=stop,
         )
         self._thread = threading.Thread(
             target=self._read_binlog,
-            args=(reader,),
+            args=(reader, send),
             name=f"cachesync-binlog-{self.name}",
             daemon=True,
         )
@@ -269,16 +277,16 @@ class MySQLSource(Source):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read_binlog(self, reader: Reader) -> None:
+    def _read_binlog(self, reader: Reader, send: Callable[[Any], None]) -> None:
         try:
             reader.run()
         except BaseException as exc:  # handed to the loop, which reconnects
-            self._put(self._error(exc))
+            send(self._error(exc))
 
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
+    def _put(self, items: queue.Queue[Any], stop: threading.Event, item: Any) -> None:
+        while not stop.is_set():
             try:
-                self._queue.put(item, timeout=0.2)
+                items.put(item, timeout=0.2)
             except queue.Full:
                 continue
             if self._waiting and not self._woken and self._loop is not None:
@@ -354,7 +362,7 @@ class MySQLSource(Source):
         thread, self._thread = self._thread, None
         if thread is not None:
             # The reader notices the stop at its next event or heartbeat.
-            await asyncio.to_thread(thread.join, 5.0)
+            await asyncio.to_thread(thread.join, _JOIN)
         position = self._position
         if self._ctl is not None and position is not None and position != self._saved:
             with contextlib.suppress(*self.errors):
