@@ -356,3 +356,29 @@ async def test_a_reader_thread_that_outlived_its_close_feeds_nothing_to_the_next
     finally:
         gate.set()
         await source.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_transaction_that_also_writes_the_position_table_is_published(
+    my: My, unique: str
+) -> None:
+    # Only transactions that write nothing but the position table are the feeds' own.
+    url = f"memory://{unique}"
+    feed = _feed(my, url)
+    async with Collector(url) as collector, feed:
+        await feed.wait_caught_up(5)
+        my.conn.begin()
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        my.sql(
+            "INSERT INTO cachesync_feed_position (name, log_file, log_pos) "
+            "VALUES (%s, 'x', 4)",
+            f"{my.name}_other",
+        )
+        my.conn.commit()
+        try:
+            # Nothing else is written: the change comes with its own commit, not the next one.
+            events = await collector.wait_changes(1, timeout=5)
+        finally:
+            my.sql("DELETE FROM cachesync_feed_position WHERE name = %s", f"{my.name}_other")
+        assert events[0].keys == ("USD",)
+        await eventually(lambda: feed.stats()["transactions"] >= 1, timeout=5)

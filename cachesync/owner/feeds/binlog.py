@@ -9,8 +9,8 @@ transaction's items (or every ``CHUNK`` rows of a large one) to ``send`` in one 
 - ``("idle", (file, pos, gtid), 0.0)``: the server has sent everything up to there.
 
 ``gtid`` is MariaDB's GTID position (``domain-server-seq`` per domain, comma-separated) after
-the commit, or None without GTIDs. Transactions that only write the feeds' position table are
-passed over: they are the feeds' own bookkeeping (on MariaDB they are in the binlog, so that
+the commit, or None without GTIDs. Transactions that write nothing but the feeds' position table
+are passed over: they are the feeds' own bookkeeping (on MariaDB they are in the binlog, so that
 the position replicates), and confirming them would only write it again.
 """
 
@@ -134,6 +134,7 @@ class Reader:
         pending: list[Any] = []
         gtid = ""  # the GTID of the transaction being read
         own_tx = False  # it wrote the position table
+        tracked = False  # it wrote a row of the tables the feed reads
         moved = False  # a transaction not confirmed yet has ended since the last position
         last: tuple[str, int] = (self.position[0], self.position[1])
         while not stop.is_set():
@@ -142,7 +143,7 @@ class Reader:
                 continue
             if isinstance(event, MariadbGtidEvent):
                 gtid = event.gtid
-                own_tx = False
+                own_tx = tracked = False
                 continue
             if isinstance(event, HeartbeatLogEvent):
                 # The server beats only when it has sent everything: its position is a commit
@@ -157,9 +158,10 @@ class Reader:
                 continue
             ts = float(event.timestamp)
             if isinstance(event, XidEvent):
-                if own_tx:
+                if own_tx and not tracked:
                     own_tx = False
                     continue  # the feeds' own bookkeeping: nothing to publish or confirm
+                own_tx = tracked = False
                 self._advance(gtid)
                 last = (stream.log_file, stream.log_pos)
                 moved = False
@@ -198,6 +200,7 @@ class Reader:
             table = tables.get(key)
             if table is None:
                 continue
+            tracked = True
             if isinstance(event, UpdateRowsEvent):
                 for row in event.rows:
                     new, old = _row(row["after_values"]), _row(row["before_values"])
