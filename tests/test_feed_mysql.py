@@ -370,8 +370,7 @@ async def test_a_transaction_that_also_writes_the_position_table_is_published(
         my.conn.begin()
         my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
         my.sql(
-            "INSERT INTO cachesync_feed_position (name, log_file, log_pos) "
-            "VALUES (%s, 'x', 4)",
+            "INSERT INTO cachesync_feed_position (name, log_file, log_pos) VALUES (%s, 'x', 4)",
             f"{my.name}_other",
         )
         my.conn.commit()
