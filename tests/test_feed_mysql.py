@@ -381,3 +381,32 @@ async def test_a_transaction_that_also_writes_the_position_table_is_published(
             my.sql("DELETE FROM cachesync_feed_position WHERE name = %s", f"{my.name}_other")
         assert events[0].keys == ("USD",)
         await eventually(lambda: feed.stats()["transactions"] >= 1, timeout=5)
+
+
+@pytest.mark.timeout(30)
+async def test_a_value_too_large_for_an_event_is_sent_as_an_invalidation(
+    my: My, unique: str
+) -> None:
+    # An event over the consumers' max_event_bytes is dropped by them: its cache entry would
+    # stay stale. The feed sends such a row without its value, so consumers fetch it.
+    url = f"memory://{unique}"
+    my.sql(f"ALTER TABLE {my.table} ADD COLUMN body LONGTEXT")
+    my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1, 'small')")
+    fetches = 0
+
+    async def fetch(code: str) -> Any:
+        nonlocal fetches
+        fetches += 1
+        rows = my.sql(f"SELECT version, LENGTH(body) FROM {my.table} WHERE code = %s", code)
+        return {"version": rows[0][0], "size": rows[0][1]}
+
+    sync = CacheSync(url)
+    get = sync.cached("fx", ttl=3600, mode="refresh")(fetch)
+    feed = _feed(my, url)
+    async with sync, feed:
+        assert (await get("USD"))["version"] == 1
+        my.sql(f"UPDATE {my.table} SET body = %s, version = 2", "x" * (2 << 20))
+        await eventually(lambda: sync.stats()["namespaces"]["fx"]["invalidations"] >= 1, timeout=10)
+        assert await get("USD") == {"version": 2, "size": 2 << 20}
+        assert fetches == 2
+        assert feed.stats()["oversized_values"] == 1
