@@ -410,3 +410,44 @@ async def test_a_value_too_large_for_an_event_is_sent_as_an_invalidation(
         assert await get("USD") == {"version": 2, "size": 2 << 20}
         assert fetches == 2
         assert feed.stats()["oversized_values"] == 1
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_binlog_connection_resumes_from_the_confirmed_position(
+    my: My, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mysql-replication reconnects by itself; started by GTID it would send everything since
+    # that GTID again, older values after newer ones. The feed resumes where it confirmed.
+    from cachesync.owner.feeds import binlog
+
+    streams: list[Any] = []
+    connect = binlog._connect
+
+    def spy(**settings: Any) -> Any:
+        conn = connect(**settings)
+        if "cursorclass" not in settings:
+            streams.append(conn)
+        return conn
+
+    monkeypatch.setattr(binlog, "_connect", spy)
+    url = f"memory://{unique}"
+    async with _feed(my, url):
+        pass
+    for version in range(1, 11):
+        my.sql(f"INSERT INTO {my.table} VALUES (%s, 1, %s)", f"B{version}", version)
+    my.sql(  # saved on another server: this start reads by GTID
+        "UPDATE cachesync_feed_position SET log_file = 'elsewhere-bin.000001', log_pos = 4, "
+        "server_id = server_id + 1000 WHERE name = %s",
+        my.name,
+    )
+    async with Collector(url) as collector:
+        feed = _feed(my, url)
+        async with feed:
+            await collector.wait_changes(10)
+            await feed.wait_caught_up(10)
+            my.sql("KILL %s", streams[-1].thread_id())
+            my.sql(f"INSERT INTO {my.table} VALUES ('C1', 1, 1)")
+            events = await collector.wait_changes(11)
+            await feed.wait_caught_up(10)
+        keys = [e.keys[0] for e in events]
+        assert keys == [f"B{v}" for v in range(1, 11)] + ["C1"]

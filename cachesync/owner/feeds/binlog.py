@@ -80,6 +80,7 @@ class Reader:
         self.heartbeat = heartbeat
         self.send = send
         self.stop = stop
+        self._streams = 0
         # The GTID position, one entry per replication domain.
         self.gtids = {
             part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
@@ -113,10 +114,21 @@ class Reader:
             # table a new one), so its table map is decoded once, not before every row event.
             freeze_schema=True,
             slave_heartbeat=self.heartbeat,
-            pymysql_wrapper=_connect,
+            pymysql_wrapper=self._connect,
             enable_logging=False,
             **options,
         )
+
+    def _connect(self, **settings: Any) -> Any:
+        # mysql-replication reconnects a lost stream by itself, from where its last event
+        # ended (mid-transaction) or, by GTID, from where it started: the feed's transaction
+        # state and position would no longer match what the server sends. The second stream
+        # connection fails instead, and the feed resumes from its confirmed position.
+        if "cursorclass" not in settings:  # not the library's schema connection
+            if self._streams:
+                raise ConnectionError("the binlog connection was lost")
+            self._streams += 1
+        return _connect(**settings)
 
     def run(self) -> None:
         """Read until ``stop`` is set; errors propagate."""
