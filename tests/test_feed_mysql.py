@@ -451,3 +451,19 @@ async def test_a_lost_binlog_connection_resumes_from_the_confirmed_position(
             await feed.wait_caught_up(10)
         keys = [e.keys[0] for e in events]
         assert keys == [f"B{v}" for v in range(1, 11)] + ["C1"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_truncate_with_comments_flushes(my: My, unique: str) -> None:
+    # Comments are logged with the statement: an ORM's or a proxy's tag must not hide it.
+    url = f"memory://{unique}"
+    async with Collector(url) as collector, _feed(my, url):
+        my.sql(f"/* app=billing */ TRUNCATE /* why */ TABLE {my.table} -- done")
+        my.sql(f"TRUNCATE /*!40000 TABLE */ {my.table}")
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        events = await collector.wait_changes(3)
+    assert [(e.op, e.keys) for e in events] == [
+        (Op.FLUSH, ()),
+        (Op.FLUSH, ()),
+        (Op.UPSERT, ("USD",)),
+    ]

@@ -36,6 +36,9 @@ _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,
 )
+# Comments are logged with the statement (an ORM's or a proxy's tag before it, say); the
+# server runs what is inside /*! ... */ and /*M! ... */.
+_COMMENT = re.compile(r"/\*(M?!\d*)?(.*?)\*/|--[ \t][^\n]*|#[^\n]*", re.DOTALL)
 # Statements logged inside a transaction: the position after them is not a commit boundary.
 _IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
 
@@ -189,7 +192,7 @@ class Reader:
                     # at the next heartbeat).
                     moved = moved or not own_tx
                     continue
-                match = _TRUNCATE.match(query)
+                match = _TRUNCATE.match(_COMMENT.sub(_uncomment, query))
                 if match is not None:
                     schema = match.group(1) or (
                         event.schema.decode() if isinstance(event.schema, bytes) else event.schema
@@ -233,6 +236,10 @@ class Reader:
         if not self.gtids:
             return None
         return ",".join(self.gtids[domain] for domain in sorted(self.gtids, key=int))
+
+
+def _uncomment(match: re.Match[str]) -> str:
+    return f" {match.group(2)} " if match.group(1) is not None else " "
 
 
 def _connect(**settings: Any) -> Any:
