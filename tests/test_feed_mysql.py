@@ -467,3 +467,53 @@ async def test_a_truncate_with_comments_flushes(my: My, unique: str) -> None:
         (Op.FLUSH, ()),
         (Op.UPSERT, ("USD",)),
     ]
+
+
+@pytest.mark.timeout(30)
+async def test_a_position_table_from_before_gtids_is_migrated(my: My, unique: str) -> None:
+    # Its own database: the position table there has only the file and offset columns; two
+    # feeds of other names start on it at once.
+    database = f"hcdc_{unique}"
+    my.sql(f"CREATE DATABASE {database}")
+    try:
+        dsn = f"{my.dsn.rsplit('/', 1)[0]}/{database}"
+        db = My(dsn, f"{database}.t", my.name, my.conn)
+        db.sql(f"CREATE TABLE {db.table} (code VARCHAR(8) PRIMARY KEY, version INT NOT NULL)")
+        db.sql(
+            f"CREATE TABLE {database}.cachesync_feed_position (name VARCHAR(64) PRIMARY KEY, "
+            "log_file VARCHAR(255) NOT NULL, log_pos BIGINT NOT NULL, "
+            "updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+        )
+        log_file, log_pos = db.sql("SHOW MASTER STATUS")[0][:2]
+        names = [f"{my.name}_a", f"{my.name}_b"]
+        for name in names:
+            db.sql(
+                f"INSERT INTO {database}.cachesync_feed_position (name, log_file, log_pos) "
+                "VALUES (%s, %s, %s)",
+                name,
+                log_file,
+                log_pos,
+            )
+        db.sql(f"INSERT INTO {db.table} VALUES ('USD', 1)")  # while no feed ran
+        url = f"memory://{unique}"
+        feeds = [
+            ChangeFeed(dsn, [Table("t", ("code",), ns=name)], url, name=name) for name in names
+        ]
+        async with Collector(url) as collector:
+            await asyncio.gather(*(feed.start() for feed in feeds))
+            try:
+                events = await collector.wait_changes(2)
+                assert sorted((e.ns, e.keys) for e in events) == [(n, ("USD",)) for n in names]
+                await asyncio.gather(*(feed.wait_caught_up(10) for feed in feeds))
+                # Neither took the other's migration for an unreachable database.
+                assert [feed.stats()["last_error"] for feed in feeds] == [None, None]
+            finally:
+                await asyncio.gather(*(feed.stop() for feed in feeds))
+        rows = db.sql(
+            f"SELECT name, gtid, server_id FROM {database}.cachesync_feed_position ORDER BY name"
+        )
+        server = db.sql("SELECT @@server_id")[0][0]
+        assert [(name, saved) for name, _, saved in rows] == [(n, server) for n in names]
+        assert all(gtid for _, gtid, _ in rows)
+    finally:
+        my.sql(f"DROP DATABASE IF EXISTS {database}")

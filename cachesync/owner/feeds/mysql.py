@@ -56,6 +56,7 @@ _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
 _QUEUE = 2_000  # transactions (or CHUNKs of a large one) read and not yet handed over
 _JOIN = 5.0  # seconds close() waits for the reader thread
+_DUPLICATE_COLUMN = 1060  # ER_DUP_FIELDNAME
 _MISSING_GTID = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: a position the server no longer has
 
 
@@ -206,7 +207,11 @@ class MySQLSource(Source):
         }
         for column, definition in (("gtid", "TEXT NULL"), ("server_id", "BIGINT NULL")):
             if column not in have:  # a table from before GTID positions
-                self._query(f"ALTER TABLE {POSITION_TABLE} ADD COLUMN {column} {definition}")
+                try:
+                    self._query(f"ALTER TABLE {POSITION_TABLE} ADD COLUMN {column} {definition}")
+                except pymysql.err.MySQLError as exc:
+                    if exc.args[:1] != (_DUPLICATE_COLUMN,):
+                        raise  # else: a feed of another name added it meanwhile
         if not self._mariadb:
             # A file and offset mean nothing on another server: keep the row out of the log.
             with contextlib.suppress(pymysql.err.MySQLError):  # needs a privilege
