@@ -517,3 +517,66 @@ async def test_a_position_table_from_before_gtids_is_migrated(my: My, unique: st
         assert all(gtid for _, gtid, _ in rows)
     finally:
         my.sql(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.timeout(45)
+async def test_a_feed_killed_inside_large_transactions_loses_nothing(
+    my: My, redis_url: str, unique: str
+) -> None:
+    # Transactions of 250 rows reach the publisher in pieces: a kill between two pieces must
+    # leave the position before the transaction, so a restart sends it whole again.
+    args = [
+        my.dsn,
+        "--table",
+        f"{my.table}:code:version=version:value=*:ns=fx",
+        "--to",
+        redis_url,
+        "--channel",
+        unique,
+        "--name",
+        my.name,
+    ]
+    keys = [f"K{i}" for i in range(300)]
+    committed: dict[str, list[int]] = {key: [] for key in keys}
+    writer = _connect(my.dsn)
+    feed = FeedProcess(args)
+
+    def write(first: int, last: int) -> None:
+        with writer.cursor() as cur:
+            for start in range(first, last, 250):
+                writer.begin()
+                for version in range(start, start + 250):
+                    cur.execute(
+                        f"INSERT INTO {my.table} (code, version) VALUES (%s, %s) "
+                        "ON DUPLICATE KEY UPDATE version = VALUES(version)",
+                        (keys[version % len(keys)], version),
+                    )
+                writer.commit()
+                for version in range(start, start + 250):
+                    committed[keys[version % len(keys)]].append(version)
+
+    try:
+        async with Collector(redis_url, unique) as collector:
+            await feed.start()
+            writing = asyncio.create_task(asyncio.to_thread(write, 1, 2501))
+            await collector.wait_for(lambda: len(collector.changes) >= 420, timeout=20)
+            feed.kill()  # most likely inside a transaction: 420 is no multiple of 250
+            await feed.proc.wait()  # type: ignore[union-attr]
+            await writing
+            await feed.start()
+            await asyncio.to_thread(write, 2501, 3001)
+            last = {key: versions[-1] for key, versions in committed.items()}
+
+            def caught_up() -> bool:
+                newest: dict[str, int] = {}
+                for event in collector.changes:
+                    if event.version is not None:
+                        newest[event.keys[0]] = max(newest.get(event.keys[0], 0), event.version)
+                return newest == last
+
+            await collector.wait_for(caught_up, timeout=20)
+            assert_none_lost(collector.changes, committed, "fx")
+            assert await feed.stop() == 0
+    finally:
+        await feed.reap()
+        writer.close()
