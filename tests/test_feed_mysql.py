@@ -580,3 +580,41 @@ async def test_a_feed_killed_inside_large_transactions_loses_nothing(
     finally:
         await feed.reap()
         writer.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_save_cancelled_by_stop_is_done_before_close_uses_the_connection(
+    my: My, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stop() cancels the feed's task while a worker thread saves the position: close() must
+    # not send its own statement on the same connection meanwhile.
+    from cachesync.owner.feeds import mysql
+
+    source = mysql.MySQLSource(my.dsn, [Table(my.table, ("code",), ns="fx")], my.name)
+    await source.open()
+    save = source._save
+    inside, overlaps = 0, 0
+    started = threading.Event()
+
+    def slow_save(position: Any) -> None:
+        nonlocal inside, overlaps
+        inside += 1
+        overlaps += inside > 1
+        started.set()
+        try:
+            threading.Event().wait(0.3)
+            save(position)
+        finally:
+            inside -= 1
+
+    monkeypatch.setattr(source, "_save", slow_save)
+    monkeypatch.setattr(mysql, "SAVE_INTERVAL", 0.0)
+    position = source.describe()["position"].split(":")
+    confirming = asyncio.create_task(source.confirm((position[0], int(position[1]) + 1, None)))
+    assert await asyncio.to_thread(started.wait, 5)
+    confirming.cancel()
+    source._position = (position[0], int(position[1]) + 2, None)  # close() has one to save
+    await source.close()
+    with pytest.raises(asyncio.CancelledError):
+        await confirming
+    assert overlaps == 0

@@ -35,7 +35,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .base import Batch, FeedError, RowChange, Source, Table
@@ -50,6 +50,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 __all__ = ["MySQLSource"]
+
+_T = TypeVar("_T")
 
 POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
@@ -117,9 +119,19 @@ class MySQLSource(Source):
             return list(cur.fetchall())
 
     async def _ask(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        # One connection, used from worker threads (confirm, lag): one statement at a time.
+        return await self._locked(self._query, sql, args)
+
+    async def _locked(self, work: Callable[..., _T], *args: Any) -> _T:
+        # One connection, used from worker threads (confirm, lag, close): one statement at a
+        # time. A cancelled caller (the feed stopping) holds the lock until its thread is done
+        # with the connection, or close() would write to it at the same time.
         async with self._ctl_lock:
-            return await asyncio.to_thread(self._query, sql, args)
+            done = asyncio.ensure_future(asyncio.to_thread(work, *args))
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                await asyncio.wait([done])
+                raise
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -358,8 +370,7 @@ class MySQLSource(Source):
         now = time.monotonic()
         if now - self._saved_at >= SAVE_INTERVAL:
             self._saved_at = now
-            async with self._ctl_lock:
-                await asyncio.to_thread(self._save, position)
+            await self._locked(self._save, position)
             self._saved = position
 
     async def close(self) -> None:
@@ -371,8 +382,7 @@ class MySQLSource(Source):
         position = self._position
         if self._ctl is not None and position is not None and position != self._saved:
             with contextlib.suppress(*self.errors):
-                async with self._ctl_lock:
-                    await asyncio.to_thread(self._save, position)
+                await self._locked(self._save, position)
                 self._saved = position
         ctl, self._ctl = self._ctl, None
         if ctl is not None:
