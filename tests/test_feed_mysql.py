@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -299,3 +300,321 @@ async def test_settings_the_feed_cannot_work_with_are_clear_errors(my: My, uniqu
         await ChangeFeed(my.dsn, [f"{my.table}_nope:code"], url, name=my.name).start()
     with pytest.raises(FeedError, match="no column"):
         await ChangeFeed(my.dsn, [f"{my.table}:code:version=rev"], url, name=my.name).start()
+
+
+@pytest.mark.timeout(20)
+async def test_a_position_of_another_server_without_a_gtid_is_a_clear_error(
+    my: My, unique: str
+) -> None:
+    # Its file and offset mean nothing here (the file may even exist, at another offset):
+    # resuming there would skip changes silently.
+    url = f"memory://{unique}"
+    async with _feed(my, url):
+        pass
+    my.sql(
+        "UPDATE cachesync_feed_position SET gtid = NULL, server_id = server_id + 1000 "
+        "WHERE name = %s",
+        my.name,
+    )
+    with pytest.raises(FeedError, match="saved on the server with server_id"):
+        await _feed(my, url).start()
+    # A row from before server ids were kept (NULL) is this server's: it resumes.
+    my.sql("UPDATE cachesync_feed_position SET server_id = NULL WHERE name = %s", my.name)
+    async with Collector(url) as collector, _feed(my, url):
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        await collector.wait_changes(1)
+
+
+@pytest.mark.timeout(20)
+async def test_a_reader_thread_that_outlived_its_close_feeds_nothing_to_the_next_one(
+    my: My, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() waits for the reader thread a bounded time; one stuck longer (a connect to a
+    # server gone silent) must not hand its stale rows or error to the reader after it.
+    from cachesync.owner.feeds import binlog, mysql
+
+    gate, done = threading.Event(), threading.Event()
+
+    class Stuck(binlog.Reader):
+        def run(self) -> None:
+            gate.wait(10)
+            self.send([("idle", ("stale-bin.000001", 4, None), 0.0)])
+            done.set()
+
+    source = mysql.MySQLSource(my.dsn, [Table(my.table, ("code",), ns="fx")], my.name)
+    monkeypatch.setattr(mysql, "_JOIN", 0.01)
+    monkeypatch.setattr(mysql, "Reader", Stuck)
+    await source.open()
+    await source.close()
+    monkeypatch.setattr(mysql, "Reader", binlog.Reader)
+    await source.open()
+    try:
+        gate.set()
+        assert await asyncio.to_thread(done.wait, 5)
+        batch = await source.read(10)
+        assert batch.position is None or batch.position[0] != "stale-bin.000001"
+    finally:
+        gate.set()
+        await source.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_transaction_that_also_writes_the_position_table_is_published(
+    my: My, unique: str
+) -> None:
+    # Only transactions that write nothing but the position table are the feeds' own.
+    url = f"memory://{unique}"
+    feed = _feed(my, url)
+    async with Collector(url) as collector, feed:
+        await feed.wait_caught_up(5)
+        my.conn.begin()
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        my.sql(
+            "INSERT INTO cachesync_feed_position (name, log_file, log_pos) VALUES (%s, 'x', 4)",
+            f"{my.name}_other",
+        )
+        my.conn.commit()
+        try:
+            # Nothing else is written: the change comes with its own commit, not the next one.
+            events = await collector.wait_changes(1, timeout=5)
+        finally:
+            my.sql("DELETE FROM cachesync_feed_position WHERE name = %s", f"{my.name}_other")
+        assert events[0].keys == ("USD",)
+        await eventually(lambda: feed.stats()["transactions"] >= 1, timeout=5)
+
+
+@pytest.mark.timeout(30)
+async def test_a_value_too_large_for_an_event_is_sent_as_an_invalidation(
+    my: My, unique: str
+) -> None:
+    # An event over the consumers' max_event_bytes is dropped by them: its cache entry would
+    # stay stale. The feed sends such a row without its value, so consumers fetch it.
+    url = f"memory://{unique}"
+    my.sql(f"ALTER TABLE {my.table} ADD COLUMN body LONGTEXT")
+    my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1, 'small')")
+    fetches = 0
+
+    async def fetch(code: str) -> Any:
+        nonlocal fetches
+        fetches += 1
+        rows = my.sql(f"SELECT version, LENGTH(body) FROM {my.table} WHERE code = %s", code)
+        return {"version": rows[0][0], "size": rows[0][1]}
+
+    sync = CacheSync(url)
+    get = sync.cached("fx", ttl=3600, mode="refresh")(fetch)
+    feed = _feed(my, url)
+    async with sync, feed:
+        assert (await get("USD"))["version"] == 1
+        my.sql(f"UPDATE {my.table} SET body = %s, version = 2", "x" * (2 << 20))
+        await eventually(lambda: sync.stats()["namespaces"]["fx"]["invalidations"] >= 1, timeout=10)
+        assert await get("USD") == {"version": 2, "size": 2 << 20}
+        assert fetches == 2
+        assert feed.stats()["oversized_values"] == 1
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_binlog_connection_resumes_from_the_confirmed_position(
+    my: My, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mysql-replication reconnects by itself; started by GTID it would send everything since
+    # that GTID again, older values after newer ones. The feed resumes where it confirmed.
+    from cachesync.owner.feeds import binlog
+
+    streams: list[Any] = []
+    connect = binlog._connect
+
+    def spy(**settings: Any) -> Any:
+        conn = connect(**settings)
+        if "cursorclass" not in settings:
+            streams.append(conn)
+        return conn
+
+    monkeypatch.setattr(binlog, "_connect", spy)
+    url = f"memory://{unique}"
+    async with _feed(my, url):
+        pass
+    for version in range(1, 11):
+        my.sql(f"INSERT INTO {my.table} VALUES (%s, 1, %s)", f"B{version}", version)
+    my.sql(  # saved on another server: this start reads by GTID
+        "UPDATE cachesync_feed_position SET log_file = 'elsewhere-bin.000001', log_pos = 4, "
+        "server_id = server_id + 1000 WHERE name = %s",
+        my.name,
+    )
+    async with Collector(url) as collector:
+        feed = _feed(my, url)
+        async with feed:
+            await collector.wait_changes(10)
+            await feed.wait_caught_up(10)
+            my.sql("KILL %s", streams[-1].thread_id())
+            my.sql(f"INSERT INTO {my.table} VALUES ('C1', 1, 1)")
+            events = await collector.wait_changes(11)
+            await feed.wait_caught_up(10)
+        keys = [e.keys[0] for e in events]
+        assert keys == [f"B{v}" for v in range(1, 11)] + ["C1"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_truncate_with_comments_flushes(my: My, unique: str) -> None:
+    # Comments are logged with the statement: an ORM's or a proxy's tag must not hide it.
+    url = f"memory://{unique}"
+    async with Collector(url) as collector, _feed(my, url):
+        my.sql(f"/* app=billing */ TRUNCATE /* why */ TABLE {my.table} -- done")
+        my.sql(f"TRUNCATE /*!40000 TABLE */ {my.table}")
+        my.sql(f"INSERT INTO {my.table} VALUES ('USD', 1, 1)")
+        events = await collector.wait_changes(3)
+    assert [(e.op, e.keys) for e in events] == [
+        (Op.FLUSH, ()),
+        (Op.FLUSH, ()),
+        (Op.UPSERT, ("USD",)),
+    ]
+
+
+@pytest.mark.timeout(30)
+async def test_a_position_table_from_before_gtids_is_migrated(my: My, unique: str) -> None:
+    # Its own database: the position table there has only the file and offset columns; two
+    # feeds of other names start on it at once.
+    database = f"hcdc_{unique}"
+    my.sql(f"CREATE DATABASE {database}")
+    try:
+        dsn = f"{my.dsn.rsplit('/', 1)[0]}/{database}"
+        db = My(dsn, f"{database}.t", my.name, my.conn)
+        db.sql(f"CREATE TABLE {db.table} (code VARCHAR(8) PRIMARY KEY, version INT NOT NULL)")
+        db.sql(
+            f"CREATE TABLE {database}.cachesync_feed_position (name VARCHAR(64) PRIMARY KEY, "
+            "log_file VARCHAR(255) NOT NULL, log_pos BIGINT NOT NULL, "
+            "updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+        )
+        log_file, log_pos = db.sql("SHOW MASTER STATUS")[0][:2]
+        names = [f"{my.name}_a", f"{my.name}_b"]
+        for name in names:
+            db.sql(
+                f"INSERT INTO {database}.cachesync_feed_position (name, log_file, log_pos) "
+                "VALUES (%s, %s, %s)",
+                name,
+                log_file,
+                log_pos,
+            )
+        db.sql(f"INSERT INTO {db.table} VALUES ('USD', 1)")  # while no feed ran
+        url = f"memory://{unique}"
+        feeds = [
+            ChangeFeed(dsn, [Table("t", ("code",), ns=name)], url, name=name) for name in names
+        ]
+        async with Collector(url) as collector:
+            await asyncio.gather(*(feed.start() for feed in feeds))
+            try:
+                events = await collector.wait_changes(2)
+                assert sorted((e.ns, e.keys) for e in events) == [(n, ("USD",)) for n in names]
+                await asyncio.gather(*(feed.wait_caught_up(10) for feed in feeds))
+                # Neither took the other's migration for an unreachable database.
+                assert [feed.stats()["last_error"] for feed in feeds] == [None, None]
+            finally:
+                await asyncio.gather(*(feed.stop() for feed in feeds))
+        rows = db.sql(
+            f"SELECT name, gtid, server_id FROM {database}.cachesync_feed_position ORDER BY name"
+        )
+        server = db.sql("SELECT @@server_id")[0][0]
+        assert [(name, saved) for name, _, saved in rows] == [(n, server) for n in names]
+        assert all(gtid for _, gtid, _ in rows)
+    finally:
+        my.sql(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.timeout(45)
+async def test_a_feed_killed_inside_large_transactions_loses_nothing(
+    my: My, redis_url: str, unique: str
+) -> None:
+    # Transactions of 250 rows reach the publisher in pieces: a kill between two pieces must
+    # leave the position before the transaction, so a restart sends it whole again.
+    args = [
+        my.dsn,
+        "--table",
+        f"{my.table}:code:version=version:value=*:ns=fx",
+        "--to",
+        redis_url,
+        "--channel",
+        unique,
+        "--name",
+        my.name,
+    ]
+    keys = [f"K{i}" for i in range(300)]
+    committed: dict[str, list[int]] = {key: [] for key in keys}
+    writer = _connect(my.dsn)
+    feed = FeedProcess(args)
+
+    def write(first: int, last: int) -> None:
+        with writer.cursor() as cur:
+            for start in range(first, last, 250):
+                writer.begin()
+                for version in range(start, start + 250):
+                    cur.execute(
+                        f"INSERT INTO {my.table} (code, version) VALUES (%s, %s) "
+                        "ON DUPLICATE KEY UPDATE version = VALUES(version)",
+                        (keys[version % len(keys)], version),
+                    )
+                writer.commit()
+                for version in range(start, start + 250):
+                    committed[keys[version % len(keys)]].append(version)
+
+    try:
+        async with Collector(redis_url, unique) as collector:
+            await feed.start()
+            writing = asyncio.create_task(asyncio.to_thread(write, 1, 2501))
+            await collector.wait_for(lambda: len(collector.changes) >= 420, timeout=20)
+            feed.kill()  # most likely inside a transaction: 420 is no multiple of 250
+            await feed.proc.wait()  # type: ignore[union-attr]
+            await writing
+            await feed.start()
+            await asyncio.to_thread(write, 2501, 3001)
+            last = {key: versions[-1] for key, versions in committed.items()}
+
+            def caught_up() -> bool:
+                newest: dict[str, int] = {}
+                for event in collector.changes:
+                    if event.version is not None:
+                        newest[event.keys[0]] = max(newest.get(event.keys[0], 0), event.version)
+                return newest == last
+
+            await collector.wait_for(caught_up, timeout=20)
+            assert_none_lost(collector.changes, committed, "fx")
+            assert await feed.stop() == 0
+    finally:
+        await feed.reap()
+        writer.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_save_cancelled_by_stop_is_done_before_close_uses_the_connection(
+    my: My, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stop() cancels the feed's task while a worker thread saves the position: close() must
+    # not send its own statement on the same connection meanwhile.
+    from cachesync.owner.feeds import mysql
+
+    source = mysql.MySQLSource(my.dsn, [Table(my.table, ("code",), ns="fx")], my.name)
+    await source.open()
+    save = source._save
+    inside, overlaps = 0, 0
+    started = threading.Event()
+
+    def slow_save(position: Any) -> None:
+        nonlocal inside, overlaps
+        inside += 1
+        overlaps += inside > 1
+        started.set()
+        try:
+            threading.Event().wait(0.3)
+            save(position)
+        finally:
+            inside -= 1
+
+    monkeypatch.setattr(source, "_save", slow_save)
+    monkeypatch.setattr(mysql, "SAVE_INTERVAL", 0.0)
+    position = source.describe()["position"].split(":")
+    confirming = asyncio.create_task(source.confirm((position[0], int(position[1]) + 1, None)))
+    assert await asyncio.to_thread(started.wait, 5)
+    confirming.cancel()
+    source._position = (position[0], int(position[1]) + 2, None)  # close() has one to save
+    await source.close()
+    with pytest.raises(asyncio.CancelledError):
+        await confirming
+    assert overlaps == 0

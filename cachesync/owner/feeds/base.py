@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 
 from ...backoff import Backoff
 from ...errors import CacheSyncError, ConfigError, StateError, TransportError
-from ...events import DEFAULT_CHANNEL, Op
+from ...events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, Op
 from ...lifecycle import Service
 from ...publisher import Change, Publisher
 from ...transports.base import redact_url
@@ -267,6 +268,7 @@ class ChangeFeed(Service):
             "deletes": 0,
             "flushes": 0,
             "schema_errors": 0,
+            "oversized_values": 0,
             "reconnects": 0,
             "confirmed_at": None,
             "lag_bytes": None,
@@ -288,6 +290,7 @@ class ChangeFeed(Service):
         try:
             await self.source.open()
         except FeedError:
+            await self.source.close()  # its connection may hold the feed's lock
             await self._stop_publisher()
             raise
         except self.source.errors as exc:
@@ -514,10 +517,32 @@ class ChangeFeed(Service):
             if not _is_plain(item):  # a value the log did not carry: invalidate instead
                 return None
             value[column] = item
+        if _too_large(value):
+            # Consumers drop an event over their max_event_bytes: its cache entry would stay
+            # stale. Without the value they fetch it.
+            self._stats["oversized_values"] += 1
+            return None
         return value
 
 
 _MISSING: Any = object()
+
+
+MAX_VALUE_BYTES = MAX_EVENT_BYTES - 4096  # room for the event's other fields
+
+
+def _too_large(value: dict[str, Any]) -> bool:
+    # A JSON string takes at most 6 bytes per character (\\uXXXX): rows of short values are
+    # passed without encoding them.
+    bound = 0
+    for column, item in value.items():
+        if isinstance(item, list | dict):
+            bound = MAX_VALUE_BYTES + 1
+            break
+        bound += 6 * len(column) + (6 * len(item) if isinstance(item, str) else 32) + 8
+    if bound <= MAX_VALUE_BYTES:
+        return False
+    return len(json.dumps(value, separators=(",", ":")).encode()) > MAX_VALUE_BYTES
 
 
 def _is_plain(value: Any) -> bool:

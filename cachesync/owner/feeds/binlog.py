@@ -9,8 +9,8 @@ transaction's items (or every ``CHUNK`` rows of a large one) to ``send`` in one 
 - ``("idle", (file, pos, gtid), 0.0)``: the server has sent everything up to there.
 
 ``gtid`` is MariaDB's GTID position (``domain-server-seq`` per domain, comma-separated) after
-the commit, or None without GTIDs. Transactions that only write the feeds' position table are
-passed over: they are the feeds' own bookkeeping (on MariaDB they are in the binlog, so that
+the commit, or None without GTIDs. Transactions that write nothing but the feeds' position table
+are passed over: they are the feeds' own bookkeeping (on MariaDB they are in the binlog, so that
 the position replicates), and confirming them would only write it again.
 """
 
@@ -36,6 +36,9 @@ _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
     re.IGNORECASE,
 )
+# Comments are logged with the statement (an ORM's or a proxy's tag before it, say); the
+# server runs what is inside /*! ... */ and /*M! ... */.
+_COMMENT = re.compile(r"/\*(M?!\d*)?(.*?)\*/|--[ \t][^\n]*|#[^\n]*", re.DOTALL)
 # Statements logged inside a transaction: the position after them is not a commit boundary.
 _IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
 
@@ -80,6 +83,7 @@ class Reader:
         self.heartbeat = heartbeat
         self.send = send
         self.stop = stop
+        self._streams = 0
         # The GTID position, one entry per replication domain.
         self.gtids = {
             part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
@@ -113,10 +117,21 @@ class Reader:
             # table a new one), so its table map is decoded once, not before every row event.
             freeze_schema=True,
             slave_heartbeat=self.heartbeat,
-            pymysql_wrapper=_connect,
+            pymysql_wrapper=self._connect,
             enable_logging=False,
             **options,
         )
+
+    def _connect(self, **settings: Any) -> Any:
+        # mysql-replication reconnects a lost stream by itself, from where its last event
+        # ended (mid-transaction) or, by GTID, from where it started: the feed's transaction
+        # state and position would no longer match what the server sends. The second stream
+        # connection fails instead, and the feed resumes from its confirmed position.
+        if "cursorclass" not in settings:  # not the library's schema connection
+            if self._streams:
+                raise ConnectionError("the binlog connection was lost")
+            self._streams += 1
+        return _connect(**settings)
 
     def run(self) -> None:
         """Read until ``stop`` is set; errors propagate."""
@@ -134,6 +149,7 @@ class Reader:
         pending: list[Any] = []
         gtid = ""  # the GTID of the transaction being read
         own_tx = False  # it wrote the position table
+        tracked = False  # it wrote a row of the tables the feed reads
         moved = False  # a transaction not confirmed yet has ended since the last position
         last: tuple[str, int] = (self.position[0], self.position[1])
         while not stop.is_set():
@@ -142,7 +158,7 @@ class Reader:
                 continue
             if isinstance(event, MariadbGtidEvent):
                 gtid = event.gtid
-                own_tx = False
+                own_tx = tracked = False
                 continue
             if isinstance(event, HeartbeatLogEvent):
                 # The server beats only when it has sent everything: its position is a commit
@@ -157,9 +173,10 @@ class Reader:
                 continue
             ts = float(event.timestamp)
             if isinstance(event, XidEvent):
-                if own_tx:
+                if own_tx and not tracked:
                     own_tx = False
                     continue  # the feeds' own bookkeeping: nothing to publish or confirm
+                own_tx = tracked = False
                 self._advance(gtid)
                 last = (stream.log_file, stream.log_pos)
                 moved = False
@@ -175,7 +192,7 @@ class Reader:
                     # at the next heartbeat).
                     moved = moved or not own_tx
                     continue
-                match = _TRUNCATE.match(query)
+                match = _TRUNCATE.match(_COMMENT.sub(_uncomment, query))
                 if match is not None:
                     schema = match.group(1) or (
                         event.schema.decode() if isinstance(event.schema, bytes) else event.schema
@@ -198,6 +215,7 @@ class Reader:
             table = tables.get(key)
             if table is None:
                 continue
+            tracked = True
             if isinstance(event, UpdateRowsEvent):
                 for row in event.rows:
                     new, old = _row(row["after_values"]), _row(row["before_values"])
@@ -218,6 +236,10 @@ class Reader:
         if not self.gtids:
             return None
         return ",".join(self.gtids[domain] for domain in sorted(self.gtids, key=int))
+
+
+def _uncomment(match: re.Match[str]) -> str:
+    return f" {match.group(2)} " if match.group(1) is not None else " "
 
 
 def _connect(**settings: Any) -> Any:

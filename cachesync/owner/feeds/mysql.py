@@ -34,8 +34,8 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .base import Batch, FeedError, RowChange, Source, Table
@@ -51,10 +51,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["MySQLSource"]
 
+_T = TypeVar("_T")
+
 POSITION_TABLE = "cachesync_feed_position"
 _HEARTBEAT = 0.5
 SAVE_INTERVAL = 0.2
 _QUEUE = 2_000  # transactions (or CHUNKs of a large one) read and not yet handed over
+_JOIN = 5.0  # seconds close() waits for the reader thread
+_DUPLICATE_COLUMN = 1060  # ER_DUP_FIELDNAME
 _MISSING_GTID = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: a position the server no longer has
 
 
@@ -115,9 +119,19 @@ class MySQLSource(Source):
             return list(cur.fetchall())
 
     async def _ask(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        # One connection, used from worker threads (confirm, lag): one statement at a time.
+        return await self._locked(self._query, sql, args)
+
+    async def _locked(self, work: Callable[..., _T], *args: Any) -> _T:
+        # One connection, used from worker threads (confirm, lag, close): one statement at a
+        # time. A cancelled caller (the feed stopping) holds the lock until its thread is done
+        # with the connection, or close() would write to it at the same time.
         async with self._ctl_lock:
-            return await asyncio.to_thread(self._query, sql, args)
+            done = asyncio.ensure_future(asyncio.to_thread(work, *args))
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                await asyncio.wait([done])
+                raise
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -125,10 +139,17 @@ class MySQLSource(Source):
         position = await asyncio.to_thread(self._setup)
         self._position = self._saved = position
         self._saved_at = time.monotonic()
-        self._stop = threading.Event()
-        self._queue = queue.Queue(_QUEUE)
+        # Each reader thread has its own stop and queue: one that outlived a close (blocked
+        # past _JOIN in a connect or a read) puts nothing into its successor's queue.
+        stop = self._stop = threading.Event()
+        items: queue.Queue[Any] = queue.Queue(_QUEUE)
+        self._queue = items
         self._ready = asyncio.Event()
         self._idle_reported = False
+
+        def send(item: Any) -> None:
+            self._put(items, stop, item)
+
         reader = Reader(
             settings=self.settings,
             server_id=self.server_id,
@@ -137,12 +158,12 @@ class MySQLSource(Source):
             tables=self._by_table,
             own=(self.database, POSITION_TABLE),
             heartbeat=_HEARTBEAT,
-            send=self._put,
-            stop=self._stop,
+            send=send,
+            stop=stop,
         )
         self._thread = threading.Thread(
             target=self._read_binlog,
-            args=(reader,),
+            args=(reader, send),
             name=f"cachesync-binlog-{self.name}",
             daemon=True,
         )
@@ -198,7 +219,11 @@ class MySQLSource(Source):
         }
         for column, definition in (("gtid", "TEXT NULL"), ("server_id", "BIGINT NULL")):
             if column not in have:  # a table from before GTID positions
-                self._query(f"ALTER TABLE {POSITION_TABLE} ADD COLUMN {column} {definition}")
+                try:
+                    self._query(f"ALTER TABLE {POSITION_TABLE} ADD COLUMN {column} {definition}")
+                except pymysql.err.MySQLError as exc:
+                    if exc.args[:1] != (_DUPLICATE_COLUMN,):
+                        raise  # else: a feed of another name added it meanwhile
         if not self._mariadb:
             # A file and offset mean nothing on another server: keep the row out of the log.
             with contextlib.suppress(pymysql.err.MySQLError):  # needs a privilege
@@ -217,6 +242,14 @@ class MySQLSource(Source):
                 # reads the binlog file that holds it up to there.
                 self._by_gtid = True
                 return log_file, log_pos, gtid
+            if saved_by is not None and int(saved_by) != self._server:
+                # A file and offset of another server: resuming there would skip or garble
+                # changes without a word.
+                raise FeedError(
+                    f"the position of feed {self.name} ({log_file}:{log_pos}) was saved on "
+                    f"the server with server_id {saved_by}, this one has {self._server}, and "
+                    f"it has no GTID to resume from. {self._start_over}"
+                )
             logs = {row[0] for row in self._query("SHOW BINARY LOGS")}
             if log_file not in logs:
                 raise FeedError(
@@ -261,16 +294,16 @@ class MySQLSource(Source):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read_binlog(self, reader: Reader) -> None:
+    def _read_binlog(self, reader: Reader, send: Callable[[Any], None]) -> None:
         try:
             reader.run()
         except BaseException as exc:  # handed to the loop, which reconnects
-            self._put(self._error(exc))
+            send(self._error(exc))
 
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
+    def _put(self, items: queue.Queue[Any], stop: threading.Event, item: Any) -> None:
+        while not stop.is_set():
             try:
-                self._queue.put(item, timeout=0.2)
+                items.put(item, timeout=0.2)
             except queue.Full:
                 continue
             if self._waiting and not self._woken and self._loop is not None:
@@ -337,8 +370,7 @@ class MySQLSource(Source):
         now = time.monotonic()
         if now - self._saved_at >= SAVE_INTERVAL:
             self._saved_at = now
-            async with self._ctl_lock:
-                await asyncio.to_thread(self._save, position)
+            await self._locked(self._save, position)
             self._saved = position
 
     async def close(self) -> None:
@@ -346,12 +378,11 @@ class MySQLSource(Source):
         thread, self._thread = self._thread, None
         if thread is not None:
             # The reader notices the stop at its next event or heartbeat.
-            await asyncio.to_thread(thread.join, 5.0)
+            await asyncio.to_thread(thread.join, _JOIN)
         position = self._position
         if self._ctl is not None and position is not None and position != self._saved:
             with contextlib.suppress(*self.errors):
-                async with self._ctl_lock:
-                    await asyncio.to_thread(self._save, position)
+                await self._locked(self._save, position)
                 self._saved = position
         ctl, self._ctl = self._ctl, None
         if ctl is not None:
