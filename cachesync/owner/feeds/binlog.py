@@ -177,14 +177,7 @@ class Reader:
                     own_tx = False
                     continue  # the feeds' own bookkeeping: nothing to publish or confirm
                 own_tx = tracked = False
-                self._advance(gtid)
-                last = (stream.log_file, stream.log_pos)
-                moved = False
-                pending.append(("commit", (*last, self._gtid()), ts))
-                send(pending)
-                pending = []
-                continue
-            if isinstance(event, QueryEvent):
+            elif isinstance(event, QueryEvent):
                 query = event.query.strip() if isinstance(event.query, str) else ""
                 upper = query.upper()
                 if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
@@ -200,33 +193,35 @@ class Reader:
                     truncated = tables.get((schema, match.group(2)))
                     if truncated is not None:
                         pending.append(RowChange(truncated, "truncate", None, ts))
-                # DDL commits on its own: a position to confirm.
-                self._advance(gtid)
-                last = (stream.log_file, stream.log_pos)
-                moved = False
-                pending.append(("commit", (*last, self._gtid()), ts))
-                send(pending)
-                pending = []
-                continue
-            key = (event.schema, event.table)
-            if key == own:
-                own_tx = True
-                continue
-            table = tables.get(key)
-            if table is None:
-                continue
-            tracked = True
-            if isinstance(event, UpdateRowsEvent):
-                for row in event.rows:
-                    new, old = _row(row["after_values"]), _row(row["before_values"])
-                    pending.append(RowChange(table, "update", new, ts, old))
+                # DDL commits on its own: a position to confirm, as after a transaction.
             else:
-                kind: Kind = "insert" if isinstance(event, WriteRowsEvent) else "delete"
-                for row in event.rows:
-                    pending.append(RowChange(table, kind, _row(row["values"]), ts))
-            if len(pending) >= CHUNK:
-                send(pending)
-                pending = []
+                key = (event.schema, event.table)
+                if key == own:
+                    own_tx = True
+                    continue
+                table = tables.get(key)
+                if table is None:
+                    continue
+                tracked = True
+                if isinstance(event, UpdateRowsEvent):
+                    for row in event.rows:
+                        new, old = _row(row["after_values"]), _row(row["before_values"])
+                        pending.append(RowChange(table, "update", new, ts, old))
+                else:
+                    kind: Kind = "insert" if isinstance(event, WriteRowsEvent) else "delete"
+                    for row in event.rows:
+                        pending.append(RowChange(table, kind, _row(row["values"]), ts))
+                if len(pending) >= CHUNK:
+                    send(pending)
+                    pending = []
+                continue
+            # A commit boundary (a transaction's XID or a DDL statement): confirm its position.
+            self._advance(gtid)
+            last = (stream.log_file, stream.log_pos)
+            moved = False
+            pending.append(("commit", (*last, self._gtid()), ts))
+            send(pending)
+            pending = []
 
     def _advance(self, gtid: str) -> None:
         if gtid:
