@@ -223,8 +223,8 @@ class Publisher(Service):
             taken: dict[str, int] = {}
             events = []
             encoded: dict[int, bytes] = {}  # kept to send: an event is encoded once
-            for offset, change in enumerate(changes):
-                wire = self._transport.channel_for(self.channel, change.ns)
+            wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
+            for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
                 seq = taken.get(wire, self._last_seq(wire)) + 1
                 try:
                     event = self._event(seq, change)
@@ -241,8 +241,7 @@ class Publisher(Service):
                     self.seq = seq
                 else:
                     self._wire_seqs[wire] = seq
-            for change in changes:
-                wire = self._transport.channel_for(self.channel, change.ns)
+            for change, wire in zip(changes, wires, strict=True):
                 if wire != self.channel:
                     self._wire_ns.setdefault(wire, change.ns)
             await self._send(events, encoded=encoded)
