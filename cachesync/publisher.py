@@ -228,7 +228,7 @@ class Publisher(Service):
                 seq = taken.get(wire, self._last_seq(wire)) + 1
                 try:
                     event = self._event(seq, change)
-                    encoded[id(event)] = event.encode()
+                    encoded[id(event)] = self._payload(event)
                 except (ValueError, TypeError) as exc:
                     raise ValueError(
                         f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
@@ -294,6 +294,11 @@ class Publisher(Service):
             tags=tuple(change.tags) if change.tags else None,
         )
 
+    def _payload(self, event: ChangeEvent) -> bytes:
+        """The bytes sent for ``event``: signed when the publisher has a key."""
+        signer = self._signer
+        return (signer.sign(event) if signer is not None else event).encode()
+
     async def _send(
         self,
         events: Sequence[ChangeEvent],
@@ -329,13 +334,8 @@ class Publisher(Service):
         budget: float,
         encoded: Mapping[int, bytes] | None = None,
     ) -> None:
-        signer = self._signer
-        if signer is not None:
-            payloads = [signer.sign(e).encode() for e in events]
-        elif encoded:
-            payloads = [encoded.get(id(e)) or e.encode() for e in events]
-        else:
-            payloads = [e.encode() for e in events]
+        known = encoded or {}
+        payloads = [known.get(id(e)) or self._payload(e) for e in events]
         loop = asyncio.get_running_loop()
         backoff: Backoff | None = None  # made on the first failure: seeding it reads urandom
         while True:
