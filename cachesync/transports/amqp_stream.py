@@ -59,7 +59,15 @@ from urllib.parse import unquote
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
+from .base import (
+    OnReady,
+    Transport,
+    describe,
+    duration_option,
+    int_option,
+    parse_options,
+    text_option,
+)
 from .hosts import parse_node_url
 
 try:
@@ -171,8 +179,7 @@ class AmqpStreamTransport(Transport):
     # -- connection ----------------------------------------------------------------------
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        return text.replace(self._password, "***") if self._password else text
+        return describe(exc, self.url)
 
     @property
     def _alive(self) -> bool:

@@ -58,7 +58,15 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
+from .base import (
+    OnReady,
+    Transport,
+    describe,
+    duration_option,
+    int_option,
+    parse_options,
+    text_option,
+)
 from .hosts import parse_node_url
 
 try:
@@ -175,10 +183,7 @@ class NatsTransport(Transport):
         return f"{nc.connected_url.hostname}:{nc.connected_url.port}"
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
+        return describe(exc, self.url)
 
     async def connect(self) -> None:
         """Connect to one of the nodes (in turn, from the one after the last used), retrying
