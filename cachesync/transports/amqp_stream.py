@@ -344,7 +344,8 @@ class AmqpStreamTransport(Transport):
                 message = await inbox.get()
                 if message is None:
                     raise ConnectionLost(f"{what} ended: the channel or connection closed")
-                offset = (message.headers or {}).get("x-stream-offset")
+                headers = message.headers or {}
+                offset = headers.get("x-stream-offset")
                 try:
                     await message.ack()
                 except _FAILURES as exc:
@@ -369,7 +370,7 @@ class AmqpStreamTransport(Transport):
                                 f"were dropped by retention (max_age={self.max_age})"
                             )
                 cursor.offset = offset
-                found = (message.headers or {}).get(MARKER_HEADER)
+                found = headers.get(MARKER_HEADER)
                 if found is not None:
                     if catching_up and _text(found) == marker:
                         catching_up = False
