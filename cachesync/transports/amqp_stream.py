@@ -68,7 +68,7 @@ from .base import (
     parse_options,
     text_option,
 )
-from .hosts import parse_node_url
+from .hosts import HostTurns, parse_node_url
 
 try:
     import aio_pika
@@ -159,7 +159,7 @@ class AmqpStreamTransport(Transport):
         self._connection: Any = None
         self._channel: Any = None  # the publisher's
         self._exchanges: dict[str, Any] = {}
-        self._next_host = 0
+        self._turns = HostTurns()
         self._opened = False
         self._closed = False
         self._cursors: dict[str, _Cursor] = {}
@@ -199,8 +199,7 @@ class AmqpStreamTransport(Transport):
         last: BaseException | None = None
         hosts, tried = len(self._hosts), 0
         while loop.time() < deadline:
-            host, port = self._hosts[self._next_host % hosts]
-            self._next_host += 1
+            host, port = self._turns.take(self._hosts)
             # Each host of a round gets an equal share of the time left, so one that never
             # answers cannot use it all up; the backoff comes between rounds, not between hosts.
             share = max(0.05, (deadline - loop.time()) / (hosts - tried % hosts))

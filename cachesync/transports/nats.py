@@ -67,7 +67,7 @@ from .base import (
     parse_options,
     text_option,
 )
-from .hosts import parse_node_url
+from .hosts import HostTurns, parse_node_url
 
 try:
     import nats
@@ -167,7 +167,7 @@ class NatsTransport(Transport):
         self._js: JetStreamContext | None = None
         self._opened = False  # connect() was called
         self._closed = False  # close() was called after it
-        self._next_server = 0
+        self._turns = HostTurns()
         self._lost: asyncio.Future[None] | None = None  # done once the connection closed
         self._streams: set[str] = set()
         self._cursors: dict[str, _Cursor] = {}
@@ -201,8 +201,7 @@ class NatsTransport(Transport):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            server = self._servers[self._next_server % len(self._servers)]
-            self._next_server += 1
+            server = self._turns.take(self._servers)
             self._lost = loop.create_future()
             try:
                 async with asyncio.timeout(remaining):
