@@ -91,7 +91,7 @@ from .base import (
     redact_url,
     secret_key,
 )
-from .hosts import parse_node_url
+from .hosts import HostTurns, parse_node_url
 from .inbox import Inbox
 
 try:
@@ -242,7 +242,7 @@ class AmqpTransport(Transport):
             urlunsplit(parts._replace(netloc=netloc, query=query))
             for netloc in _netlocs(url, parts.netloc, parts.scheme.lower())
         ]
-        self._next_host = 0
+        self._turns = HostTurns()
         self.publisher_confirms: bool = values["confirm"]
         self.max_backlog: int = values["max_backlog"]
         self.prefetch: int = min(values["prefetch"], self.max_backlog)
@@ -332,8 +332,7 @@ class AmqpTransport(Transport):
             epoch = self._connector.epoch
             left = len(urls)
             while True:
-                url = urls[self._next_host % len(urls)]
-                self._next_host += 1
+                url = self._turns.take(urls)
                 share = max(deadline - loop.time(), 0.001) / left
                 try:
                     return await self._connect_to(url, share)

@@ -59,8 +59,16 @@ from urllib.parse import unquote
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
-from .hosts import parse_node_url
+from .base import (
+    OnReady,
+    Transport,
+    describe,
+    duration_option,
+    int_option,
+    parse_options,
+    text_option,
+)
+from .hosts import HostTurns, parse_node_url
 
 try:
     import aio_pika
@@ -151,7 +159,7 @@ class AmqpStreamTransport(Transport):
         self._connection: Any = None
         self._channel: Any = None  # the publisher's
         self._exchanges: dict[str, Any] = {}
-        self._next_host = 0
+        self._turns = HostTurns()
         self._opened = False
         self._closed = False
         self._cursors: dict[str, _Cursor] = {}
@@ -171,8 +179,7 @@ class AmqpStreamTransport(Transport):
     # -- connection ----------------------------------------------------------------------
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        return text.replace(self._password, "***") if self._password else text
+        return describe(exc, self.url)
 
     @property
     def _alive(self) -> bool:
@@ -192,8 +199,7 @@ class AmqpStreamTransport(Transport):
         last: BaseException | None = None
         hosts, tried = len(self._hosts), 0
         while loop.time() < deadline:
-            host, port = self._hosts[self._next_host % hosts]
-            self._next_host += 1
+            host, port = self._turns.take(self._hosts)
             # Each host of a round gets an equal share of the time left, so one that never
             # answers cannot use it all up; the backoff comes between rounds, not between hosts.
             share = max(0.05, (deadline - loop.time()) / (hosts - tried % hosts))
@@ -337,7 +343,8 @@ class AmqpStreamTransport(Transport):
                 message = await inbox.get()
                 if message is None:
                     raise ConnectionLost(f"{what} ended: the channel or connection closed")
-                offset = (message.headers or {}).get("x-stream-offset")
+                headers = message.headers or {}
+                offset = headers.get("x-stream-offset")
                 try:
                     await message.ack()
                 except _FAILURES as exc:
@@ -362,7 +369,7 @@ class AmqpStreamTransport(Transport):
                                 f"were dropped by retention (max_age={self.max_age})"
                             )
                 cursor.offset = offset
-                found = (message.headers or {}).get(MARKER_HEADER)
+                found = headers.get(MARKER_HEADER)
                 if found is not None:
                     if catching_up and _text(found) == marker:
                         catching_up = False

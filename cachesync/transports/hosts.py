@@ -1,15 +1,20 @@
-"""What the multi-node transports share: a URL that names several hosts. Their query options
-are declared and read like every transport's (``Option``, ``parse_options`` in ``base``)."""
+"""What the multi-node transports share: a URL that names several hosts, and whose turn it
+is to be tried next. Their query options are declared and read like every transport's
+(``Option``, ``parse_options`` in ``base``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
 from .base import cut_userinfo, redact_url
 
-__all__ = ["NodeUrl", "parse_node_url"]
+__all__ = ["HostTurns", "NodeUrl", "parse_node_url"]
+
+H = TypeVar("H")
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,19 @@ def parse_node_url(url: str, *, default_port: int) -> NodeUrl:
         password=password,
         path=parts.path,
     )
+
+
+class HostTurns:
+    """Whose turn it is in a host list: every connect attempt takes the node after the one
+    used last, so a reconnect does not begin with the node that just failed."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self, hosts: Sequence[H]) -> H:
+        """The node of ``hosts`` whose turn it is."""
+        host = hosts[self._next % len(hosts)]
+        self._next += 1
+        return host

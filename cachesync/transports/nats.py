@@ -58,8 +58,16 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, int_option, parse_options, text_option
-from .hosts import parse_node_url
+from .base import (
+    OnReady,
+    Transport,
+    describe,
+    duration_option,
+    int_option,
+    parse_options,
+    text_option,
+)
+from .hosts import HostTurns, parse_node_url
 
 try:
     import nats
@@ -159,7 +167,7 @@ class NatsTransport(Transport):
         self._js: JetStreamContext | None = None
         self._opened = False  # connect() was called
         self._closed = False  # close() was called after it
-        self._next_server = 0
+        self._turns = HostTurns()
         self._lost: asyncio.Future[None] | None = None  # done once the connection closed
         self._streams: set[str] = set()
         self._cursors: dict[str, _Cursor] = {}
@@ -175,10 +183,7 @@ class NatsTransport(Transport):
         return f"{nc.connected_url.hostname}:{nc.connected_url.port}"
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
+        return describe(exc, self.url)
 
     async def connect(self) -> None:
         """Connect to one of the nodes (in turn, from the one after the last used), retrying
@@ -196,8 +201,7 @@ class NatsTransport(Transport):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            server = self._servers[self._next_server % len(self._servers)]
-            self._next_server += 1
+            server = self._turns.take(self._servers)
             self._lost = loop.create_future()
             try:
                 async with asyncio.timeout(remaining):

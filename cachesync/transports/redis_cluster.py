@@ -62,6 +62,7 @@ from .base import (
     OnChannels,
     OnReady,
     Transport,
+    describe,
     duration_option,
     parse_options,
     text_option,
@@ -153,8 +154,7 @@ class RedisClusterTransport(Transport):
     # -- connection ----------------------------------------------------------------------
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        return text.replace(self._password, "***") if self._password else text
+        return describe(exc, self.url)
 
     async def connect(self) -> None:
         """Load the slot map from the first node that answers, retrying until

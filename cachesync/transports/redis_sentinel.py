@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, duration_option, parse_options, text_option
+from .base import OnReady, Transport, describe, duration_option, parse_options, text_option
 from .hosts import parse_node_url
 
 try:
@@ -173,11 +173,7 @@ class RedisSentinelTransport(Transport):
     # -- connection ----------------------------------------------------------------------
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        for secret in (self._redis_options["password"], self._sentinel_password):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return describe(exc, self.url)
 
     def _client(self) -> Redis:
         if self._master is None:
