@@ -39,6 +39,7 @@ from .cached import (
     Submit,
     VersionOf,
     _name_of,
+    _refuse_awaitable,
     _retrieve,
     _version,
     is_async_callable,
@@ -234,14 +235,7 @@ def wrap_many_sync(
         started = time.perf_counter()
         try:
             result = fn([flight.key for flight in reserved])
-            if inspect.isawaitable(result):
-                close = getattr(result, "close", None)
-                if callable(close):
-                    close()
-                raise TypeError(
-                    f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
-                    "be cached as a plain function: make it 'async def'"
-                )
+            _refuse_awaitable(fn, result)
             mapping = _check_mapping(fn, result)
         except Exception as exc:
             _failed(cache, reserved, exc, observe, started)

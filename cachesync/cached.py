@@ -314,12 +314,7 @@ def wrap_sync(
         started = time.perf_counter()
         try:
             value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
-                _close(value)
-                raise TypeError(
-                    f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
-                    "be cached as a plain function: make it 'async def'"
-                )
+            _refuse_awaitable(fn, value)
         except Exception as exc:
             stale = _fetch_failed(cache, flight, exc, observe, started)
             if stale is None:
@@ -414,10 +409,17 @@ def _name_of(fn: object) -> str:
     return f"{module}.{name}" if module else name
 
 
-def _close(awaitable: object) -> None:
-    close = getattr(awaitable, "close", None)
+def _refuse_awaitable(fn: Callable[..., Any], result: object) -> None:
+    """Raise TypeError if plain function ``fn`` returned an awaitable (closed first)."""
+    if not inspect.isawaitable(result):
+        return
+    close = getattr(result, "close", None)
     if callable(close):
         close()  # no "coroutine was never awaited" warning on top of the error
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
+        "be cached as a plain function: make it 'async def'"
+    )
 
 
 def _fetch_failed(
