@@ -182,10 +182,7 @@ def wrap_many_async(
         if revalidate:
             spawn(fill([cache.begin_fill(key, _future()) for key in revalidate]))
         if missing:
-            if cache.trusted:
-                stats.misses += len(missing)
-            else:
-                stats.bypassed += len(missing)
+            cache.count_misses(len(missing))
             reserved = []
             for key in missing:
                 flight = cache.begin_fill(key, _future())
@@ -283,10 +280,7 @@ def wrap_many_sync(
         if revalidate:
             submit(functools.partial(fill, revalidate))
         if reserved:
-            if cache.trusted:
-                stats.misses += len(reserved)
-            else:
-                stats.bypassed += len(reserved)
+            cache.count_misses(len(reserved))
             fill(reserved)
         for key, flight in joined:
             value = flight.waiter.result()

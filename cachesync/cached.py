@@ -233,10 +233,7 @@ def wrap_async(
             if key not in flights:
                 start_fill(key, args, kwargs)
             return stale.value  # type: ignore[no-any-return]
-        if cache.trusted:
-            stats.misses += 1
-        else:
-            stats.bypassed += 1
+        cache.count_misses(1)
         flight = flights.get(key)
         if flight is None or flight.waiter.get_loop() is not asyncio.get_running_loop():
             # A fill on another event loop (another thread's, or one that has ended) cannot
@@ -360,10 +357,7 @@ def wrap_sync(
                     flight.waiter.cancel()
                     log.warning("could not start a background refresh", exc_info=True)
             return stale.value
-        if cache.trusted:
-            stats.misses += 1
-        else:
-            stats.bypassed += 1
+        cache.count_misses(1)
         with lock:
             existing = flights.get(key)
             if existing is None:
