@@ -144,12 +144,7 @@ def wrap_many_async(
                 cache.abandon_fill(flight)
                 flight.waiter.cancel()
             raise
-        if observe is not None:
-            observe(cache.name, time.perf_counter() - started, True)
-        for flight in reserved:
-            value = mapping.get(flight.key)
-            cache.finish_fill(flight, value, _version(version_of, value, cache))
-            flight.waiter.set_result(value)
+        _filled(cache, reserved, mapping, version_of, observe, started)
 
     async def wrapper(keys: Iterable[str]) -> dict[str, Any]:
         nonlocal hits
@@ -242,12 +237,7 @@ def wrap_many_sync(
                 cache.abandon_fill(flight)
                 flight.waiter.set_exception(exc)
             raise
-        if observe is not None:
-            observe(cache.name, time.perf_counter() - started, True)
-        for flight in reserved:
-            value = mapping.get(flight.key)
-            cache.finish_fill(flight, value, _version(version_of, value, cache))
-            flight.waiter.set_result(value)
+        _filled(cache, reserved, mapping, version_of, observe, started)
 
     def wrapper(keys: Iterable[str]) -> dict[str, Any]:
         nonlocal hits
@@ -290,6 +280,24 @@ def wrap_many_sync(
 
     _attach_many(wrapper, fn, cache)
     return wrapper  # type: ignore[return-value]
+
+
+def _filled(
+    cache: LocalCache,
+    reserved: list[Flight],
+    mapping: Mapping[str, Any],
+    version_of: VersionOf | None,
+    observe: FetchObserver | None,
+    started: float,
+) -> None:
+    """One owner call succeeded: each key's value (None if left out) is stored as
+    :meth:`~cachesync.cache.LocalCache.finish_fill` allows, and given to its readers."""
+    if observe is not None:
+        observe(cache.name, time.perf_counter() - started, True)
+    for flight in reserved:
+        value = mapping.get(flight.key)
+        cache.finish_fill(flight, value, _version(version_of, value, cache))
+        flight.waiter.set_result(value)
 
 
 def _failed(
