@@ -38,9 +38,9 @@ from .cached import (
     Spawn,
     Submit,
     VersionOf,
+    _fill_waiter,
     _name_of,
     _refuse_awaitable,
-    _retrieve,
     _version,
     is_async_callable,
     wrap_async,
@@ -125,12 +125,6 @@ def wrap_many_async(
     cache.watch_serving(set_serving)
     swr = cache.stale_while_revalidate > 0
 
-    def _future() -> asyncio.Future[Any]:
-        waiter = asyncio.get_running_loop().create_future()
-        # A fill nobody waits for (a revalidation) must not leave its exception unretrieved.
-        waiter.add_done_callback(_retrieve)
-        return waiter
-
     async def fill(reserved: list[Flight]) -> None:
         stats.fetches += 1
         started = time.perf_counter()
@@ -175,12 +169,12 @@ def wrap_many_async(
             else:
                 missing.append(key)
         if revalidate:
-            spawn(fill([cache.begin_fill(key, _future()) for key in revalidate]))
+            spawn(fill([cache.begin_fill(key, _fill_waiter()) for key in revalidate]))
         if missing:
             cache.count_misses(len(missing))
             reserved = []
             for key in missing:
-                flight = cache.begin_fill(key, _future())
+                flight = cache.begin_fill(key, _fill_waiter())
                 reserved.append(flight)
                 joined.append((key, flight))
             spawn(fill(reserved))

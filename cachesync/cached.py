@@ -208,11 +208,7 @@ def wrap_async(
         waiter.set_result(value)
 
     def start_fill(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flight:
-        waiter = asyncio.get_running_loop().create_future()
-        # A fill nobody waits for (a background revalidation) must not leave its exception
-        # unretrieved.
-        waiter.add_done_callback(_retrieve)
-        flight = cache.begin_fill(key, waiter)
+        flight = cache.begin_fill(key, _fill_waiter())
         task = spawn(fill(flight, args, kwargs))
         # A fill cancelled before it ran (stop(), a loop shutting down) never reaches its own
         # cleanup: its readers would wait forever, and so would every later reader of the key.
@@ -472,6 +468,15 @@ def _job_ended(cache: LocalCache, flight: Flight, job: concurrent.futures.Future
     if job.cancelled() and not flight.waiter.done():
         cache.abandon_fill(flight)
         flight.waiter.cancel()
+
+
+def _fill_waiter() -> asyncio.Future[Any]:
+    """The future a fill on the running loop gives its readers."""
+    waiter = asyncio.get_running_loop().create_future()
+    # A fill nobody waits for (a background revalidation) must not leave its exception
+    # unretrieved.
+    waiter.add_done_callback(_retrieve)
+    return waiter
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
