@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from .cache import Flight, Generation, LocalCache
@@ -38,7 +38,9 @@ from .cached import (
     Spawn,
     Submit,
     VersionOf,
+    _fill_ended,
     _fill_waiter,
+    _job_ended,
     _name_of,
     _refuse_awaitable,
     _version,
@@ -169,7 +171,9 @@ def wrap_many_async(
             else:
                 missing.append(key)
         if revalidate:
-            spawn(fill([cache.begin_fill(key, _fill_waiter()) for key in revalidate]))
+            _spawn_fill(
+                cache, spawn, fill, [cache.begin_fill(k, _fill_waiter()) for k in revalidate]
+            )
         if missing:
             cache.count_misses(len(missing))
             reserved = []
@@ -177,7 +181,7 @@ def wrap_many_async(
                 flight = cache.begin_fill(key, _fill_waiter())
                 reserved.append(flight)
                 joined.append((key, flight))
-            spawn(fill(reserved))
+            _spawn_fill(cache, spawn, fill, reserved)
         for key, flight in joined:
             value = await asyncio.shield(flight.waiter)
             if value is not None:
@@ -262,7 +266,15 @@ def wrap_many_sync(
                 continue
             joined.append((key, flight))
         if revalidate:
-            submit(functools.partial(fill, revalidate))
+            try:
+                job = submit(functools.partial(fill, revalidate))
+                if job is not None:  # cancelled before it ran (the client stopped)
+                    job.add_done_callback(functools.partial(_jobs_ended, cache, revalidate))
+            except BaseException:
+                # Not refreshed after all (the executor is shut down): the stale values are
+                # served; forget the flights, which nobody would ever finish.
+                for flight in revalidate:
+                    cache.abandon_fill(flight)
         if reserved:
             cache.count_misses(len(reserved))
             fill(reserved)
@@ -453,3 +465,27 @@ class ManyDecorator:
             )
         wrapped.one = one
         return wrapped
+
+
+def _spawn_fill(
+    cache: LocalCache,
+    spawn: Spawn,
+    fill: Callable[[list[Flight]], Coroutine[Any, Any, None]],
+    flights: list[Flight],
+) -> None:
+    """Run ``fill(flights)`` in a task; if the task ends before the fill ran (cancelled by
+    ``stop()`` or the loop's end), release the keys, as a single read's fill does."""
+    task = spawn(fill(flights))
+    task.add_done_callback(functools.partial(_fills_ended, cache, flights))
+
+
+def _fills_ended(cache: LocalCache, flights: list[Flight], task: asyncio.Future[None]) -> None:
+    for flight in flights:
+        _fill_ended(cache, flight, task)
+
+
+def _jobs_ended(
+    cache: LocalCache, flights: list[Flight], job: concurrent.futures.Future[None]
+) -> None:
+    for flight in flights:
+        _job_ended(cache, flight, job)
