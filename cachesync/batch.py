@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from .cache import Flight, Generation, LocalCache
@@ -38,8 +38,11 @@ from .cached import (
     Spawn,
     Submit,
     VersionOf,
+    _fill_ended,
+    _fill_waiter,
+    _job_ended,
     _name_of,
-    _retrieve,
+    _refuse_awaitable,
     _version,
     is_async_callable,
     wrap_async,
@@ -124,12 +127,6 @@ def wrap_many_async(
     cache.watch_serving(set_serving)
     swr = cache.stale_while_revalidate > 0
 
-    def _future() -> asyncio.Future[Any]:
-        waiter = asyncio.get_running_loop().create_future()
-        # A fill nobody waits for (a revalidation) must not leave its exception unretrieved.
-        waiter.add_done_callback(_retrieve)
-        return waiter
-
     async def fill(reserved: list[Flight]) -> None:
         stats.fetches += 1
         started = time.perf_counter()
@@ -143,12 +140,7 @@ def wrap_many_async(
                 cache.abandon_fill(flight)
                 flight.waiter.cancel()
             raise
-        if observe is not None:
-            observe(cache.name, time.perf_counter() - started, True)
-        for flight in reserved:
-            value = mapping.get(flight.key)
-            cache.finish_fill(flight, value, _version(version_of, value, cache))
-            flight.waiter.set_result(value)
+        _filled(cache, reserved, mapping, version_of, observe, started)
 
     async def wrapper(keys: Iterable[str]) -> dict[str, Any]:
         nonlocal hits
@@ -179,18 +171,17 @@ def wrap_many_async(
             else:
                 missing.append(key)
         if revalidate:
-            spawn(fill([cache.begin_fill(key, _future()) for key in revalidate]))
+            _spawn_fill(
+                cache, spawn, fill, [cache.begin_fill(k, _fill_waiter()) for k in revalidate]
+            )
         if missing:
-            if cache.trusted:
-                stats.misses += len(missing)
-            else:
-                stats.bypassed += len(missing)
+            cache.count_misses(len(missing))
             reserved = []
             for key in missing:
-                flight = cache.begin_fill(key, _future())
+                flight = cache.begin_fill(key, _fill_waiter())
                 reserved.append(flight)
                 joined.append((key, flight))
-            spawn(fill(reserved))
+            _spawn_fill(cache, spawn, fill, reserved)
         for key, flight in joined:
             value = await asyncio.shield(flight.waiter)
             if value is not None:
@@ -234,14 +225,7 @@ def wrap_many_sync(
         started = time.perf_counter()
         try:
             result = fn([flight.key for flight in reserved])
-            if inspect.isawaitable(result):
-                close = getattr(result, "close", None)
-                if callable(close):
-                    close()
-                raise TypeError(
-                    f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
-                    "be cached as a plain function: make it 'async def'"
-                )
+            _refuse_awaitable(fn, result)
             mapping = _check_mapping(fn, result)
         except Exception as exc:
             _failed(cache, reserved, exc, observe, started)
@@ -251,12 +235,7 @@ def wrap_many_sync(
                 cache.abandon_fill(flight)
                 flight.waiter.set_exception(exc)
             raise
-        if observe is not None:
-            observe(cache.name, time.perf_counter() - started, True)
-        for flight in reserved:
-            value = mapping.get(flight.key)
-            cache.finish_fill(flight, value, _version(version_of, value, cache))
-            flight.waiter.set_result(value)
+        _filled(cache, reserved, mapping, version_of, observe, started)
 
     def wrapper(keys: Iterable[str]) -> dict[str, Any]:
         nonlocal hits
@@ -287,12 +266,17 @@ def wrap_many_sync(
                 continue
             joined.append((key, flight))
         if revalidate:
-            submit(functools.partial(fill, revalidate))
+            try:
+                job = submit(functools.partial(fill, revalidate))
+                if job is not None:  # cancelled before it ran (the client stopped)
+                    job.add_done_callback(functools.partial(_jobs_ended, cache, revalidate))
+            except BaseException:
+                # Not refreshed after all (the executor is shut down): the stale values are
+                # served; forget the flights, which nobody would ever finish.
+                for flight in revalidate:
+                    cache.abandon_fill(flight)
         if reserved:
-            if cache.trusted:
-                stats.misses += len(reserved)
-            else:
-                stats.bypassed += len(reserved)
+            cache.count_misses(len(reserved))
             fill(reserved)
         for key, flight in joined:
             value = flight.waiter.result()
@@ -302,6 +286,24 @@ def wrap_many_sync(
 
     _attach_many(wrapper, fn, cache)
     return wrapper  # type: ignore[return-value]
+
+
+def _filled(
+    cache: LocalCache,
+    reserved: list[Flight],
+    mapping: Mapping[str, Any],
+    version_of: VersionOf | None,
+    observe: FetchObserver | None,
+    started: float,
+) -> None:
+    """One owner call succeeded: each key's value (None if left out) is stored as
+    :meth:`~cachesync.cache.LocalCache.finish_fill` allows, and given to its readers."""
+    if observe is not None:
+        observe(cache.name, time.perf_counter() - started, True)
+    for flight in reserved:
+        value = mapping.get(flight.key)
+        cache.finish_fill(flight, value, _version(version_of, value, cache))
+        flight.waiter.set_result(value)
 
 
 def _failed(
@@ -463,3 +465,27 @@ class ManyDecorator:
             )
         wrapped.one = one
         return wrapped
+
+
+def _spawn_fill(
+    cache: LocalCache,
+    spawn: Spawn,
+    fill: Callable[[list[Flight]], Coroutine[Any, Any, None]],
+    flights: list[Flight],
+) -> None:
+    """Run ``fill(flights)`` in a task; if the task ends before the fill ran (cancelled by
+    ``stop()`` or the loop's end), release the keys, as a single read's fill does."""
+    task = spawn(fill(flights))
+    task.add_done_callback(functools.partial(_fills_ended, cache, flights))
+
+
+def _fills_ended(cache: LocalCache, flights: list[Flight], task: asyncio.Future[None]) -> None:
+    for flight in flights:
+        _fill_ended(cache, flight, task)
+
+
+def _jobs_ended(
+    cache: LocalCache, flights: list[Flight], job: concurrent.futures.Future[None]
+) -> None:
+    for flight in flights:
+        _job_ended(cache, flight, job)

@@ -281,6 +281,14 @@ class LocalCache:
             self._serving_watchers.append(watcher)
             watcher(self.serving)
 
+    def count_misses(self, n: int) -> None:
+        """Count ``n`` reads that go to the owner: misses while the cache is trusted,
+        bypasses while it is not (its entries are not served then)."""
+        if self.trusted:
+            self.stats.misses += n
+        else:
+            self.stats.bypassed += n
+
     def hits(self) -> int:
         """Reads served as fresh from this cache."""
         return sum(counter() for counter in self.hit_counters)

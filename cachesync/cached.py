@@ -208,11 +208,7 @@ def wrap_async(
         waiter.set_result(value)
 
     def start_fill(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flight:
-        waiter = asyncio.get_running_loop().create_future()
-        # A fill nobody waits for (a background revalidation) must not leave its exception
-        # unretrieved.
-        waiter.add_done_callback(_retrieve)
-        flight = cache.begin_fill(key, waiter)
+        flight = cache.begin_fill(key, _fill_waiter())
         task = spawn(fill(flight, args, kwargs))
         # A fill cancelled before it ran (stop(), a loop shutting down) never reaches its own
         # cleanup: its readers would wait forever, and so would every later reader of the key.
@@ -233,10 +229,7 @@ def wrap_async(
             if key not in flights:
                 start_fill(key, args, kwargs)
             return stale.value  # type: ignore[no-any-return]
-        if cache.trusted:
-            stats.misses += 1
-        else:
-            stats.bypassed += 1
+        cache.count_misses(1)
         flight = flights.get(key)
         if flight is None or flight.waiter.get_loop() is not asyncio.get_running_loop():
             # A fill on another event loop (another thread's, or one that has ended) cannot
@@ -314,12 +307,7 @@ def wrap_sync(
         started = time.perf_counter()
         try:
             value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
-                _close(value)
-                raise TypeError(
-                    f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
-                    "be cached as a plain function: make it 'async def'"
-                )
+            _refuse_awaitable(fn, value)
         except Exception as exc:
             stale = _fetch_failed(cache, flight, exc, observe, started)
             if stale is None:
@@ -365,10 +353,7 @@ def wrap_sync(
                     flight.waiter.cancel()
                     log.warning("could not start a background refresh", exc_info=True)
             return stale.value
-        if cache.trusted:
-            stats.misses += 1
-        else:
-            stats.bypassed += 1
+        cache.count_misses(1)
         with lock:
             existing = flights.get(key)
             if existing is None:
@@ -414,10 +399,17 @@ def _name_of(fn: object) -> str:
     return f"{module}.{name}" if module else name
 
 
-def _close(awaitable: object) -> None:
-    close = getattr(awaitable, "close", None)
+def _refuse_awaitable(fn: Callable[..., Any], result: object) -> None:
+    """Raise TypeError if plain function ``fn`` returned an awaitable (closed first)."""
+    if not inspect.isawaitable(result):
+        return
+    close = getattr(result, "close", None)
     if callable(close):
         close()  # no "coroutine was never awaited" warning on top of the error
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)!r} returned an awaitable, so it cannot "
+        "be cached as a plain function: make it 'async def'"
+    )
 
 
 def _fetch_failed(
@@ -476,6 +468,15 @@ def _job_ended(cache: LocalCache, flight: Flight, job: concurrent.futures.Future
     if job.cancelled() and not flight.waiter.done():
         cache.abandon_fill(flight)
         flight.waiter.cancel()
+
+
+def _fill_waiter() -> asyncio.Future[Any]:
+    """The future a fill on the running loop gives its readers."""
+    waiter = asyncio.get_running_loop().create_future()
+    # A fill nobody waits for (a background revalidation) must not leave its exception
+    # unretrieved.
+    waiter.add_done_callback(_retrieve)
+    return waiter
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

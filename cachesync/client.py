@@ -923,7 +923,9 @@ class CacheSync(Service):
                 recent[key] = record
             if len(recent) > MAX_RECENT_KEYS:
                 trim(recent, MAX_RECENT_KEYS)
-        if tags is None and op != _FLUSH and (value is None or op != _UPSERT or len(keys) != 1):
+        # A new value for one key: stored by the caches in refresh mode.
+        refresh = value is not None and op == _UPSERT and len(keys) == 1
+        if tags is None and op != _FLUSH and not refresh:
             # The common event: its keys are dropped from every cache of the namespace.
             for member in ns.members:
                 cache = member.cache
@@ -933,7 +935,6 @@ class CacheSync(Service):
             return
         if op == _FLUSH or tags is not None:
             self._history.flushed_by(event, self._wall_clock())
-        refresh = op == _UPSERT and value is not None and len(keys) == 1
         for member in ns.members:
             cache = member.cache
             cache.stats.events += 1

@@ -436,3 +436,31 @@ async def test_stale_while_revalidate_and_stale_if_error(unique: str, plain: boo
         clock.advance(20)  # past stale_while_revalidate: a fetch, which fails
         assert await read(["A", "B"]) == {"A": 10, "B": 20}  # stale_if_error
         assert sync.stats()["namespaces"]["items"]["fetch_errors"] == 1
+
+
+async def test_a_batch_fill_cancelled_before_it_ran_releases_its_keys() -> None:
+    """A fill task cancelled before it started (the client stopped, the loop ended) must not
+    leave its keys reserved: later reads of them would wait for it forever."""
+    from cachesync.batch import wrap_many_async
+    from cachesync.cache import LocalCache
+
+    cache = LocalCache("ns", ttl=60.0)
+    cache.trust()
+
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        return {key: key.upper() for key in keys}
+
+    def spawn_cancelled(coro: Any) -> asyncio.Future[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.cancel()
+        return task
+
+    def spawn(coro: Any) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_task(coro)
+
+    first = wrap_many_async(fetch, cache, version_of=None, spawn=spawn_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(first(["a", "b"]), 2)
+    assert not cache.flights
+    again = wrap_many_async(fetch, cache, version_of=None, spawn=spawn)
+    assert await asyncio.wait_for(again(["a", "b"]), 2) == {"a": "A", "b": "B"}
