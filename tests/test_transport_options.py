@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -244,13 +245,19 @@ async def test_the_connector_moves_through_its_states() -> None:
         connector.check_usable()
 
 
-async def test_close_during_open_discards_what_it_opened() -> None:
-    connector = Connector("thing", 5.0)
-    gate = asyncio.Event()
+async def test_close_during_open_cancels_the_attempt_and_discards_what_it_opened() -> None:
+    # The attempt is cancelled at once; one that returns all the same (a client library that
+    # lost the cancellation) has what it opened thrown away.
+    connector = Connector("thing", 30.0)
+    waiting = asyncio.Event()
     discarded: list[str] = []
 
-    async def slow() -> str:
-        await gate.wait()
+    async def stubborn() -> str:
+        waiting.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # lost, as redis-py sometimes does
         return "conn"
 
     async def discard(conn: str) -> None:
@@ -258,12 +265,58 @@ async def test_close_during_open_discards_what_it_opened() -> None:
 
     opening = asyncio.create_task(
         connector.open(
-            slow, retryable=(), refused=lambda _e: None, gave_up=TransportError, discard=discard
+            stubborn, retryable=(), refused=lambda _e: None, gave_up=TransportError, discard=discard
         )
     )
-    await asyncio.sleep(0)
+    await waiting.wait()
+    started = time.monotonic()
     connector.close()
-    gate.set()
     with pytest.raises(TransportError, match="closed while connecting"):
         await opening
+    assert time.monotonic() - started < 1.0
     assert discarded == ["conn"] and connector.state is ConnectionState.CLOSED
+
+
+async def test_close_during_open_ends_an_attempt_that_hangs() -> None:
+    # A node that takes the connection and never answers: close() does not wait for it.
+    connector = Connector("thing", 30.0)
+    waiting = asyncio.Event()
+    cleaned_up: list[str] = []
+
+    async def hanging() -> str:
+        waiting.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned_up.append("socket")
+        return "conn"
+
+    opening = asyncio.create_task(
+        connector.open(hanging, retryable=(), refused=lambda _e: None, gave_up=TransportError)
+    )
+    await waiting.wait()
+    connector.close()
+    with pytest.raises(TransportError, match="closed while connecting"):
+        await asyncio.wait_for(opening, 1.0)
+    assert cleaned_up == ["socket"] and connector.state is ConnectionState.CLOSED
+
+
+async def test_close_during_the_backoff_ends_it() -> None:
+    connector = Connector("thing", 30.0, initial=20.0, maximum=20.0)
+    failed = asyncio.Event()
+
+    async def failing() -> None:
+        failed.set()
+        raise ConnectionError("down")
+
+    opening = asyncio.create_task(
+        connector.open(
+            failing, retryable=(ConnectionError,), refused=lambda _e: None, gave_up=TransportError
+        )
+    )
+    await failed.wait()
+    await asyncio.sleep(0)  # into the backoff of 10 to 20 s
+    connector.close()
+    with pytest.raises(TransportError, match="closed while connecting"):
+        await asyncio.wait_for(opening, 1.0)
+    assert connector.state is ConnectionState.CLOSED

@@ -91,7 +91,7 @@ from .base import (
     redact_url,
     secret_key,
 )
-from .hosts import HostTurns, parse_node_url
+from .hosts import HostTurns, parse_node_url, try_each_host
 from .inbox import Inbox
 
 try:
@@ -113,7 +113,7 @@ if TYPE_CHECKING:
     )
     from aiormq.abc import DeliveredMessage
 
-__all__ = ["AmqpTransport", "DEFAULT_MAX_BACKLOG"]
+__all__ = ["AmqpTransport", "DEFAULT_MAX_BACKLOG", "is_refusal"]
 
 log = logging.getLogger("cachesync.transports.amqp")
 
@@ -162,10 +162,14 @@ def _netlocs(url: str, netloc: str, scheme: str) -> list[str]:
     return [f"{userinfo}{at}{host}:{port}" for host, port in hosts]
 
 
-def _is_handshake_refusal(exc: BaseException) -> bool:
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a reachable broker's answer that retrying will not change: bad
+    credentials, or a vhost the user may not open."""
     # aiormq reports a vhost the user may not open (or that does not exist) as an unexpected
     # Connection.Close during the handshake, with no exception type of its own.
-    return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+    return isinstance(exc, _REFUSALS) or (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+    )
 
 
 class _Subscription(Inbox[tuple[int, bytes]]):
@@ -304,12 +308,8 @@ class AmqpTransport(Transport):
             self._connection = conn
 
     async def _open_connection(self) -> AbstractRobustConnection:
-        urls = self._broker_urls
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-
         def refused(exc: BaseException) -> TransportError | None:
-            if isinstance(exc, _REFUSALS) or _is_handshake_refusal(exc):
+            if is_refusal(exc):
                 return TransportError(
                     f"RabbitMQ at {self.safe_url} refused the connection "
                     f"({describe(exc, self.url)}); check the user, password and vhost"
@@ -326,27 +326,18 @@ class AmqpTransport(Transport):
         async def attempt() -> AbstractRobustConnection:
             # One round over the hosts, from the one after the last used: the connector's
             # backoff comes between rounds, not between hosts (a dozen dead nodes would sleep
-            # the deadline away). Each host gets an equal share of the time left, so one that
-            # does not answer cannot use it all up, and one that refuses at once leaves its
-            # share to the hosts after it.
-            epoch = self._connector.epoch
-            left = len(urls)
-            while True:
-                url = self._turns.take(urls)
-                share = max(deadline - loop.time(), 0.001) / left
-                try:
-                    return await self._connect_to(url, share)
-                except _FAILURES as exc:
-                    left -= 1
-                    if not left or refused(exc) is not None:
-                        raise
-                    if self._connector.closed_since(epoch):
-                        raise TransportError(f"{self!r} was closed while connecting") from exc
-                    log.debug(
-                        "RabbitMQ at %s failed (%s); trying the next host",
-                        redact_url(url),
-                        describe(exc, self.url),
-                    )
+            # the deadline away).
+            return await try_each_host(
+                self._broker_urls,
+                self._turns,
+                self._connect_to,
+                deadline=self._connector.deadline,
+                failures=_FAILURES,
+                connector=self._connector,
+                url=self.url,
+                refused=is_refusal,
+                label=redact_url,
+            )
 
         return await self._connector.open(
             attempt,

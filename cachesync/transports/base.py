@@ -254,8 +254,9 @@ class Connector:
 
     ``await connector.open(attempt, ...)`` runs ``attempt()`` until it succeeds, with capped
     exponential backoff, for at most ``timeout`` seconds; a refusal (bad credentials) fails at
-    once. ``close()`` may run at any time, without waiting: a connect in flight notices it,
-    throws away what it opened and raises ``TransportError``. The state moves
+    once. ``close()`` may run at any time, without waiting: a connect in flight stops at once
+    (the attempt under way is cancelled, a backoff cut short), throws away what it opened (an
+    attempt that returns all the same) and raises ``TransportError``. The state moves
     ``NEW -> CONNECTING -> OPEN | FAILED``, and ``close()`` makes it ``CLOSED``.
     """
 
@@ -267,9 +268,16 @@ class Connector:
         self.state = ConnectionState.NEW
         self.epoch = 0
         """Bumped by every close(): work started before it must not outlive it."""
+        self.deadline = 0.0
+        """Loop time at which the connect in flight gives up (an attempt that tries several
+        hosts shares out the time up to it)."""
         self._initial = initial
         self._maximum = maximum
         self._lock = asyncio.Lock()
+        # What close() cuts short: the attempt under way (its timeout, made to expire now), the
+        # backoff after a failed one (set).
+        self._attempt_timeout: asyncio.Timeout | None = None
+        self._woken: asyncio.Event | None = None
 
     @property
     def usable(self) -> bool:
@@ -286,10 +294,18 @@ class Connector:
         self.epoch += 1
         if self.state is not ConnectionState.NEW:
             self.state = ConnectionState.CLOSED
+        if self._attempt_timeout is not None:
+            self._attempt_timeout.reschedule(-1.0)
+        if self._woken is not None:
+            self._woken.set()
 
     def closed_since(self, epoch: int) -> bool:
         """Whether close() ran after ``epoch`` was read."""
         return self.epoch != epoch
+
+    def closed_error(self) -> TransportError:
+        """The error a connect() raises when close() ran while it was connecting."""
+        return TransportError(f"{self.name} was closed while connecting")
 
     async def open(
         self,
@@ -319,7 +335,7 @@ class Connector:
             if self.closed_since(epoch):
                 if discard is not None:
                     await discard(result)
-                raise TransportError(f"{self.name} was closed while connecting")
+                raise self.closed_error()
             self.state = ConnectionState.OPEN
             return result
 
@@ -332,14 +348,20 @@ class Connector:
         gave_up: Callable[[BaseException], TransportError],
     ) -> T:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        deadline = self.deadline = loop.time() + self.timeout
         backoff = Backoff(initial=self._initial, maximum=self._maximum)
         retry_on: tuple[type[BaseException], ...] = (*retryable, TimeoutError)
         while True:
             try:
-                async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
-                    return await attempt()
+                async with asyncio.timeout(max(deadline - loop.time(), 0.001)) as timeout:
+                    self._attempt_timeout = timeout
+                    try:
+                        return await attempt()
+                    finally:
+                        self._attempt_timeout = None
             except retry_on as exc:
+                if self.closed_since(epoch):
+                    raise self.closed_error() from exc
                 refusal = refused(exc)
                 if refusal is not None:
                     raise refusal from exc
@@ -347,14 +369,29 @@ class Connector:
                 if loop.time() + delay >= deadline:
                     raise gave_up(exc) from exc
                 log.debug("connect to %s failed, retrying in %.2fs", self.name, delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay, epoch)
                 if self.closed_since(epoch):
-                    raise TransportError(f"{self.name} was closed while connecting") from exc
+                    raise self.closed_error() from exc
             except Exception as exc:
+                if self.closed_since(epoch):
+                    raise self.closed_error() from exc
                 refusal = refused(exc)
                 if refusal is not None:
                     raise refusal from exc
                 raise
+
+    async def _pause(self, delay: float, epoch: int) -> None:
+        """Sleep ``delay`` seconds, or less if close() runs meanwhile."""
+        if self.closed_since(epoch):
+            return
+        woken = self._woken = asyncio.Event()
+        try:
+            async with asyncio.timeout(delay):
+                await woken.wait()
+        except TimeoutError:
+            pass  # the whole delay
+        finally:
+            self._woken = None
 
 
 def describe(exc: BaseException, url: str) -> str:

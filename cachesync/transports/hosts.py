@@ -1,20 +1,25 @@
-"""What the multi-node transports share: a URL that names several hosts, and whose turn it
-is to be tried next. Their query options are declared and read like every transport's
-(``Option``, ``parse_options`` in ``base``)."""
+"""What the multi-node transports share: a URL that names several hosts, whose turn it is to
+be tried next, and one round over them with a fair share of the time each. Their query options
+are declared and read like every transport's (``Option``, ``parse_options`` in ``base``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
-from .base import cut_userinfo, redact_url
+from .base import Connector, cut_userinfo, describe, redact_url
 
-__all__ = ["HostTurns", "NodeUrl", "parse_node_url"]
+__all__ = ["HostTurns", "NodeUrl", "parse_node_url", "try_each_host"]
+
+log = logging.getLogger("cachesync.transports")
 
 H = TypeVar("H")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,45 @@ class HostTurns:
         host = hosts[self._next % len(hosts)]
         self._next += 1
         return host
+
+
+async def try_each_host(
+    hosts: Sequence[H],
+    turns: HostTurns,
+    attempt: Callable[[H, float], Awaitable[T]],
+    *,
+    deadline: float,
+    failures: tuple[type[BaseException], ...],
+    connector: Connector,
+    url: str,
+    refused: Callable[[BaseException], bool] = lambda _exc: False,
+    label: Callable[[H], str] = str,
+) -> T:
+    """One round over ``hosts``, from whose turn it is, until ``attempt(host, share)`` returns.
+
+    Each host gets an equal share of the time left until ``deadline`` (loop time), so one that
+    never answers cannot use it all up, and one that fails at once leaves its share to the
+    hosts after it. ``attempt`` is cancelled when its share is over (it must close what it
+    opened then). A failure (``failures`` or the share running out) moves on to the next host;
+    the last host's failure, and a ``refused`` one at once, is raised (for the connector to
+    back off and try another round, or give up). When ``connector`` is closed meanwhile, the
+    hosts after the one being tried are not tried. ``url`` (the transport's) is scrubbed from
+    what is logged; ``label(host)`` names a host in the log without its password.
+    """
+    loop = asyncio.get_running_loop()
+    epoch = connector.epoch
+    caught: tuple[type[BaseException], ...] = (*failures, TimeoutError)
+    left = len(hosts)
+    while True:
+        host = turns.take(hosts)
+        share = max(deadline - loop.time(), 0.001) / left
+        try:
+            async with asyncio.timeout(share):
+                return await attempt(host, share)
+        except caught as exc:
+            left -= 1
+            if not left or refused(exc):
+                raise
+            if connector.closed_since(epoch):
+                raise connector.closed_error() from exc
+            log.debug("%s failed (%s); trying the next host", label(host), describe(exc, url))
