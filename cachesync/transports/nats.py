@@ -56,9 +56,10 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
 from .base import (
+    ConnectionState,
+    Connector,
     OnReady,
     Transport,
     describe,
@@ -67,7 +68,7 @@ from .base import (
     parse_options,
     text_option,
 )
-from .hosts import HostTurns, parse_node_url
+from .hosts import HostTurns, parse_node_url, try_each_host
 
 try:
     import nats
@@ -100,6 +101,13 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # What a broken or refused connection looks like from nats-py.
 _FAILURES = (nats.errors.Error, OSError, TimeoutError, ConnectionError)
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """Whether the server refused the credentials (nats-py reports that as a plain error)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    )
 
 
 def stream_name(channel: str) -> str:
@@ -165,8 +173,8 @@ class NatsTransport(Transport):
                 raise ValueError(f"{attr} must be positive")
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._opened = False  # connect() was called
-        self._closed = False  # close() was called after it
+        self._connector = Connector(repr(self), connect_timeout)
+        self._connect_lock = asyncio.Lock()
         self._turns = HostTurns()
         self._lost: asyncio.Future[None] | None = None  # done once the connection closed
         self._streams: set[str] = set()
@@ -185,77 +193,114 @@ class NatsTransport(Transport):
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self.url)
 
-    async def connect(self) -> None:
-        """Connect to one of the nodes (in turn, from the one after the last used), retrying
-        until ``connect_timeout``; then raise TransportError."""
-        self._closed = False
-        self._opened = True
-        if self._nc is not None and self._nc.is_connected:
-            return
-        await self._drop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-        backoff = Backoff(maximum=1.0)
-        last: BaseException | None = None
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            server = self._turns.take(self._servers)
-            self._lost = loop.create_future()
-            try:
-                async with asyncio.timeout(remaining):
-                    nc = await nats.connect(
-                        servers=[server],
-                        user=self._user,
-                        password=self._password,
-                        name=self.name,
-                        allow_reconnect=False,
-                        # Without these nats-py retries a refused node forever.
-                        max_reconnect_attempts=1,
-                        reconnect_time_wait=0,
-                        connect_timeout=max(1, int(remaining + 0.999)),
-                        ping_interval=int(max(1.0, self.health_check_interval)),
-                        max_outstanding_pings=2,
-                        error_cb=self._on_error,
-                        closed_cb=self._on_closed,
-                    )
-            except _FAILURES as exc:
-                last = exc
-                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
-                continue
-            self._nc = nc
-            self._js = nc.jetstream(timeout=self.publish_timeout)
-            return
-        detail = self._describe(last) if last else "no attempt in time"
-        raise TransportError(
-            f"NATS at {self.safe_url} unreachable within {self.connect_timeout:g}s ({detail}); "
-            "is nats-server running with JetStream (-js)?"
-        )
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
 
-    async def _on_closed(self) -> None:
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
+    async def connect(self) -> None:
+        """Connect to one of the nodes (in turn, from the one after the last used, each with an
+        equal share of the time left), retrying until ``connect_timeout``; then raise
+        TransportError. Refused credentials fail at once."""
+        async with self._connect_lock:
+            if self._nc is not None and self._nc.is_connected:
+                self._connector.state = ConnectionState.OPEN
+                return
+            await self._drop()
+
+            def refused(exc: BaseException) -> TransportError | None:
+                if not _is_refusal(exc):
+                    return None
+                return TransportError(
+                    f"NATS at {self.safe_url} refused the connection ({self._describe(exc)}); "
+                    "check the user and password"
+                )
+
+            def gave_up(exc: BaseException) -> TransportError:
+                return TransportError(
+                    f"NATS at {self.safe_url} unreachable within {self.connect_timeout:g}s "
+                    f"({self._describe(exc)}); is nats-server running with JetStream (-js)?"
+                )
+
+            async def attempt() -> tuple[Client, asyncio.Future[None]]:
+                return await try_each_host(
+                    self._servers,
+                    self._turns,
+                    self._connect_to,
+                    deadline=self._connector.deadline,
+                    failures=_FAILURES,
+                    connector=self._connector,
+                    url=self.url,
+                    refused=_is_refusal,
+                )
+
+            async def discard(opened: tuple[Client, asyncio.Future[None]]) -> None:
+                await self._close_client(opened[0])
+
+            nc, lost = await self._connector.open(
+                attempt, retryable=_FAILURES, refused=refused, gave_up=gave_up, discard=discard
+            )
+            self._nc, self._lost = nc, lost
+            self._js = nc.jetstream(timeout=self.publish_timeout)
+
+    async def _connect_to(self, server: str, share: float) -> tuple[Client, asyncio.Future[None]]:
+        """A client connected to ``server``, and a future done once its connection closed."""
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_closed() -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        # nats.connect(), unrolled: with the client in hand, an attempt cancelled at the end of
+        # its share (a node that accepts but never answers) can be closed.
+        nc = Client()
+        try:
+            await nc.connect(
+                servers=[server],
+                user=self._user,
+                password=self._password,
+                name=self.name,
+                allow_reconnect=False,
+                # Without these nats-py retries a refused node forever.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=max(1, int(share + 0.999)),
+                ping_interval=int(max(1.0, self.health_check_interval)),
+                max_outstanding_pings=2,
+                error_cb=self._on_error,
+                closed_cb=on_closed,
+            )
+        except BaseException:
+            await self._close_client(nc)
+            raise
+        return nc, lost
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats client error", extra={"url": self.safe_url, "error": self._describe(exc)})
 
+    async def _close_client(self, nc: Client) -> None:
+        if nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.close(), self.connect_timeout)
+        except _FAILURES:
+            pass
+
     async def _drop(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.close(), self.connect_timeout)
-            except _FAILURES:
-                pass
+        if nc is not None:
+            await self._close_client(nc)
 
     async def close(self) -> None:
-        """Close the connection; every subscription ends with ConnectionLost. Idempotent."""
-        self._closed = True
+        """Close the connection; every subscription ends with ConnectionLost. Idempotent.
+
+        It does not wait for a connect() in flight: that one gives up and closes what it
+        opened."""
+        self._connector.close()
         await self._drop()
 
     def _open(self) -> tuple[Client, JetStreamContext]:
-        if self._closed or not self._opened:
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        self._connector.check_usable()
         if self._nc is None or self._js is None or not self._nc.is_connected:
             raise TransportError(f"the connection to {self.safe_url} was lost; call connect()")
         return self._nc, self._js
