@@ -28,7 +28,8 @@ When ``on_ready(resumed)`` is called
 
 Connections. One plain (non-robust) aio-pika connection per transport object, to the hosts of
 the URL in turn (starting after the one used last, each with an equal share of the time left,
-backing off between rounds over them), until ``connect_timeout``. A lost connection
+backing off between rounds over them), until ``connect_timeout``; refused credentials or vhost
+access fail at once. A lost connection
 ends every subscription with :class:`~cachesync.errors.ConnectionLost` and makes ``publish``
 raise :class:`~cachesync.errors.TransportError`; the caller calls ``connect()`` again.
 
@@ -57,9 +58,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote
 
-from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
+from .amqp import is_refusal
 from .base import (
+    ConnectionState,
+    Connector,
     OnReady,
     Transport,
     describe,
@@ -68,12 +71,11 @@ from .base import (
     parse_options,
     text_option,
 )
-from .hosts import HostTurns, parse_node_url
+from .hosts import HostTurns, parse_node_url, try_each_host
 
 try:
     import aio_pika
     import aio_pika.exceptions
-    import aiormq.exceptions
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "amqp+stream:// needs aio-pika: pip install 'cachesync[rabbitmq]'", name=exc.name
@@ -160,8 +162,8 @@ class AmqpStreamTransport(Transport):
         self._channel: Any = None  # the publisher's
         self._exchanges: dict[str, Any] = {}
         self._turns = HostTurns()
-        self._opened = False
-        self._closed = False
+        self._connector = Connector(repr(self), connect_timeout)
+        self._connect_lock = asyncio.Lock()
         self._cursors: dict[str, _Cursor] = {}
 
     def queue_name(self, channel: str) -> str:
@@ -186,78 +188,104 @@ class AmqpStreamTransport(Transport):
         conn = self._connection
         return conn is not None and not conn.is_closed
 
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
+
     async def connect(self) -> None:
-        """Connect to the hosts in turn (from the one after the last used) until
-        ``connect_timeout``; then raise TransportError."""
-        self._opened, self._closed = True, False
-        if self._alive and self._channel is not None and not self._channel.is_closed:
-            return
-        await self._drop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-        backoff = Backoff(initial=0.05, maximum=1.0)
-        last: BaseException | None = None
-        hosts, tried = len(self._hosts), 0
-        while loop.time() < deadline:
-            host, port = self._turns.take(self._hosts)
-            # Each host of a round gets an equal share of the time left, so one that never
-            # answers cannot use it all up; the backoff comes between rounds, not between hosts.
-            share = max(0.05, (deadline - loop.time()) / (hosts - tried % hosts))
-            tried += 1
-            properties: Any = (
-                {"connection_name": self.connection_name} if self.connection_name else {}
+        """Connect to the hosts in turn (from the one after the last used, each with an equal
+        share of the time left) until ``connect_timeout``; then raise TransportError. Refused
+        credentials or vhost access fail at once."""
+        async with self._connect_lock:
+            if self._alive and self._channel is not None and not self._channel.is_closed:
+                self._connector.state = ConnectionState.OPEN
+                return
+            await self._drop()
+
+            def refused(exc: BaseException) -> TransportError | None:
+                if not is_refusal(exc):
+                    return None
+                return TransportError(
+                    f"RabbitMQ at {self.safe_url} refused the connection "
+                    f"({self._describe(exc)}); check the user, password and vhost"
+                )
+
+            def gave_up(exc: BaseException) -> TransportError:
+                return TransportError(
+                    f"RabbitMQ at {self.safe_url} unreachable within {self.connect_timeout:g}s "
+                    f"({self._describe(exc)}); is it running (docker compose up -d rabbitmq)?"
+                )
+
+            async def attempt() -> tuple[Any, Any]:
+                # The connector's backoff comes between rounds over the hosts, not between hosts.
+                return await try_each_host(
+                    self._hosts,
+                    self._turns,
+                    self._connect_to,
+                    deadline=self._connector.deadline,
+                    failures=_FAILURES,
+                    connector=self._connector,
+                    url=self.url,
+                    refused=is_refusal,
+                    label=lambda host: f"{host[0]}:{host[1]}",
+                )
+
+            async def discard(opened: tuple[Any, Any]) -> None:
+                await self._close_connection(opened[0])
+
+            connection, channel = await self._connector.open(
+                attempt, retryable=_FAILURES, refused=refused, gave_up=gave_up, discard=discard
             )
-            try:
-                async with asyncio.timeout(share):
-                    connection = await aio_pika.connect(
-                        host=host,
-                        port=port,
-                        login=self._login,
-                        password=self._password,
-                        virtualhost=self._vhost,
-                        ssl=self._ssl,
-                        timeout=self.connect_timeout,
-                        client_properties=properties,
-                        heartbeat=self._heartbeat,
-                    )
-                    try:
-                        channel = await connection.channel(publisher_confirms=True)
-                    except BaseException:
-                        await connection.close()
-                        raise
-            except _FAILURES as exc:
-                last = exc
-                if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-                    break
-                if tried % hosts == 0:
-                    delay = backoff.next_delay()
-                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                continue
             self._connection, self._channel = connection, channel
             self._exchanges.clear()
-            return
-        detail = self._describe(last) if last else "no attempt in time"
-        raise TransportError(
-            f"RabbitMQ at {self.safe_url} unreachable within {self.connect_timeout:g}s "
-            f"({detail}); is it running (docker compose up -d rabbitmq)?"
+
+    async def _connect_to(self, host: tuple[str, int], share: float) -> tuple[Any, Any]:
+        """A connection to ``host`` and the publisher's channel on it."""
+        properties: Any = {"connection_name": self.connection_name} if self.connection_name else {}
+        # aio_pika.connect(), unrolled: with the connection in hand, an attempt cancelled at
+        # the end of its share (a node that accepts but never answers) can be closed.
+        url = aio_pika.connection.make_url(
+            host=host[0],
+            port=host[1],
+            login=self._login,
+            password=self._password,
+            virtualhost=self._vhost,
+            ssl=self._ssl,
+            heartbeat=self._heartbeat,
         )
+        connection = aio_pika.Connection(url, client_properties=properties)
+        try:
+            await connection.connect(timeout=self.connect_timeout)
+            channel = await connection.channel(publisher_confirms=True)
+        except BaseException:
+            await self._close_connection(connection)
+            raise
+        return connection, channel
+
+    async def _close_connection(self, connection: Any) -> None:
+        if connection.is_closed:
+            return
+        with contextlib.suppress(*_FAILURES):
+            async with asyncio.timeout(self.connect_timeout):
+                await connection.close()
 
     async def _drop(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         self._exchanges.clear()
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(*_FAILURES):
-                async with asyncio.timeout(self.connect_timeout):
-                    await connection.close()
+        if connection is not None:
+            await self._close_connection(connection)
 
     async def close(self) -> None:
-        """Close the connection; subscriptions end with ConnectionLost. Idempotent."""
-        self._closed = True
+        """Close the connection; subscriptions end with ConnectionLost. Idempotent.
+
+        It does not wait for a connect() in flight: that one gives up and closes what it
+        opened."""
+        self._connector.close()
         await self._drop()
 
     def _open(self) -> Any:
-        if self._closed or not self._opened:
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        self._connector.check_usable()
         if not self._alive or self._channel is None or self._channel.is_closed:
             raise TransportError(f"the connection to {self.safe_url} was lost; call connect()")
         return self._connection
