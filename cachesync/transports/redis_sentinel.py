@@ -40,9 +40,17 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
-from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
-from .base import OnReady, Transport, describe, duration_option, parse_options, text_option
+from .base import (
+    ConnectionState,
+    Connector,
+    OnReady,
+    Transport,
+    describe,
+    duration_option,
+    parse_options,
+    text_option,
+)
 from .hosts import parse_node_url
 
 try:
@@ -57,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "redis+sentinel:// needs redis-py: pip install 'cachesync[redis]'", name=exc.name
     ) from exc
 
-__all__ = ["RedisSentinelTransport", "no_retry", "pubsub_messages"]
+__all__ = ["FAILURES", "REFUSALS", "RedisSentinelTransport", "no_retry", "pubsub_messages"]
 
 log = logging.getLogger("cachesync.transports.redis_sentinel")
 
@@ -71,6 +79,14 @@ _OPTIONS: Final = (
 
 # What "the server or the socket failed" looks like from redis-py (TimeoutError is an OSError).
 FAILURES: Final = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+# Answers from a reachable server that retrying will not change: bad credentials, no ACL
+# permission. (Both are ConnectionErrors in redis-py: test for them first.)
+REFUSALS: Final = (
+    redis_errors.AuthenticationError,
+    redis_errors.AuthorizationError,
+    redis_errors.NoPermissionError,
+)
 
 
 def no_retry() -> Retry:
@@ -166,9 +182,7 @@ class RedisSentinelTransport(Transport):
         }
         self._sentinel: Sentinel | None = None
         self._master: Redis | None = None
-        self._opened = False
-        self._closed = False
-        self._generation = 0  # +1 on close(): the subscriptions of before end
+        self._connector = Connector(repr(self), connect_timeout, maximum=0.5)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -202,34 +216,56 @@ class RedisSentinelTransport(Transport):
             ) from exc
         return str(host), int(port)
 
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
+
     async def connect(self) -> None:
         """Find the master through the sentinels and PING it, retrying until
-        ``connect_timeout`` (a failover in progress names no reachable master for a while)."""
-        self._opened, self._closed = True, False
+        ``connect_timeout`` (a failover in progress names no reachable master for a while).
+        Refused credentials fail at once."""
         client = self._client()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-        backoff = Backoff(initial=0.05, maximum=0.5)
-        while True:
+
+        def refused(exc: BaseException) -> TransportError | None:
+            if not isinstance(exc, REFUSALS):
+                return None
+            return TransportError(
+                f"the master of {self.service!r} at {self.safe_url} refused the connection "
+                f"({self._describe(exc)}); check the user, password and database"
+            )
+
+        def gave_up(exc: BaseException) -> TransportError:
+            return TransportError(
+                f"no master of {self.service!r} reachable through the sentinels at "
+                f"{self.safe_url} within {self.connect_timeout:g}s "
+                f"({self._describe(exc)}); are the sentinels running?"
+            )
+
+        async def attempt() -> None:
             try:
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    await client.ping()
-                return
-            except (*FAILURES, redis_errors.RedisError) as exc:
-                if loop.time() + 0.01 >= deadline:
-                    raise TransportError(
-                        f"no master of {self.service!r} reachable through the sentinels at "
-                        f"{self.safe_url} within {self.connect_timeout:g}s "
-                        f"({self._describe(exc)}); are the sentinels running?"
-                    ) from exc
+                await client.ping()
+            except BaseException:
                 # A connection to a dead master stays in the pool otherwise.
                 await client.connection_pool.disconnect()
-                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
+                raise
+
+        async def discard(_: None) -> None:
+            await client.connection_pool.disconnect()
+
+        await self._connector.open(
+            attempt,
+            retryable=(*FAILURES, redis_errors.RedisError),
+            refused=refused,
+            gave_up=gave_up,
+            discard=discard,
+        )
 
     async def close(self) -> None:
-        """Close every connection; subscriptions end with ConnectionLost. Idempotent."""
-        self._closed = True
-        self._generation += 1
+        """Close every connection; subscriptions end with ConnectionLost. Idempotent.
+
+        It does not wait for a connect() in flight: that one gives up."""
+        self._connector.close()
         master, self._master = self._master, None
         sentinel, self._sentinel = self._sentinel, None
         if master is not None:
@@ -240,8 +276,7 @@ class RedisSentinelTransport(Transport):
                 await client.aclose()
 
     def _open(self) -> Redis:
-        if self._closed or not self._opened:
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        self._connector.check_usable()
         return self._client()
 
     # -- publishing ----------------------------------------------------------------------
@@ -287,7 +322,7 @@ class RedisSentinelTransport(Transport):
         what = f"subscription to {channel!r} on {self.safe_url}"
         pubsub = client.pubsub()
         target = channel.encode()
-        generation = self._generation
+        epoch = self._connector.epoch
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -307,7 +342,7 @@ class RedisSentinelTransport(Transport):
                     )
 
             def alive() -> bool:
-                return self._generation == generation and not self._closed
+                return not self._connector.closed_since(epoch)
 
             async for message in pubsub_messages(
                 pubsub, self.health_check_interval, what, alive, still_master
