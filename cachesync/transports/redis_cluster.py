@@ -59,6 +59,8 @@ from typing import Any, Final
 from ..backoff import Backoff
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
 from .base import (
+    ConnectionState,
+    Connector,
     OnChannels,
     OnReady,
     Transport,
@@ -67,8 +69,8 @@ from .base import (
     parse_options,
     text_option,
 )
-from .hosts import parse_node_url
-from .redis_sentinel import FAILURES, no_retry, pubsub_messages
+from .hosts import HostTurns, parse_node_url, try_each_host
+from .redis_sentinel import FAILURES, REFUSALS, no_retry, pubsub_messages
 
 try:
     import redis.exceptions as redis_errors
@@ -139,9 +141,9 @@ class RedisClusterTransport(Transport):
         self._slots: list[tuple[int, int, tuple[str, int]]] = []
         self._publishers: dict[tuple[str, int], Redis] = {}  # a client per primary
         self._stale = False  # the slot map may be out of date: reload it on connect()
-        self._opened = False
-        self._closed = False
-        self._generation = 0
+        self._connector = Connector(repr(self), connect_timeout, maximum=0.5)
+        self._connect_lock = asyncio.Lock()
+        self._turns = HostTurns()
         self._subscribers: set[Redis] = set()  # one client per node a subscription reads
 
     def channel_for(self, channel: str, namespace: str) -> str:
@@ -156,42 +158,72 @@ class RedisClusterTransport(Transport):
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self.url)
 
-    async def connect(self) -> None:
-        """Load the slot map from the first node that answers, retrying until
-        ``connect_timeout``. After a lost subscription or publish, load it again."""
-        self._opened, self._closed = True, False
-        if self._slots and not self._stale:
-            return
-        await self._drop()
-        await self._load_slots(asyncio.get_running_loop().time() + self.connect_timeout)
+    @property
+    def state(self) -> ConnectionState:
+        """Where the transport is in its lifecycle."""
+        return self._connector.state
 
-    async def _load_slots(self, deadline: float) -> None:
-        """Ask the nodes of the URL in turn for the slot map until one answers, or raise
-        TransportError at ``deadline`` (loop time)."""
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(initial=0.05, maximum=0.5)
-        turn = 0
-        while True:
-            host, port = self._nodes[turn % len(self._nodes)]
-            turn += 1
-            client = self._client(host, port)
-            try:
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-                slots = _slot_map(reply, host)
-                if not slots:
-                    raise redis_errors.ConnectionError(f"{host}:{port} serves no slots yet")
-                self._slots, self._stale = slots, False
+    async def connect(self) -> None:
+        """Load the slot map from the first node that answers (in turn, from the one after the
+        last used, each with an equal share of the time left), retrying until
+        ``connect_timeout``. After a lost subscription or publish, load it again. Refused
+        credentials fail at once."""
+        async with self._connect_lock:
+            if self._slots and not self._stale:
+                self._connector.state = ConnectionState.OPEN
                 return
-            except _ERRORS as exc:
-                if loop.time() + 0.01 >= deadline:
-                    raise TransportError(
-                        f"no node of the Redis Cluster at {self.safe_url} answered within "
-                        f"{self.connect_timeout:g}s ({self._describe(exc)}); is it running?"
-                    ) from exc
-                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
-            finally:
-                await _close_client(client)
+            await self._drop()
+
+            def refused(exc: BaseException) -> TransportError | None:
+                if not isinstance(exc, REFUSALS):
+                    return None
+                return TransportError(
+                    f"the Redis Cluster at {self.safe_url} refused the connection "
+                    f"({self._describe(exc)}); check the user and password"
+                )
+
+            async def attempt() -> list[tuple[int, int, tuple[str, int]]]:
+                return await self._load_slots(self._connector.deadline)
+
+            slots = await self._connector.open(
+                attempt, retryable=_ERRORS, refused=refused, gave_up=self._unreachable
+            )
+            self._slots, self._stale = slots, False
+
+    def _unreachable(self, exc: BaseException) -> TransportError:
+        return TransportError(
+            f"no node of the Redis Cluster at {self.safe_url} answered within "
+            f"{self.connect_timeout:g}s ({self._describe(exc)}); is it running?"
+        )
+
+    async def _load_slots(self, deadline: float) -> list[tuple[int, int, tuple[str, int]]]:
+        """The slot map, from one round over the nodes of the URL (each with an equal share of
+        the time left until ``deadline``, loop time); the last node's error if none answered."""
+        return await try_each_host(
+            self._nodes,
+            self._turns,
+            self._ask_slots,
+            deadline=deadline,
+            failures=_ERRORS,
+            connector=self._connector,
+            url=self.url,
+            refused=lambda exc: isinstance(exc, REFUSALS),
+            label=lambda node: f"{node[0]}:{node[1]}",
+        )
+
+    async def _ask_slots(
+        self, node: tuple[str, int], share: float
+    ) -> list[tuple[int, int, tuple[str, int]]]:
+        host, port = node
+        client = self._client(host, port)
+        try:
+            reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        finally:
+            await _close_client(client)
+        slots = _slot_map(reply, host)
+        if not slots:
+            raise redis_errors.ConnectionError(f"{host}:{port} serves no slots yet")
+        return slots
 
     def _client(self, host: str, port: int) -> Redis:
         return Redis(host=host, port=port, retry=no_retry(), **self._options)
@@ -211,16 +243,14 @@ class RedisClusterTransport(Transport):
 
     async def close(self) -> None:
         """Close every connection; subscriptions end with ConnectionLost. Idempotent."""
-        self._closed = True
-        self._generation += 1
-        # Breaks the subscriptions' reads at once (they check the generation between reads).
+        self._connector.close()
+        # Breaks the subscriptions' reads at once (they check the epoch between reads).
         for client in list(self._subscribers):
             await client.connection_pool.disconnect()
         await self._drop()
 
     def _open(self) -> None:
-        if self._closed or not self._opened:
-            raise StateError(f"{self!r} is not connected: call connect() first")
+        self._connector.check_usable()
         if not self._slots:
             raise TransportError(f"the Redis Cluster at {self.safe_url} is not reachable")
 
@@ -299,7 +329,7 @@ class RedisClusterTransport(Transport):
         except StateError as exc:
             raise TransportError(str(exc)) from None
         what = f"subscription to {len(channels)} channel(s) on {self.safe_url}"
-        generation = self._generation
+        epoch = self._connector.epoch
         by_node = self._by_owner(channels, what)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
@@ -309,7 +339,7 @@ class RedisClusterTransport(Transport):
         ready = ended = False
 
         def alive() -> bool:
-            return self._generation == generation and not self._closed and not ended
+            return not self._connector.closed_since(epoch) and not ended
 
         # redis-py may lose a cancellation (see the end): a reader or a retry may go on after
         # the subscription ended. It then starts nothing, and hands nothing to a queue that
@@ -390,9 +420,14 @@ class RedisClusterTransport(Transport):
             if not first:  # the slot map named a node that failed again: the failover is on
                 await asyncio.sleep(max(0.0, min(delay, retry.deadline - loop.time())))
             try:
-                await self._load_slots(min(retry.deadline, loop.time() + self.connect_timeout))
+                # One round over the nodes; the backoff between rounds is the retry's.
+                deadline = min(retry.deadline, loop.time() + self.connect_timeout)
+                self._slots = await self._load_slots(deadline)
+                self._stale = False
                 groups = self._by_owner(names, what)
-            except TransportError as exc:
+            except (*_ERRORS, TransportError) as exc:
+                if not isinstance(exc, TransportError):
+                    exc = TransportError(f"no node answered: {self._describe(exc)}")
                 await hand(_Broken(names, exc, retry))
                 return
             for address, group in groups.items():
