@@ -29,7 +29,9 @@ When ``on_ready(resumed)`` is called
 Failure. The connection never reconnects by itself (nats-py's reconnect would hide the time
 it was away): a lost or stalled connection (``health_check_interval``: PINGs, two unanswered
 close it) closes the client and ends every subscription with ``ConnectionLost``. ``connect()``
-tries the nodes in turn, starting after the one used last, until ``connect_timeout``. A
+tries the nodes in turn, starting after the one used last, each with an equal share of the time
+left (a node that never answers cannot use up ``connect_timeout``), backing off between rounds
+over them, until ``connect_timeout``; a refused password fails at once. A
 subscription that hears nothing for ``health_check_interval`` asks whether its consumer still
 exists (a node restart or a lost stream leader can drop it) and ends if not.
 
