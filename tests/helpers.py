@@ -59,3 +59,42 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within the timeout")
         await asyncio.sleep(interval)
+
+
+class SilentServer:
+    """A TCP server that takes connections, reads what they send and never answers (a hung
+    node, or a port forward to one). ``accepted`` counts connections, ``open`` those the
+    client has not closed yet. Use as ``async with SilentServer() as server``."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        self._writers.add(writer)
+        try:
+            while await reader.read(4096):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+    async def __aenter__(self) -> SilentServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()

@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from cachesync.errors import ConfigError
+from cachesync.errors import ConfigError, TransportError
 from cachesync.transports.base import from_url
 
-from .clusters import ProcessGroup, nats_cluster, wait_until
+from .clusters import ProcessGroup, free_ports, nats_cluster, wait_until
 from .engine_tools import Feeder, Reader, in_order_without_gaps, require_binary
 from .tcpproxy import TcpProxy, proxied_url
 from .test_transport_contract import Subscriber, delete_nats_streams
@@ -281,3 +281,32 @@ async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
         assert_coherent(sync, owner, reads, bound=0.5)
     finally:
         _restart(nats_nodes, nodes[0].name, wait=False)
+
+
+async def test_a_refused_password_fails_at_once() -> None:
+    # A nats-server of its own that asks for a password (the machine's takes any): a wrong one
+    # is not retried until connect_timeout.
+    require_binary("nats-server")
+    port = free_ports(1)[0]
+    group = ProcessGroup("nats-auth")
+    group.add(
+        "auth",
+        ["nats-server", "-a", "127.0.0.1", "-p", str(port), "--user", "u", "--pass", "right"],
+        port,
+    )
+    try:
+        await asyncio.to_thread(group.start, "auth")
+        wrong = NatsTransport(f"nats://u:wrong@127.0.0.1:{port}", connect_timeout=10.0)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransportError, match="refused") as caught:
+                await wrong.connect()
+        finally:
+            await wrong.close()
+        assert time.monotonic() - started < 3.0
+        assert "wrong" not in str(caught.value)
+        right = NatsTransport(f"nats://u:right@127.0.0.1:{port}", connect_timeout=5.0)
+        await right.connect()
+        await right.close()
+    finally:
+        await asyncio.to_thread(group.stop)

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from cachesync.errors import ConnectionLost, StateError, TransportError
-from cachesync.transports.base import Transport, from_url
+from cachesync.transports.base import ConnectionState, Transport, from_url
 
+from .helpers import SilentServer, eventually
 from .tcpproxy import TcpProxy, proxied_url
 
 pytestmark = pytest.mark.timeout(20)
@@ -555,6 +556,118 @@ async def test_connect_to_a_dead_broker_fails_quickly_and_hides_the_password(
     assert "***" in transport.safe_url
     assert transport.safe_url in message
     assert elapsed < 3.0, f"connect took {elapsed:.1f}s with connect_timeout=0.5"
+
+
+def _state(transport: Transport) -> ConnectionState:
+    """Where ``transport`` is in its lifecycle (every transport here reports it)."""
+    state: ConnectionState = transport.state  # type: ignore[attr-defined]
+    return state
+
+
+async def test_publish_after_a_failed_connect_is_a_transport_error(harness: Harness) -> None:
+    # Not a lifecycle error: connect() was called, the broker is what is missing.
+    if harness.kind == "memory":
+        pytest.skip("memory:// has no broker to be down")
+    transport = harness.make(_with_password(harness.url, _free_port()), connect_timeout=0.3)
+    try:
+        with pytest.raises(TransportError):
+            await transport.connect()
+        assert _state(transport) is ConnectionState.FAILED
+        with pytest.raises(TransportError) as caught:
+            await transport.publish(harness.channel(), b"x")
+        assert not isinstance(caught.value, StateError)
+    finally:
+        await transport.close()
+    assert _state(transport) is ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+async def test_close_during_connect_gives_up_at_once_and_leaves_nothing_open(
+    harness: Harness, how: str
+) -> None:
+    # connect() is retrying (a port nobody listens on) or waiting for a node that took the TCP
+    # connection and never answers, with a long connect_timeout; close() ends it.
+    if harness.kind == "memory":
+        pytest.skip("memory:// has no broker to wait for")
+    async with SilentServer() as silent:
+        port = silent.port if how == "silent" else _free_port()
+        transport = harness.make(_with_password(harness.url, port), connect_timeout=30.0)
+        connecting = asyncio.create_task(transport.connect())
+        try:
+            if how == "silent":
+                await eventually(lambda: silent.accepted > 0, timeout=5)
+            else:
+                await asyncio.sleep(0.3)  # a few attempts and backoffs: nothing to await
+            assert not connecting.done()
+            started = time.monotonic()
+            await transport.close()
+            with pytest.raises(TransportError, match="closed while connecting"):
+                await asyncio.wait_for(connecting, 5)
+            assert time.monotonic() - started < 1.0
+            assert _state(transport) is ConnectionState.CLOSED
+            await eventually(lambda: silent.open == 0, timeout=5)
+            with pytest.raises(StateError):
+                await transport.publish(harness.channel(), b"x")
+        finally:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await transport.close()
+
+
+# Transports whose URL may name several nodes, tried in turn by connect().
+HOST_LISTS = {"amqp", "amqp+stream", "nats", "redis+cluster"}
+
+
+def _silent_host_first(url: str, port: int) -> str:
+    """``url`` with ``127.0.0.1:port`` put first in its host list."""
+    scheme, _, rest = url.partition("://")
+    netloc_end = len(rest)
+    for mark in "/?":
+        if mark in rest:
+            netloc_end = min(netloc_end, rest.index(mark))
+    userinfo, at, _ = rest[:netloc_end].rpartition("@")
+    start = len(userinfo) + len(at)
+    return f"{scheme}://{rest[:start]}127.0.0.1:{port},{rest[start:]}"
+
+
+async def test_a_first_host_that_never_answers_gets_only_its_share(harness: Harness) -> None:
+    # The first node takes the TCP connection and never speaks: it gets half of
+    # connect_timeout (its share of a round over two), and the live node the rest.
+    if harness.kind not in HOST_LISTS:
+        pytest.skip("one host per URL")
+    async with SilentServer() as silent:
+        transport = harness.make(_silent_host_first(harness.url, silent.port), connect_timeout=4.0)
+        started = time.monotonic()
+        try:
+            await transport.connect()
+            elapsed = time.monotonic() - started
+            assert silent.accepted == 1
+            assert elapsed < 3.0, f"connect took {elapsed:.1f}s with connect_timeout=4"
+            assert _state(transport) is ConnectionState.OPEN
+            await transport.publish(harness.channel(), b"via the second host")
+        finally:
+            await transport.close()
+        await eventually(lambda: silent.open == 0, timeout=5)
+
+
+def _with_userinfo(url: str, userinfo: str) -> str:
+    """``url`` with ``userinfo`` as its user-info (in place of its own, if any)."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{userinfo}@{netloc.rpartition('@')[2]}{slash}{path}"
+
+
+async def test_refused_credentials_fail_at_once(harness: Harness) -> None:
+    if harness.kind in ("memory", "nats"):
+        pytest.skip("no credentials to refuse (the local nats-server takes any)")
+    transport = harness.make(_with_userinfo(harness.url, "nobody:wrong"), connect_timeout=10.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError, match="refused"):
+            await transport.connect()
+    finally:
+        await transport.close()
+    assert time.monotonic() - started < 3.0
 
 
 async def test_a_network_drop_reaches_a_subscription(harness: Harness) -> None:
