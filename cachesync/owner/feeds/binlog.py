@@ -52,8 +52,11 @@ def _json(value: Any) -> Any:
         return str(value)
 
 
+_JSON_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
 def _row(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: _json(v) for k, v in values.items()}
+    return {k: v if type(v) in _JSON_TYPES else _json(v) for k, v in values.items()}
 
 
 class Reader:
