@@ -231,8 +231,9 @@ class Reader:
             self.gtids[gtid.split("-", 1)[0]] = gtid
 
     def _gtid(self) -> str | None:
-        if not self.gtids:
-            return None
+        gtids = self.gtids
+        if len(gtids) < 2:  # no GTIDs, or the usual single replication domain
+            return next(iter(gtids.values()), None)
         return ",".join(self.gtids[domain] for domain in sorted(self.gtids, key=int))
 
 
