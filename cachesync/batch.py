@@ -150,6 +150,7 @@ def wrap_many_async(
         missing: list[str] = []
         revalidate: list[str] = []
         now = clock()  # once per batch: the hit clock may be paused while idle
+        loop = asyncio.get_running_loop()
         for key in wanted:
             entry = get(key)
             if entry is not None and entry.expires > now and entry.gen is serving:
@@ -166,9 +167,11 @@ def wrap_many_async(
                     found[key] = stale.value
                 if flight is None:
                     revalidate.append(key)
-            elif flight is not None:
+            elif flight is not None and flight.waiter.get_loop() is loop:
                 joined.append((key, flight))
             else:
+                # Not filling, or filling on another event loop (another thread's, or one that
+                # has ended), whose future this one cannot await: fetch here.
                 missing.append(key)
         if revalidate:
             _spawn_fill(

@@ -40,6 +40,8 @@ from .signing import Signer
 from .transports.base import from_url, redact_url, scrub
 
 if TYPE_CHECKING:
+    import httpx
+
     from .demo import DemoConfig, DemoResult, ProgressPrinter
 
 __all__ = ["CommandError", "UsageError", "bench", "fetch_state", "listen", "main", "publish"]
@@ -181,47 +183,30 @@ async def fetch_state(owner_url: str, *, timeout: float = 5.0) -> Any:
 
     Raises :class:`CommandError` when the owner cannot be reached or does not answer JSON.
     """
-    import httpx
-
     if not owner_url.startswith(("http://", "https://")):
         raise UsageError(
             f"give the owner's base URL, like http://127.0.0.1:8000 (got {owner_url!r})"
         )
     target = owner_url.rstrip("/") + "/cachesync/state"
-    shown = redact_url(target)
-    try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            response = await client.get(target)
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise CommandError(f"could not reach the owner at {shown}: {reason}") from None
+    response = await _get(target, "the owner", timeout)
     if response.status_code != 200:
         raise CommandError(
-            f"{shown} answered {response.status_code}; is {redact_url(owner_url)} the base URL "
-            "of an owner that serves the cachesync state route?"
+            f"{redact_url(target)} answered {response.status_code}; is "
+            f"{redact_url(owner_url)} the base URL of an owner that serves the cachesync "
+            "state route?"
         )
-    try:
-        return response.json()
-    except ValueError:
-        raise CommandError(f"{shown} did not answer JSON") from None
+    return _json(response, target)
 
 
 async def fetch_explain(url: str, ns: str, key: str, *, timeout: float = 5.0) -> Any:
     """``GET {url}/cachesync/explain?ns=NS&key=KEY`` of a running consumer instance (one that
     mounts ``consumer_router``); ``url`` may also be the full explain URL."""
-    import httpx
-
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"give the instance's base URL, like http://127.0.0.1:8001 (got {url!r})")
     base = url.rstrip("/")
     target = base if base.endswith("/explain") else base + "/cachesync/explain"
     shown = redact_url(target)
-    try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            response = await client.get(target, params={"ns": ns, "key": key})
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise CommandError(f"could not reach the instance at {shown}: {reason}") from None
+    response = await _get(target, "the instance", timeout, {"ns": ns, "key": key})
     if response.status_code == 404:
         try:
             detail = response.json().get("detail")
@@ -237,10 +222,28 @@ async def fetch_explain(url: str, ns: str, key: str, *, timeout: float = 5.0) ->
         )
     if response.status_code != 200:
         raise CommandError(f"{shown} answered {response.status_code}")
+    return _json(response, target)
+
+
+async def _get(
+    target: str, who: str, timeout: float, params: dict[str, str] | None = None
+) -> httpx.Response:
+    """``GET target``; CommandError naming ``who`` when it cannot be reached."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            return await client.get(target, params=params)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise CommandError(f"could not reach {who} at {redact_url(target)}: {reason}") from None
+
+
+def _json(response: httpx.Response, target: str) -> Any:
     try:
         return response.json()
     except ValueError:
-        raise CommandError(f"{shown} did not answer JSON") from None
+        raise CommandError(f"{redact_url(target)} did not answer JSON") from None
 
 
 def bench(args: Sequence[str], *, root: Path | None = None) -> int:

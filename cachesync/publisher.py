@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
 from .backoff import Backoff
 from .errors import StateError, TransportError
-from .events import DEFAULT_CHANNEL, READABLE_SCHEMAS, SCHEMA_VERSION, ChangeEvent, Op
+from .events import (
+    DEFAULT_CHANNEL,
+    READABLE_SCHEMAS,
+    SCHEMA_VERSION,
+    ChangeEvent,
+    Op,
+    encode_fields,
+)
 from .lifecycle import Service
 from .runner import INHERITED, LoopThread
 from .signing import Signer
@@ -38,6 +46,9 @@ class Change(NamedTuple):
     value: Any = None
     ts: float | None = None
     tags: tuple[str, ...] = ()
+
+
+_MAX_NS = 256  # ChangeEvent.ns's max_length
 
 
 def _check(change: Change) -> None:
@@ -208,34 +219,55 @@ class Publisher(Service):
 
     async def send_many(self, changes: Sequence[Change]) -> list[ChangeEvent]:
         """Publish several events with consecutive ``seq`` s, in order, batching the broker
-        round trips where the transport can (the outbox relay's path)."""
+        round trips where the transport can."""
+        events: list[ChangeEvent] = []
+        await self._send_changes(changes, events)
+        return events
+
+    async def send_batch(self, changes: Sequence[Change]) -> int:
+        """As :meth:`send_many`, without building the event objects: the path of the change
+        feeds and the outbox relay, where a batch holds thousands of changes. The bytes sent
+        are the same; a change that is not a valid event raises the same ValueError, and
+        nothing is published. Returns how many events went out."""
+        await self._send_changes(changes, None)
+        return len(changes)
+
+    async def _send_changes(
+        self, changes: Sequence[Change], events: list[ChangeEvent] | None
+    ) -> None:
+        """Publish ``changes``; ``events``, when given, gets the models of what was sent."""
         if not self._running:
             raise StateError("Publisher is not started: use 'async with Publisher(...)'")
         for change in changes:
             _check(change)
         if not changes:
-            return []
+            return
         async with self._lock:
             # Every event is built and encoded before any seq is taken: a change that cannot
             # go out must not leave a gap that makes every consumer flush.
             # Seqs run per channel (a transport may spread namespaces over channels: see
             # Transport.channel_for); they are taken only once every event is valid.
             taken: dict[str, int] = {}
-            events = []
-            encoded: dict[int, bytes] = {}  # kept to send: an event is encoded once
             wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
+            payloads: list[bytes] = []
             for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
                 seq = taken.get(wire, self._last_seq(wire)) + 1
                 try:
-                    event = self._event(seq, change)
-                    encoded[id(event)] = self._payload(event)
+                    payload = None if events is not None else self._plain_payload(seq, change)
+                    if payload is None:
+                        event = self._event(seq, change)
+                        payload = self._payload(event)
+                        if events is not None:
+                            events.append(event)
                 except (ValueError, TypeError) as exc:
+                    if events is not None:
+                        events.clear()
                     raise ValueError(
                         f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
                         f"a valid event: {_first_line(exc)}; nothing was published"
                     ) from None
                 taken[wire] = seq
-                events.append(event)
+                payloads.append(payload)
             for wire, seq in taken.items():
                 if wire == self.channel:
                     self.seq = seq
@@ -244,8 +276,7 @@ class Publisher(Service):
             for change, wire in zip(changes, wires, strict=True):
                 if wire != self.channel:
                     self._wire_ns.setdefault(wire, change.ns)
-            await self._send(events, encoded=encoded)
-        return events
+            await self._send_payloads(list(zip(wires, payloads, strict=True)))
 
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
@@ -294,48 +325,79 @@ class Publisher(Service):
             tags=tuple(change.tags) if change.tags else None,
         )
 
+    def _plain_payload(self, seq: int, change: Change) -> bytes | None:
+        """The bytes of the event for ``change`` without building the model, when every field
+        is of the plain kind the model takes as it is (``_check`` has seen the keys); None
+        otherwise, and the model decides (and gives the error)."""
+        ts = self._clock() if change.ts is None else change.ts
+        version = change.version
+        keys = change.keys
+        if (
+            self._signer is not None
+            or type(change.op) is not Op
+            or type(change.ns) is not str
+            or len(change.ns) > _MAX_NS
+            or type(keys) is not tuple
+            or not (version is None or type(version) is int)
+            or type(ts) is not float
+            or not math.isfinite(ts)
+            or (change.tags and (self.schema_version < 2 or type(change.tags) is not tuple))
+        ):
+            return None
+        try:
+            return encode_fields(
+                v=self.schema_version,
+                source=self.source,
+                seq=seq,
+                ns=change.ns,
+                op=change.op,
+                keys=keys,
+                version=version,
+                value=change.value,
+                ts=ts,
+                tags=change.tags or None,
+            )
+        except Exception:  # a value pydantic cannot write: the model says why
+            return None
+
     def _payload(self, event: ChangeEvent) -> bytes:
         """The bytes sent for ``event``: signed when the publisher has a key."""
         signer = self._signer
         return (signer.sign(event) if signer is not None else event).encode()
 
-    async def _send(
-        self,
-        events: Sequence[ChangeEvent],
-        *,
-        timeout: float | None = None,
-        encoded: Mapping[int, bytes] | None = None,
+    async def _send(self, events: Sequence[ChangeEvent], *, timeout: float | None = None) -> None:
+        """Publish ``events`` (see :meth:`_send_payloads`), each on its namespace's channel."""
+        wire = self.channel
+        pairs = []
+        for event in events:
+            wire = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
+            pairs.append((wire, self._payload(event)))
+        await self._send_payloads(pairs, timeout=timeout)
+
+    async def _send_payloads(
+        self, payloads: Sequence[tuple[str, bytes]], *, timeout: float | None = None
     ) -> None:
-        """Publish ``events``, retrying (and reconnecting) for ``timeout`` seconds at most,
-        ``publish_timeout`` by default, from the first attempt to the last: a stalled network
-        or a broker that is down makes it raise TransportError in time, and the next call
-        tries again on a fresh connection, however long the outage lasts. Consecutive events
-        for one channel go out together, in order. ``encoded`` maps ``id(event)`` to its
-        bytes, when they are known already."""
+        """Publish each ``(channel, bytes)``, retrying (and reconnecting) for ``timeout``
+        seconds at most, ``publish_timeout`` by default, from the first attempt to the last: a
+        stalled network or a broker that is down makes it raise TransportError in time, and
+        the next call tries again on a fresh connection, however long the outage lasts.
+        Consecutive payloads for one channel go out together, in order."""
         budget = self.publish_timeout if timeout is None else timeout
         deadline = asyncio.get_running_loop().time() + budget
-        run: list[ChangeEvent] = []
+        run: list[bytes] = []
         wire = self.channel
-        for event in events:
-            target = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
+        for target, payload in payloads:
             if run and target != wire:
-                await self._send_to(wire, run, deadline, budget, encoded)
+                await self._send_to(wire, run, deadline, budget)
                 run = []
             wire = target
-            run.append(event)
+            run.append(payload)
         if run:
-            await self._send_to(wire, run, deadline, budget, encoded)
+            await self._send_to(wire, run, deadline, budget)
 
     async def _send_to(
-        self,
-        channel: str,
-        events: Sequence[ChangeEvent],
-        deadline: float,
-        budget: float,
-        encoded: Mapping[int, bytes] | None = None,
+        self, channel: str, payloads: Sequence[bytes], deadline: float, budget: float
     ) -> None:
-        known = encoded or {}
-        payloads = [known.get(id(e)) or self._payload(e) for e in events]
         loop = asyncio.get_running_loop()
         backoff: Backoff | None = None  # made on the first failure: seeding it reads urandom
         while True:

@@ -187,6 +187,38 @@ def test_reads_of_one_key_on_two_event_loops(unique: str) -> None:
     assert results == ["usd"]
 
 
+def test_a_batch_read_of_a_key_filling_on_another_loop_fetches_it_here(unique: str) -> None:
+    # A single read on a background thread's loop fills USD; a batch read on the main loop
+    # wants USD too. Before: the batch joined the other loop's flight, a future it cannot
+    # await, and raised RuntimeError.
+    sync = CacheSync(f"memory://{unique}")
+    started, release = threading.Event(), threading.Event()
+
+    async def fetch_many(codes: list[str]) -> dict[str, str]:
+        started.set()
+        await asyncio.to_thread(release.wait, 5)
+        return {code: code.lower() for code in codes}
+
+    get_many = sync.cached_many("fx")(fetch_many)
+    results: list[dict[str, str]] = []
+    thread = threading.Thread(target=lambda: results.append(asyncio.run(get_many(["USD"]))))
+    thread.start()
+    assert started.wait(5)
+
+    async def main_loop_read() -> dict[str, str]:
+        reader = asyncio.create_task(get_many(["USD", "EUR"]))
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.wait_for(reader, 5)
+
+    try:
+        assert asyncio.run(main_loop_read()) == {"USD": "usd", "EUR": "eur"}
+    finally:
+        release.set()
+        thread.join(5)
+    assert results == [{"USD": "usd"}]
+
+
 def test_a_fill_on_another_loop_cannot_store_after_an_invalidation(unique: str) -> None:
     # A read on a second loop starts its own fill instead of joining the first loop's. The
     # first fill, no longer in the map of flights, must not be left where no invalidation

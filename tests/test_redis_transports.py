@@ -661,3 +661,60 @@ def info(
 )
 def test_gap(position: StreamId, count: int | None, snapshot: _Info | None, lost: bool) -> None:
     assert _gap(position, count, snapshot) is lost
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_a_large_batch_goes_out_in_order_in_a_few_script_calls(
+    rd: Redis, admin: aioredis.Redis, scheme: str
+) -> None:
+    from cachesync.transports.redis.connection import SCRIPT_BATCH, SCRIPT_BATCH_BYTES
+
+    big = b"B" * (SCRIPT_BATCH_BYTES + 10)  # alone in its call
+    payloads = [b"%d" % i for i in range(2 * SCRIPT_BATCH + 3)]
+    payloads.insert(5, big)
+    calls_before = _eval_calls(await admin.info("commandstats"))
+    async with (
+        from_url(rd.url(scheme, rd.sub_name), connect_timeout=5.0) as transport,
+        from_url(rd.url(scheme, rd.pub_name), connect_timeout=5.0) as pub,
+        subscribed(transport, rd.channel) as sub,
+    ):
+        await pub.publish_many(rd.channel, payloads)
+        assert await sub.wait_for(len(payloads)) == payloads
+    calls = _eval_calls(await admin.info("commandstats")) - calls_before
+    assert 4 <= calls <= 6  # 5 expected; other tests may run scripts too, not many
+
+
+def _eval_calls(stats: dict[str, object]) -> int:
+    entry = stats.get("cmdstat_eval")
+    return int(entry["calls"]) if isinstance(entry, dict) else 0
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+stream"])
+async def test_a_server_that_refuses_scripts_gets_one_command_per_message(
+    rd: Redis, admin: aioredis.Redis, scheme: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = f"cachesync-noscript-{unique}"
+    await admin.execute_command(
+        "ACL", "SETUSER", user, "on", ">secret", "~*", "&*", "+@all", "-eval"
+    )
+    try:
+        url = rd.url(scheme, rd.pub_name).replace("redis://", f"redis://{user}:secret@", 1)
+        url = url.replace("redis+stream://", f"redis+stream://{user}:secret@", 1)
+        payloads = [b"%d" % i for i in range(10)]
+        async with (
+            from_url(rd.url(scheme, rd.sub_name), connect_timeout=5.0) as transport,
+            from_url(url, connect_timeout=5.0) as pub,
+            subscribed(transport, rd.channel) as sub,
+        ):
+            with caplog.at_level("INFO", logger="cachesync.transports.redis"):
+                await pub.publish_many(rd.channel, payloads[:5])
+                await pub.publish_many(rd.channel, payloads[5:])
+            assert await sub.wait_for(10) == payloads
+        refused = [r for r in caplog.records if "does not run scripts" in r.getMessage()]
+        assert len(refused) == 1  # then it no longer tries
+        assert "secret" not in refused[0].getMessage()
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)

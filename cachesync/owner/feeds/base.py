@@ -399,7 +399,7 @@ class ChangeFeed(Service):
                     self._pending_since = batch.changes[0].ts
                 changes = self._events(batch.changes)
                 if changes:
-                    await self.publisher.send_many(changes)
+                    await self.publisher.send_batch(changes)
             if batch.position is not None:
                 await self.source.confirm(batch.position)
                 self._stats["transactions"] += batch.commits
@@ -425,36 +425,39 @@ class ChangeFeed(Service):
 
     def _events(self, rows: Sequence[RowChange]) -> list[Change]:
         changes: list[Change] = []
-        stats = self._stats
+        append = changes.append
+        upserts = deletes = flushes = 0
         for change in rows:
             table = change.table
             ns = table.namespace
-            stats["changes"] += 1
+            ts = change.ts
             if change.kind == "truncate":
-                changes.append(Change(Op.FLUSH, ns, (), ts=change.ts))
-                stats["flushes"] += 1
+                append(Change(Op.FLUSH, ns, (), None, None, ts))
+                flushes += 1
                 continue
             row = change.row or {}
             key = self._key(table, row)
             if key is None:
-                changes.append(Change(Op.FLUSH, ns, (), ts=change.ts))
-                stats["flushes"] += 1
+                append(Change(Op.FLUSH, ns, (), None, None, ts))
+                flushes += 1
                 continue
             version = self._version(table, row)
             if change.kind == "delete":
-                changes.append(Change(Op.DELETE, ns, (key,), version=version, ts=change.ts))
-                stats["deletes"] += 1
+                append(Change(Op.DELETE, ns, (key,), version, None, ts))
+                deletes += 1
                 continue
             if change.old:
                 old_key = self._key(table, change.old, quiet=True)
                 if old_key is not None and old_key != key:
-                    changes.append(Change(Op.DELETE, ns, (old_key,), ts=change.ts))
-                    stats["deletes"] += 1
-            value = self._value(table, row)
-            changes.append(
-                Change(Op.UPSERT, ns, (key,), version=version, value=value, ts=change.ts)
-            )
-            stats["upserts"] += 1
+                    append(Change(Op.DELETE, ns, (old_key,), None, None, ts))
+                    deletes += 1
+            append(Change(Op.UPSERT, ns, (key,), version, self._value(table, row), ts))
+            upserts += 1
+        stats = self._stats
+        stats["changes"] += len(rows)
+        stats["upserts"] += upserts
+        stats["deletes"] += deletes
+        stats["flushes"] += flushes
         return changes
 
     def _schema_error(self, table: Table, message: str) -> None:
@@ -471,6 +474,12 @@ class ChangeFeed(Service):
         )
 
     def _key(self, table: Table, row: Mapping[str, Any], *, quiet: bool = False) -> str | None:
+        if len(table.keys) == 1:  # the common case, first
+            value = row.get(table.keys[0])
+            if type(value) is str:
+                return value
+            if type(value) is int:
+                return str(value)
         parts = []
         for column in table.keys:
             value = row.get(column, _MISSING)
@@ -489,6 +498,8 @@ class ChangeFeed(Service):
         if table.version is None:
             return None
         value = row.get(table.version, _MISSING)
+        if type(value) is int:
+            return value
         if value is _MISSING:
             self._schema_error(
                 table, f"{table.name} has no version column {table.version!r}; sent without"
@@ -505,19 +516,32 @@ class ChangeFeed(Service):
     def _value(self, table: Table, row: Mapping[str, Any]) -> Any:
         if table.value is False:
             return None
-        columns = row.keys() if table.value is True else table.value
+        whole = table.value is True
+        columns: Iterable[str] = row.keys() if table.value is True else table.value
         value = {}
+        # An upper bound of the value's JSON size: a JSON string takes at most 6 bytes per
+        # character (\\uXXXX), so rows of short values are passed without encoding them.
+        bound = 0
         for column in columns:
             item = row.get(column, _MISSING)
-            if item is _MISSING and table.value is not True:
+            kind = type(item)
+            if kind is str:
+                bound += 6 * (len(column) + len(item)) + 8
+            elif kind in _SCALARS:
+                bound += 6 * len(column) + 40
+            elif item is _MISSING and not whole:
                 self._schema_error(
                     table, f"{table.name} has no column {column!r}; sent as an invalidation"
                 )
                 return None
-            if not _is_plain(item):  # a value the log did not carry: invalidate instead
+            elif not _is_plain(item):  # a value the log did not carry: invalidate instead
                 return None
+            elif isinstance(item, list | dict):
+                bound = MAX_VALUE_BYTES + 1  # nested: only its encoding tells
+            else:  # a subclass of a scalar type
+                bound += 6 * len(column) + (6 * len(item) if isinstance(item, str) else 32) + 8
             value[column] = item
-        if _too_large(value):
+        if bound > MAX_VALUE_BYTES and _too_large(value):
             # Consumers drop an event over their max_event_bytes: its cache entry would stay
             # stale. Without the value they fetch it.
             self._stats["oversized_values"] += 1
@@ -531,22 +555,16 @@ _MISSING: Any = object()
 MAX_VALUE_BYTES = MAX_EVENT_BYTES - 4096  # room for the event's other fields
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _too_large(value: dict[str, Any]) -> bool:
-    # A JSON string takes at most 6 bytes per character (\\uXXXX): rows of short values are
-    # passed without encoding them.
-    bound = 0
-    for column, item in value.items():
-        if isinstance(item, list | dict):
-            bound = MAX_VALUE_BYTES + 1
-            break
-        bound += 6 * len(column) + (6 * len(item) if isinstance(item, str) else 32) + 8
-    if bound <= MAX_VALUE_BYTES:
-        return False
     return len(json.dumps(value, separators=(",", ":")).encode()) > MAX_VALUE_BYTES
 
 
 def _is_plain(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool | list | dict)
+    kind = type(value)
+    return kind is str or kind in _SCALARS or isinstance(value, str | int | float | list | dict)
 
 
 def make_source(dsn: str, tables: Sequence[Table], name: str) -> Source:

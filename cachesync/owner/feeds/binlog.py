@@ -52,8 +52,11 @@ def _json(value: Any) -> Any:
         return str(value)
 
 
+_JSON_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
 def _row(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: _json(v) for k, v in values.items()}
+    return {k: v if type(v) in _JSON_TYPES else _json(v) for k, v in values.items()}
 
 
 class Reader:
@@ -228,8 +231,9 @@ class Reader:
             self.gtids[gtid.split("-", 1)[0]] = gtid
 
     def _gtid(self) -> str | None:
-        if not self.gtids:
-            return None
+        gtids = self.gtids
+        if len(gtids) < 2:  # no GTIDs, or the usual single replication domain
+            return next(iter(gtids.values()), None)
         return ",".join(self.gtids[domain] for domain in sorted(self.gtids, key=int))
 
 

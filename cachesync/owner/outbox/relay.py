@@ -349,7 +349,7 @@ class OutboxRelay(Service):
                 notes[row_id] = note
         try:
             # One batch, one broker round trip where the transport can (a Redis pipeline).
-            await self.publisher.send_many([change for _, change in ready])
+            await self.publisher.send_batch([change for _, change in ready])
         except (TransportError, StateError):
             # None of the batch is marked sent (some may have gone out: at least once), and
             # no note is written: a row with a failed_reason is never selected again, so a

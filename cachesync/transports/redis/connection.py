@@ -178,6 +178,7 @@ class RedisTransportBase(Transport):
         # again after a failure. One command at a time, under the lock.
         self._command_conn: AbstractConnection | None = None
         self._command_lock = asyncio.Lock()
+        self._scripts = True  # False once the server refused a batch script
         # Connections owned by live subscriptions: close() shuts them to end the iterators.
         self._subscriber_connections: set[AbstractConnection] = set()
         self._closing_connections: set[AbstractConnection] = set()
@@ -293,6 +294,11 @@ class RedisTransportBase(Transport):
         says which."""
         raise NotImplementedError
 
+    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
+        """A Lua script that publishes its ``ARGV`` (after the leading arguments returned with
+        it) on ``KEYS[1]``, in order, as ``_command`` would one by one; None if there is none."""
+        return None
+
     async def publish(self, channel: str, payload: bytes) -> None:
         """Publish one message; raises TransportError when Redis cannot be reached (the next
         publish tries a new connection)."""
@@ -301,8 +307,37 @@ class RedisTransportBase(Transport):
         await self._publish(channel, [self._command(channel, bytes(payload))])
 
     async def publish_many(self, channel: str, payloads: Sequence[bytes]) -> None:
-        """Publish the messages in order, in one pipelined round trip."""
-        if payloads:
+        """Publish the messages in order, in one pipelined round trip.
+
+        Several messages go out as a few ``EVAL`` s of the transport's batch script (up to
+        ``SCRIPT_BATCH`` messages or ``SCRIPT_BATCH_BYTES`` each, so the server serves other
+        clients in between): one command per batch instead of one per message, which costs
+        the client about a tenth of the CPU. A server that refuses scripts (an ACL without
+        ``EVAL``, a managed service that disables them) gets one command per message from
+        then on.
+        """
+        if not payloads:
+            return
+        script = self._batch_script() if self._scripts and len(payloads) > 1 else None
+        if script is None:
+            await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
+            return
+        body, leading = script
+        head = (b"EVAL", body, b"1", channel.encode(), *leading)
+        commands = [(*head, *chunk) for chunk in _chunks(payloads)]
+        try:
+            await self._publish(channel, commands)
+        except TransportError as exc:
+            if not isinstance(exc.__cause__, redis_errors.ResponseError) or not _no_scripts(
+                exc.__cause__
+            ):
+                raise
+            log.info(
+                "Redis at %s does not run scripts (%s): publishing one command per message",
+                self.safe_url,
+                exc.__cause__,
+            )
+            self._scripts = False
             await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
 
     async def _publish(self, channel: str, commands: list[tuple[bytes, ...]]) -> None:
@@ -393,6 +428,37 @@ class RedisTransportBase(Transport):
 
     def _refused(self, what: str, exc: BaseException) -> TransportError:
         return TransportError(f"Redis at {self.safe_url} refused the {what}: {self._describe(exc)}")
+
+
+SCRIPT_BATCH = 128
+"""Messages per ``EVAL`` of a batch script at most."""
+SCRIPT_BATCH_BYTES = 1 << 20
+"""Bytes of messages per ``EVAL`` at most (a single larger message goes alone)."""
+
+
+def _chunks(payloads: Sequence[bytes]) -> list[list[bytes]]:
+    chunks: list[list[bytes]] = []
+    chunk: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        data = bytes(payload)
+        if chunk and (len(chunk) >= SCRIPT_BATCH or size + len(data) > SCRIPT_BATCH_BYTES):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _no_scripts(exc: redis_errors.ResponseError) -> bool:
+    """Whether the error says the server does not run scripts for us (not a failure of the
+    script itself, which would fail one command per message the same way)."""
+    if isinstance(exc, redis_errors.NoPermissionError):
+        return True  # the ACL refuses EVAL (or the channel: then publishing fails again)
+    text = str(exc).lower()
+    return text.startswith("unknown command") or "disabled" in text
 
 
 async def read_replies(

@@ -35,6 +35,9 @@ from ...errors import ConnectionLost, TransportError
 from ..base import OnReady
 from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase, disconnect
 
+# Publishes every ARGV on the channel KEYS[1], in order: publish_many's batches.
+_PUBLISH_ALL = b"for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end return #ARGV"
+
 try:
     from redis.asyncio.connection import AbstractConnection
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -64,6 +67,9 @@ class RedisPubSubTransport(RedisTransportBase):
 
     def _command(self, channel: str, payload: bytes) -> tuple[bytes, ...]:
         return (b"PUBLISH", channel.encode(), payload)
+
+    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
+        return _PUBLISH_ALL, ()
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None

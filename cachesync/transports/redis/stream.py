@@ -87,6 +87,13 @@ DEFAULT_BATCH: Final = 500
 
 FIELD: Final = b"d"
 """The stream entry field that holds the payload."""
+# Appends every ARGV from the third on to the stream KEYS[1], in order, as the XADD of
+# _command does (ARGV[1] is maxlen, ARGV[2] the field): publish_many's batches.
+_XADD_ALL: Final = (
+    b"local maxlen, field = ARGV[1], ARGV[2] "
+    b"for i = 3, #ARGV do redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, ARGV[i]) "
+    b"end return #ARGV - 2"
+)
 
 StreamId = tuple[int, int]
 _ZERO: StreamId = (0, 0)
@@ -265,6 +272,9 @@ class RedisStreamTransport(RedisTransportBase):
         # Append one entry, trimming the stream to about maxlen.
         maxlen = b"%d" % self.maxlen
         return (b"XADD", channel.encode(), b"MAXLEN", b"~", maxlen, b"*", FIELD, payload)
+
+    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
+        return _XADD_ALL, (b"%d" % self.maxlen, FIELD)
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None
