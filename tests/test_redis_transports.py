@@ -718,3 +718,28 @@ async def test_a_server_that_refuses_scripts_gets_one_command_per_message(
         assert "secret" not in refused[0].getMessage()
     finally:
         await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_refusal_not_about_scripts_leaves_batches_as_scripts(
+    rd: Redis, admin: aioredis.Redis, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ACL that denies the stream's key refuses the EVAL (NOPERM) and the XADD alike: the
+    # server does run scripts. Once the ACL lets the key through, batches are scripts again.
+    user = f"cachesync-nokey-{unique}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">secret", "~other:*", "&*", "+@all")
+    try:
+        url = rd.url("redis+stream", rd.pub_name).replace(
+            "redis+stream://", f"redis+stream://{user}:secret@", 1
+        )
+        async with from_url(url, connect_timeout=5.0) as pub:
+            with caplog.at_level("INFO", logger="cachesync.transports.redis"):
+                with pytest.raises(TransportError, match="refused"):
+                    await pub.publish_many(rd.channel, [b"1", b"2"])
+                await admin.execute_command("ACL", "SETUSER", user, "~*")
+                await pub.publish_many(rd.channel, [b"3", b"4"])
+            clients = [c for c in await admin.client_list() if c["name"] == rd.pub_name]
+            assert [c["cmd"] for c in clients] == ["eval"]
+        assert not [r for r in caplog.records if "does not run scripts" in r.getMessage()]
+        assert [fields[b"d"] for _, fields in await admin.xrange(rd.channel)] == [b"3", b"4"]
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)

@@ -327,18 +327,21 @@ class RedisTransportBase(Transport):
         commands = [(*head, *chunk) for chunk in _chunks(payloads)]
         try:
             await self._publish(channel, commands)
+            return
         except TransportError as exc:
-            if not isinstance(exc.__cause__, redis_errors.ResponseError) or not _no_scripts(
-                exc.__cause__
-            ):
+            refusal = exc.__cause__
+            if not isinstance(refusal, redis_errors.ResponseError) or not _no_scripts(refusal):
                 raise
-            log.info(
-                "Redis at %s does not run scripts (%s): publishing one command per message",
-                self.safe_url,
-                exc.__cause__,
-            )
-            self._scripts = False
-            await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
+        # One command per message. If these are refused too, the refusal was not about scripts
+        # (a NOPERM on the key, writes disabled while a save fails): the next batch tries the
+        # script again.
+        await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
+        log.info(
+            "Redis at %s does not run scripts (%s): publishing one command per message",
+            self.safe_url,
+            refusal,
+        )
+        self._scripts = False
 
     async def _publish(self, channel: str, commands: list[tuple[bytes, ...]]) -> None:
         self._connector.check_usable()
@@ -456,7 +459,7 @@ def _no_scripts(exc: redis_errors.ResponseError) -> bool:
     """Whether the error says the server does not run scripts for us (not a failure of the
     script itself, which would fail one command per message the same way)."""
     if isinstance(exc, redis_errors.NoPermissionError):
-        return True  # the ACL refuses EVAL (or the channel: then publishing fails again)
+        return True  # the ACL refuses EVAL (or the key: then publishing fails again)
     text = str(exc).lower()
     return text.startswith("unknown command") or "disabled" in text
 
