@@ -294,9 +294,10 @@ class RedisTransportBase(Transport):
         says which."""
         raise NotImplementedError
 
-    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
-        """A Lua script that publishes its ``ARGV`` (after the leading arguments returned with
-        it) on ``KEYS[1]``, in order, as ``_command`` would one by one; None if there is none."""
+    def _batch_script(self, channel: bytes) -> tuple[bytes, ...] | None:
+        """The arguments of an ``EVAL`` that publishes the messages appended to them on
+        ``channel``, in order, as ``_command`` would one by one (the script, the number of
+        keys, the keys, the leading arguments); None if there is none."""
         return None
 
     async def publish(self, channel: str, payload: bytes) -> None:
@@ -318,12 +319,13 @@ class RedisTransportBase(Transport):
         """
         if not payloads:
             return
-        script = self._batch_script() if self._scripts and len(payloads) > 1 else None
+        script = None
+        if self._scripts and len(payloads) > 1:
+            script = self._batch_script(channel.encode())
         if script is None:
             await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
             return
-        body, leading = script
-        head = (b"EVAL", body, b"1", channel.encode(), *leading)
+        head = (b"EVAL", *script)
         commands = [(*head, *chunk) for chunk in _chunks(payloads)]
         try:
             await self._publish(channel, commands)
