@@ -18,8 +18,7 @@ import json
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import to_json
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import EventDecodeError, UnknownSchemaError
 
@@ -249,6 +248,10 @@ class _Wire(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 _encode_wire = msgspec.json.Encoder().encode
+# The value as the model's ``value: Any`` field writes it: each nested model by its own config
+# (field names unless it says ``serialize_by_alias``, where pydantic_core.to_json would write
+# every alias), NaN and infinities as null.
+_value_json = TypeAdapter(Any).serializer.to_json
 
 
 def encode_fields(
@@ -269,11 +272,7 @@ def encode_fields(
     same object :meth:`ChangeEvent.encode` writes. ``value`` is written by pydantic's own
     serializer, as the model writes it (a type it cannot write raises its error), the rest by
     msgspec, several times faster than the model's ``model_dump_json``."""
-    raw = (
-        None
-        if value is None
-        else msgspec.Raw(to_json(value, exclude_none=True, inf_nan_mode="null"))
-    )
+    raw = None if value is None else msgspec.Raw(_value_json(value, exclude_none=True))
     return _encode_wire(
         _Wire(
             v=v, source=source, seq=seq, ns=ns, op=op, keys=keys, version=version,

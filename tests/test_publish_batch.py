@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from cachesync.events import ChangeEvent, Op
 from cachesync.publisher import Change, Publisher
@@ -75,6 +75,15 @@ class _Row(BaseModel):
     b: str = "x"
 
 
+class _Aliased(BaseModel):
+    first_name: str = Field(default="x", alias="firstName")
+
+
+class _WrittenByAlias(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+    first_name: str = Field(default="y", alias="firstName")
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -84,6 +93,9 @@ class _Row(BaseModel):
         uuid.UUID(int=7),
         b"bytes",
         _Row(),
+        _Aliased(),  # the model writes field names, not aliases
+        _WrittenByAlias(),  # unless the value's model says otherwise
+        {"both": [_Aliased(), _WrittenByAlias()]},
         _Colour.RED,
         {1: 2},
         (1, 2),
@@ -97,6 +109,16 @@ class _Row(BaseModel):
 def test_encode_writes_what_the_model_writes_for_values_of_other_types(value: Any) -> None:
     event = ChangeEvent(source="s", seq=1, ns="n", op=Op.UPSERT, keys=("k",), value=value, ts=1.0)
     assert event.encode() == event.model_dump_json(exclude_none=True).encode()
+
+
+def test_a_signed_event_with_a_model_value_verifies_once_received() -> None:
+    # The signature covers the model's JSON; the bytes sent must hold the same object, or
+    # every consumer rejects the event.
+    signer = Signer([b"k" * 32])
+    event = ChangeEvent(
+        source="s", seq=1, ns="n", op=Op.UPSERT, keys=("k",), value=_Aliased(), ts=1.0
+    )
+    assert signer.verify(ChangeEvent.decode(signer.sign(event).encode()))
 
 
 def test_encode_refuses_what_the_model_refuses() -> None:

@@ -26,6 +26,7 @@ from cachesync.transports.redis.stream import (
     _Info,
 )
 
+from .clusters import RedisClusterDeployment
 from .helpers import eventually
 from .tcpproxy import TcpProxy, proxied_url
 from .test_transport_contract import Subscriber, kill_redis_clients, subscribed
@@ -718,3 +719,78 @@ async def test_a_server_that_refuses_scripts_gets_one_command_per_message(
         assert "secret" not in refused[0].getMessage()
     finally:
         await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_refusal_not_about_scripts_leaves_batches_as_scripts(
+    rd: Redis, admin: aioredis.Redis, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ACL that denies the stream's key refuses the EVAL (NOPERM) and the XADD alike: the
+    # server does run scripts. Once the ACL lets the key through, batches are scripts again.
+    user = f"cachesync-nokey-{unique}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">secret", "~other:*", "&*", "+@all")
+    try:
+        url = rd.url("redis+stream", rd.pub_name).replace(
+            "redis+stream://", f"redis+stream://{user}:secret@", 1
+        )
+        async with from_url(url, connect_timeout=5.0) as pub:
+            with caplog.at_level("INFO", logger="cachesync.transports.redis"):
+                with pytest.raises(TransportError, match="refused"):
+                    await pub.publish_many(rd.channel, [b"1", b"2"])
+                await admin.execute_command("ACL", "SETUSER", user, "~*")
+                await pub.publish_many(rd.channel, [b"3", b"4"])
+            clients = [c for c in await admin.client_list() if c["name"] == rd.pub_name]
+            assert [c["cmd"] for c in clients] == ["eval"]
+        assert not [r for r in caplog.records if "does not run scripts" in r.getMessage()]
+        assert [fields[b"d"] for _, fields in await admin.xrange(rd.channel)] == [b"3", b"4"]
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_user_allowed_the_channel_but_no_keys_publishes_batches_as_scripts(
+    rd: Redis, admin: aioredis.Redis, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A channel is not a key: an ACL that grants the channel and no key pattern (or only the
+    # application's keys) lets a pub/sub batch go out as a script.
+    user = f"cachesync-channelonly-{unique}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">secret", "~app:*", "&*", "+@all")
+    try:
+        url = rd.url("redis", rd.pub_name).replace("redis://", f"redis://{user}:secret@", 1)
+        payloads = [b"%d" % i for i in range(4)]
+        async with (
+            from_url(rd.url("redis", rd.sub_name), connect_timeout=5.0) as transport,
+            from_url(url, connect_timeout=5.0) as pub,
+            subscribed(transport, rd.channel) as sub,
+        ):
+            with caplog.at_level("INFO", logger="cachesync.transports.redis"):
+                await pub.publish_many(rd.channel, payloads)
+            assert await sub.wait_for(4) == payloads
+            clients = [c for c in await admin.client_list() if c["name"] == rd.pub_name]
+            assert [c["cmd"] for c in clients] == ["eval"]
+        assert not [r for r in caplog.records if "does not run scripts" in r.getMessage()]
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.mark.timeout(60)
+async def test_batches_go_out_on_a_cluster_node_whatever_the_channel_slot(
+    redis_cluster: RedisClusterDeployment, unique: str
+) -> None:
+    # A plain PUBLISH on any node of a Redis Cluster reaches subscribers on every node: a batch
+    # script must not name the channel as a key, which the node would answer with MOVED.
+    port, (first, last) = next(iter(redis_cluster.primaries().items()))
+    node = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        names = [f"cachesync-test-{unique}-{i}" for i in range(64)]
+        slots = [await node.execute_command("CLUSTER", "KEYSLOT", name) for name in names]
+        channel = next(n for n, slot in zip(names, slots, strict=True) if not first <= slot <= last)
+    finally:
+        await node.aclose()
+    url = f"redis://127.0.0.1:{port}"
+    payloads = [b"%d" % i for i in range(5)]
+    async with (
+        from_url(url, connect_timeout=5.0) as transport,
+        from_url(url, connect_timeout=5.0) as pub,
+        subscribed(transport, channel) as sub,
+    ):
+        await pub.publish_many(channel, payloads)
+        assert await sub.wait_for(len(payloads)) == payloads

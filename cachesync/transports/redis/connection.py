@@ -294,9 +294,10 @@ class RedisTransportBase(Transport):
         says which."""
         raise NotImplementedError
 
-    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
-        """A Lua script that publishes its ``ARGV`` (after the leading arguments returned with
-        it) on ``KEYS[1]``, in order, as ``_command`` would one by one; None if there is none."""
+    def _batch_script(self, channel: bytes) -> tuple[bytes, ...] | None:
+        """The arguments of an ``EVAL`` that publishes the messages appended to them on
+        ``channel``, in order, as ``_command`` would one by one (the script, the number of
+        keys, the keys, the leading arguments); None if there is none."""
         return None
 
     async def publish(self, channel: str, payload: bytes) -> None:
@@ -318,27 +319,31 @@ class RedisTransportBase(Transport):
         """
         if not payloads:
             return
-        script = self._batch_script() if self._scripts and len(payloads) > 1 else None
+        script = None
+        if self._scripts and len(payloads) > 1:
+            script = self._batch_script(channel.encode())
         if script is None:
             await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
             return
-        body, leading = script
-        head = (b"EVAL", body, b"1", channel.encode(), *leading)
+        head = (b"EVAL", *script)
         commands = [(*head, *chunk) for chunk in _chunks(payloads)]
         try:
             await self._publish(channel, commands)
+            return
         except TransportError as exc:
-            if not isinstance(exc.__cause__, redis_errors.ResponseError) or not _no_scripts(
-                exc.__cause__
-            ):
+            refusal = exc.__cause__
+            if not isinstance(refusal, redis_errors.ResponseError) or not _no_scripts(refusal):
                 raise
-            log.info(
-                "Redis at %s does not run scripts (%s): publishing one command per message",
-                self.safe_url,
-                exc.__cause__,
-            )
-            self._scripts = False
-            await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
+        # One command per message. If these are refused too, the refusal was not about scripts
+        # (a NOPERM on the key, writes disabled while a save fails): the next batch tries the
+        # script again.
+        await self._publish(channel, [self._command(channel, bytes(p)) for p in payloads])
+        log.info(
+            "Redis at %s does not run scripts (%s): publishing one command per message",
+            self.safe_url,
+            refusal,
+        )
+        self._scripts = False
 
     async def _publish(self, channel: str, commands: list[tuple[bytes, ...]]) -> None:
         self._connector.check_usable()
@@ -456,7 +461,7 @@ def _no_scripts(exc: redis_errors.ResponseError) -> bool:
     """Whether the error says the server does not run scripts for us (not a failure of the
     script itself, which would fail one command per message the same way)."""
     if isinstance(exc, redis_errors.NoPermissionError):
-        return True  # the ACL refuses EVAL (or the channel: then publishing fails again)
+        return True  # the ACL refuses EVAL (or the key: then publishing fails again)
     text = str(exc).lower()
     return text.startswith("unknown command") or "disabled" in text
 

@@ -35,8 +35,13 @@ from ...errors import ConnectionLost, TransportError
 from ..base import OnReady
 from .connection import FAILURES, FAILURES_OR_TIMEOUT, REFUSALS, RedisTransportBase, disconnect
 
-# Publishes every ARGV on the channel KEYS[1], in order: publish_many's batches.
-_PUBLISH_ALL = b"for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end return #ARGV"
+# Publishes every ARGV from the second on on the channel ARGV[1], in order: publish_many's
+# batches. The channel is not declared as a key: an ACL that grants the channel but not a key of
+# that name must not refuse the script, nor a cluster node send it to the key's slot (MOVED).
+_PUBLISH_ALL = (
+    b"local channel = ARGV[1] "
+    b"for i = 2, #ARGV do redis.call('PUBLISH', channel, ARGV[i]) end return #ARGV - 1"
+)
 
 try:
     from redis.asyncio.connection import AbstractConnection
@@ -68,8 +73,8 @@ class RedisPubSubTransport(RedisTransportBase):
     def _command(self, channel: str, payload: bytes) -> tuple[bytes, ...]:
         return (b"PUBLISH", channel.encode(), payload)
 
-    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
-        return _PUBLISH_ALL, ()
+    def _batch_script(self, channel: bytes) -> tuple[bytes, ...] | None:
+        return _PUBLISH_ALL, b"0", channel
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None

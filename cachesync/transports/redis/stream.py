@@ -273,8 +273,8 @@ class RedisStreamTransport(RedisTransportBase):
         maxlen = b"%d" % self.maxlen
         return (b"XADD", channel.encode(), b"MAXLEN", b"~", maxlen, b"*", FIELD, payload)
 
-    def _batch_script(self) -> tuple[bytes, tuple[bytes, ...]] | None:
-        return _XADD_ALL, (b"%d" % self.maxlen, FIELD)
+    def _batch_script(self, channel: bytes) -> tuple[bytes, ...] | None:
+        return _XADD_ALL, b"1", channel, b"%d" % self.maxlen, FIELD
 
     async def subscribe(
         self, channel: str, on_ready: OnReady | None = None
