@@ -401,6 +401,40 @@ async def test_what_a_subscription_took_is_acknowledged_once_deliveries_pause(
         await iterator.aclose()
 
 
+@pytest.mark.usefixtures("rabbitmqctl")
+async def test_a_message_is_acknowledged_only_once_the_consumer_has_handled_it(
+    make: Make, unique: str
+) -> None:
+    """The iterator acknowledges a message when it is resumed after yielding it (the consumer
+    has handled it), never while the consumer still holds it, even with batches of one."""
+    pub, sub = await make(), await make(prefetch=2)  # a batch: 1 message
+    ready = asyncio.Event()
+    iterator = generator(sub.subscribe(unique, lambda _resumed: ready.set()))
+    first = asyncio.create_task(next_payload(iterator))
+    waiting: asyncio.Task[bytes] | None = None
+    try:
+        await ready.wait()
+        (queue,) = await exchange_bindings(unique)
+        await pub.publish(unique, b"0")
+        assert await first == b"0"
+        # The consumer is handling b"0": a rabbitmqctl round trip takes far longer than the
+        # iterator would need to acknowledge it, were it allowed to.
+        assert await unacknowledged(queue) == 1
+        waiting = asyncio.create_task(next_payload(iterator))  # handled: the consumer asks on
+
+        async def all_acknowledged() -> bool:
+            return await unacknowledged(queue) == 0
+
+        await poll(all_acknowledged)
+        assert not waiting.done()
+    finally:
+        for task in (first, waiting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await iterator.aclose()
+
+
 async def _no_bindings(exchange: str) -> bool:
     return await exchange_bindings(exchange) == []
 

@@ -10,11 +10,13 @@ publisher and the subscriptions. Its automatic reconnect is what the publisher w
 broker restart or a dropped socket, ``publish`` works again without anyone calling
 ``connect()``. Subscriptions must *not* resume silently, because the events sent while the
 connection was down are gone with the old exclusive queue and the consumer has to flush. So
-subscriptions and the publisher use plain, non-robust :class:`aio_pika.Channel` objects opened
-on the robust connection: the connection never restores them (it only restores channels made by
-its own ``channel()``), so no zombie queue or consumer reappears after a reconnect. A broken
-connection closes those channels, their close callback cuts the subscription, and the iterator
-raises :class:`~cachesync.errors.ConnectionLost`. The caller then calls ``connect()`` (a no-op
+the publisher uses a plain, non-robust :class:`aio_pika.Channel` opened on the robust
+connection, and each subscription a channel of aiormq's own, opened on the aiormq connection
+underneath it (``transport.connection``): the robust connection never restores either (it only
+restores channels made by its own ``channel()``), so no zombie queue or consumer reappears
+after a reconnect. A broken connection closes those channels, watchers on the channel's and the
+connection's ``closing`` cut the subscription, and the iterator raises
+:class:`~cachesync.errors.ConnectionLost`. The caller then calls ``connect()`` (a no-op
 if aio-pika has already reconnected, otherwise a fresh connection) and ``subscribe()`` again,
 which declares a new queue and calls ``on_ready(False)``.
 
@@ -35,10 +37,14 @@ drops the oldest messages rather than grow without bound, and the consumer notic
 a sequence gap (and flushes) once it reads again. Consumption uses acknowledgements with a
 ``basic.qos`` prefetch of ``prefetch`` messages, so the broker never pushes more than that
 ahead of the consumer (aiormq starts one task per delivery: the prefetch bounds those too).
-Acks are sent in batches (``multiple``): one per quarter of the prefetch taken, and one when
-no delivery has come for ``ACK_DELAY`` (5 ms). Deliveries are taken through aiormq's
-``basic_consume`` (the channel aio-pika exposes via ``get_underlay_channel()``) rather than
-``Queue.consume``, which skips building an ``IncomingMessage`` and one extra task per message.
+A message is acknowledged only once the consumer has applied it (the iterator is resumed
+after the consumer handled the payload), or dropped it and counted it. Acks are sent in
+batches (``multiple``): one per quarter of the prefetch applied, and one within ``ACK_DELAY``
+(5 ms) of the buffer running dry, from one timer rather than a timeout per wait. Deliveries
+are taken through aiormq's ``basic_consume`` rather than aio-pika's ``Queue.consume``, which
+skips building an ``IncomingMessage`` and one extra task per message; the channel's frame
+buffer holds ``FRAME_BUFFER`` (100) frames rather than aiormq's 10, so the consumer wakes up
+once per few dozen deliveries rather than every three or so.
 A message over ``max_payload`` is dropped and counted (``oversized``) when the iterator reaches
 it: aiormq hands over whole bodies only, so it cannot be skipped sooner.
 
@@ -111,6 +117,7 @@ if TYPE_CHECKING:
         AbstractExchange,
         AbstractRobustConnection,
     )
+    from aiormq.abc import AbstractChannel as UnderlayChannel
     from aiormq.abc import DeliveredMessage
 
 __all__ = ["AmqpTransport", "DEFAULT_MAX_BACKLOG", "is_refusal"]
@@ -121,7 +128,10 @@ DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_PREFETCH = 1000
 DEFAULT_RECONNECT_INTERVAL = 1.0
 ACK_DELAY = 0.005
-"""Seconds without a delivery after which what a subscription took is acknowledged."""
+"""Seconds after a subscription's buffer ran dry within which what it applied is acknowledged."""
+FRAME_BUFFER = 100
+"""Frames aiormq's reader queues for a subscription's channel before it stops reading the socket
+(aiormq's default, 10, made the consumer wake up every three messages or so)."""
 
 # Options this module reads from the query string; everything else goes to aio-pika.
 _OPTIONS = (
@@ -174,13 +184,15 @@ def is_refusal(exc: BaseException) -> bool:
 
 class _Subscription(Inbox[tuple[int, bytes]]):
     """The receiving end of one subscribe() call: an inbox the consumer callback fills with
-    ``(delivery tag, body)``."""
+    ``(delivery tag, body)``, and the timer that says when what was applied is acknowledged."""
 
-    __slots__ = ("connection",)
+    __slots__ = ("connection", "ack_due", "ack_timer")
 
     def __init__(self, max_backlog: int, connection: AbstractConnection) -> None:
         super().__init__(max_backlog)
         self.connection = connection
+        self.ack_due = False
+        self.ack_timer: asyncio.TimerHandle | None = None
 
     async def on_delivery(self, message: DeliveredMessage) -> None:
         # aiormq starts one task per delivery, in delivery order, and this body never awaits,
@@ -190,6 +202,27 @@ class _Subscription(Inbox[tuple[int, bytes]]):
         tag = message.delivery_tag
         if tag is not None:
             self.deliver((tag, message.body))
+
+    def arm_ack_timer(self) -> None:
+        """Make sure the iterator is woken within ACK_DELAY to acknowledge what it applied.
+
+        One timer per ACK_DELAY at most, not one per wait: while deliveries come a few at a
+        time, a timeout armed and cancelled at each wait cost more than the rest of the
+        hand-off."""
+        if self.ack_timer is None:
+            self.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_now)
+
+    def _ack_now(self) -> None:
+        self.ack_timer = None
+        self.ack_due = True
+        self.wakeup.set()
+
+    def acked(self) -> None:
+        """What was applied has just been acknowledged: no ack is due until more is."""
+        self.ack_due = False
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
 
 
 class AmqpTransport(Transport):
@@ -489,35 +522,13 @@ class AmqpTransport(Transport):
             raise ConnectionLost(str(exc)) from exc
         sub = _Subscription(self.max_backlog, conn)
         self._subscriptions.add(sub)
-        sub_channel: AbstractChannel | None = None
+        watchers: list[asyncio.Future[Any]] = []
+        sub_channel: UnderlayChannel | None = None
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    # Plain Channel, not conn.channel(): the robust connection must not restore
-                    # this queue and consumer after a reconnect (see the module docstring).
-                    sub_channel = aio_pika.Channel(conn, publisher_confirms=False)
-                    sub_channel.close_callbacks.add(
-                        lambda _ch, exc: sub.cut(f"channel closed ({exc!r})")
-                    )
-                    await sub_channel.initialize()
-                    await sub_channel.set_qos(prefetch_count=self.prefetch)
-                    exchange = await sub_channel.declare_exchange(
-                        channel, aio_pika.ExchangeType.FANOUT, durable=False
-                    )
-                    queue = await sub_channel.declare_queue(
-                        "",
-                        exclusive=True,
-                        auto_delete=True,
-                        # Bounded at the broker: a stalled consumer loses the oldest messages
-                        # (a sequence gap it detects) instead of growing broker memory.
-                        arguments={"x-max-length": self.max_backlog, "x-overflow": "drop-head"},
-                    )
-                    await queue.bind(exchange)
-                    underlay = await sub_channel.get_underlay_channel()
-                    consume_ok = await underlay.basic_consume(
-                        queue.name, sub.on_delivery, no_ack=False
-                    )
-                    tag = consume_ok.consumer_tag
+                    sub_channel = await self._open_channel(conn, sub, watchers)
+                    consumer_tag = await self._start_consumer(sub_channel, channel, sub)
             except _FAILURES as exc:
                 # A channel-level refusal on a live connection (access refused, an exchange of
                 # another type under this name) is the broker saying no; anything else means
@@ -533,45 +544,52 @@ class AmqpTransport(Transport):
 
             def on_cancel(frame: Any) -> None:
                 # The broker cancels the consumer when the queue is deleted under it.
-                if getattr(frame, "consumer_tag", None) == tag:
+                if getattr(frame, "consumer_tag", None) == consumer_tag:
                     sub.cut("the broker cancelled the consumer (queue deleted?)")
 
-            underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            sub_channel.on_consumer_cancel_callbacks.add(on_cancel)
             what = f"subscription to {channel!r} on {self!r}"
             if sub.lost:
                 raise ConnectionLost(f"{what}: {sub.reason}")
             if on_ready is not None:
                 on_ready(False)
             buffer = sub.buffer
-            # Acks go out in batches (multiple=True): one per quarter of the prefetch taken,
-            # and one once nothing more has come for ACK_DELAY (not each time the buffer runs
-            # dry: deliveries arrive a few at a time, and an ack each time cost a socket write
-            # per few messages). They only pace the broker (the queue is exclusive, nothing is
-            # ever redelivered), so acking before the consumer handles a message is fine.
+            # A message is acknowledged once applied (the iterator is resumed after the
+            # consumer handled it) or dropped and counted. Acks go out in batches
+            # (multiple=True): one per quarter of the prefetch applied, and one within
+            # ACK_DELAY of the buffer running dry (not each time it does: deliveries arrive a
+            # few at a time, and an ack each time cost a socket write per few messages).
             ack_every = max(1, self.prefetch // 4)
             unacked = 0
-            last_tag = 0
+            applied = 0
             limit = self.max_payload
             while True:
                 while buffer:
-                    last_tag, body = buffer.popleft()
-                    unacked += 1
-                    if unacked >= ack_every:
-                        await self._ack(underlay, last_tag, sub)
-                        unacked = 0
+                    delivery_tag, body = buffer.popleft()
                     if (
                         limit is None
                         or len(body) <= limit
                         or not self.too_big(len(body), f"a message on {channel!r}")
                     ):
                         yield body
-                if unacked and not await sub.refill(what, ACK_DELAY):
-                    await self._ack(underlay, last_tag, sub)
-                    unacked = 0
+                    applied = delivery_tag
+                    unacked += 1
+                    if unacked >= ack_every:
+                        await self._ack(sub_channel, applied, sub)
+                        unacked = 0
+                if unacked:
+                    if sub.ack_due:
+                        await self._ack(sub_channel, applied, sub)
+                        unacked = 0
+                    else:
+                        sub.arm_ack_timer()
                 await sub.refill(what)
         finally:
             self._subscriptions.discard(sub)
             sub.cut("the subscription ended")
+            sub.acked()
+            for watcher in watchers:  # detach them from the channel and the connection
+                watcher.cancel()
             # A subscription that ends while its connection lives on (the consumer stopped
             # iterating, fell max_backlog behind, or setup failed half-way) must not leave its
             # queue behind: closing the channel cancels the consumer, and auto-delete drops the
@@ -584,13 +602,66 @@ class AmqpTransport(Transport):
             ):
                 await self._close_channel(sub_channel)
 
-    async def _ack(self, underlay: Any, tag: int, sub: _Subscription) -> None:
+    async def _open_channel(
+        self,
+        conn: AbstractConnection,
+        sub: _Subscription,
+        watchers: list[asyncio.Future[Any]],
+    ) -> UnderlayChannel:
+        """A channel of aiormq's own on ``conn``: the robust connection neither knows nor
+        restores it (see the module docstring), and its frame buffer holds FRAME_BUFFER frames.
+        Its closing, or its connection's, cuts ``sub``; the watchers that do it are appended to
+        ``watchers`` (cancel them to detach them)."""
+        transport = conn.transport
+        if transport is None:
+            raise aiormq.exceptions.ChannelInvalidStateError("the connection is down")
+        underlay = transport.connection
+
+        def watch(closing: asyncio.Future[Any], what: str) -> None:
+            def on_closed(done: asyncio.Future[Any]) -> None:
+                exc = None if done.cancelled() else done.exception()
+                sub.cut(f"{what} closed ({exc!r})")
+
+            closing.add_done_callback(on_closed)
+            watchers.append(closing)
+
+        watch(underlay.closing, "connection")
+        sub_channel = await underlay.channel(
+            publisher_confirms=False, frame_buffer_size=FRAME_BUFFER
+        )
+        watch(sub_channel.closing, "channel")
+        return sub_channel
+
+    async def _start_consumer(
+        self, sub_channel: UnderlayChannel, channel: str, sub: _Subscription
+    ) -> str | None:
+        """Declare the exchange, a bounded exclusive queue bound to it, and consume that queue
+        into ``sub`` under the prefetch; the consumer tag."""
+        await sub_channel.basic_qos(prefetch_count=self.prefetch)
+        await sub_channel.exchange_declare(channel, exchange_type="fanout", durable=False)
+        declared = await sub_channel.queue_declare(
+            "",
+            exclusive=True,
+            auto_delete=True,
+            # Bounded at the broker: a stalled consumer loses the oldest messages (a sequence
+            # gap it detects) instead of growing broker memory.
+            arguments={"x-max-length": self.max_backlog, "x-overflow": "drop-head"},
+        )
+        queue = declared.queue
+        if queue is None:  # pragma: no cover - the broker always names a server-named queue
+            raise aiormq.exceptions.AMQPChannelError("the broker named no queue")
+        await sub_channel.queue_bind(queue, channel)
+        consume_ok = await sub_channel.basic_consume(queue, sub.on_delivery, no_ack=False)
+        return consume_ok.consumer_tag
+
+    async def _ack(self, sub_channel: UnderlayChannel, tag: int, sub: _Subscription) -> None:
+        sub.acked()
         try:
-            await underlay.basic_ack(tag, multiple=True)
+            await sub_channel.basic_ack(tag, multiple=True)
         except _FAILURES as exc:
             sub.cut(f"acknowledging failed ({describe(exc, self.url)})")
 
-    async def _close_channel(self, channel: AbstractChannel) -> None:
+    async def _close_channel(self, channel: UnderlayChannel) -> None:
         try:
             async with asyncio.timeout(min(self.connect_timeout, 5.0)):
                 await channel.close()

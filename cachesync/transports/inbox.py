@@ -59,21 +59,15 @@ class Inbox(Generic[T]):
         self.buffer.clear()
         self.wakeup.set()
 
-    async def refill(self, what: str, timeout: float | None = None) -> bool:
-        """Wait until there is something to read, at most ``timeout`` seconds (None: for as
-        long as it takes); whether there is. Raise ConnectionLost, naming ``what`` and the
-        reason, once the subscription was cut."""
+    async def refill(self, what: str) -> None:
+        """Wait until there is something to read, or something else woke the iterator (the
+        AMQP subscription's ack timer). Raise ConnectionLost, naming ``what`` and the reason,
+        once the subscription was cut."""
         if self.lost:
             raise ConnectionLost(f"{what}: {self.reason}")
         if self.buffer:  # filled while the iterator awaited something else (an ack)
-            return True
+            return
         self.wakeup.clear()
-        if timeout is None:
-            await self.wakeup.wait()
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await self.wakeup.wait()
-        except TimeoutError:
-            return False
-        return True
+        await self.wakeup.wait()
+        if self.lost:
+            raise ConnectionLost(f"{what}: {self.reason}")
