@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -618,3 +619,98 @@ async def test_a_save_cancelled_by_stop_is_done_before_close_uses_the_connection
     with pytest.raises(asyncio.CancelledError):
         await confirming
     assert overlaps == 0
+
+
+def _xa(my: My, xid: str, statements: list[str], end: str) -> None:
+    """An XA transaction of ``statements``, prepared, then ``end`` (COMMIT or ROLLBACK; "ONE
+    PHASE" commits it without a prepare)."""
+    my.sql(f"XA START '{xid}'")
+    for statement in statements:
+        my.sql(statement)
+    my.sql(f"XA END '{xid}'")
+    if end == "ONE PHASE":
+        my.sql(f"XA COMMIT '{xid}' ONE PHASE")
+        return
+    my.sql(f"XA PREPARE '{xid}'")
+    my.sql(f"XA {end} '{xid}'")
+
+
+@pytest.mark.timeout(30)
+async def test_xa_transactions_publish_at_their_commit_and_never_after_a_rollback(
+    my: My, unique: str
+) -> None:
+    # Before: the rows of a prepared XA transaction were published whatever came next, so a
+    # refresh-mode consumer could cache a value that was rolled back and never committed.
+    url = f"memory://{unique}"
+    big = [f"INSERT INTO {my.table} VALUES ('B{i}', 1, 1)" for i in range(250)]  # > CHUNK
+    async with Collector(url) as collector, _feed(my, url):
+        _xa(my, f"r1{unique}", [f"INSERT INTO {my.table} VALUES ('RB1', 1, 1)"], "ROLLBACK")
+        _xa(my, f"r2{unique}", big, "ROLLBACK")
+        _xa(my, f"c1{unique}", [f"INSERT INTO {my.table} VALUES ('XC', 2, 2)"], "COMMIT")
+        _xa(my, f"c2{unique}", [f"INSERT INTO {my.table} VALUES ('X1', 3, 3)"], "ONE PHASE")
+        my.sql(f"INSERT INTO {my.table} VALUES ('PLAIN', 4, 4)")
+        events = await collector.wait_changes(3)
+    assert [(e.op, e.keys) for e in events] == [
+        (Op.UPSERT, ("XC",)),
+        (Op.UPSERT, ("X1",)),
+        (Op.UPSERT, ("PLAIN",)),
+    ]
+
+
+@pytest.mark.timeout(30)
+async def test_a_prepared_xa_transaction_holds_the_position_until_it_ends(
+    my: My, unique: str
+) -> None:
+    # Interleaved: XA 'a' is prepared, other transactions commit, the feed restarts, then 'a'
+    # commits. Its rows must not be lost with the restart, so the position stays before its
+    # prepare until it ends (the transactions after it are published again: at least once).
+    url = f"memory://{unique}"
+    other = _connect(my.dsn)
+    try:
+        async with Collector(url) as collector:
+            async with _feed(my, url) as feed:
+                with other.cursor() as cur:
+                    cur.execute(f"XA START 'a{unique}'")
+                    cur.execute(f"INSERT INTO {my.table} VALUES ('HELD', 1, 1)")
+                    cur.execute(f"XA END 'a{unique}'")
+                    cur.execute(f"XA PREPARE 'a{unique}'")
+                my.sql(f"INSERT INTO {my.table} VALUES ('AFTER', 2, 2)")
+                await collector.wait_changes(1)
+                await feed.wait_caught_up(10)
+            with other.cursor() as cur:
+                cur.execute(f"XA COMMIT 'a{unique}'")
+            async with _feed(my, url):
+                await collector.wait_for(
+                    lambda: any("HELD" in e.keys for e in collector.changes), timeout=15
+                )
+        keys = [e.keys[0] for e in collector.changes if e.keys]
+        assert keys.count("HELD") == 1
+        assert keys.index("AFTER") < keys.index("HELD")
+    finally:
+        with other.cursor() as cur, contextlib.suppress(pymysql.err.MySQLError):
+            cur.execute(f"XA ROLLBACK 'a{unique}'")
+        other.close()
+
+
+@pytest.mark.timeout(30)
+async def test_an_xa_commit_of_a_transaction_prepared_before_the_feed_began_flushes(
+    my: My, unique: str
+) -> None:
+    url = f"memory://{unique}"
+    other = _connect(my.dsn)
+    try:
+        with other.cursor() as cur:
+            cur.execute(f"XA START 'e{unique}'")
+            cur.execute(f"INSERT INTO {my.table} VALUES ('EARLY', 1, 1)")
+            cur.execute(f"XA END 'e{unique}'")
+            cur.execute(f"XA PREPARE 'e{unique}'")
+        async with Collector(url) as collector, _feed(my, url) as feed:
+            await feed.wait_caught_up(10)  # its first start: from the server's position now
+            with other.cursor() as cur:
+                cur.execute(f"XA COMMIT 'e{unique}'")
+            events = await collector.wait_changes(1)
+        assert [(e.op, e.ns) for e in events] == [(Op.FLUSH, "fx")]  # its rows are unknown
+    finally:
+        with other.cursor() as cur, contextlib.suppress(pymysql.err.MySQLError):
+            cur.execute(f"XA ROLLBACK 'e{unique}'")
+        other.close()

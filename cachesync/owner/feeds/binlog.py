@@ -6,7 +6,10 @@ transaction's items (or every ``CHUNK`` rows of a large one) to ``send`` in one 
 
 - :class:`RowChange` s, values already JSON values;
 - ``("commit", (file, pos, gtid), ts)``: a commit boundary, safe to confirm once published;
-- ``("idle", (file, pos, gtid), 0.0)``: the server has sent everything up to there.
+- ``("idle", (file, pos, gtid), 0.0)``: the server has sent everything up to there;
+- ``("held", None, ts)``: a commit whose position cannot be confirmed yet, because an XA
+  transaction prepared before it has not ended (its rows are held until its XA COMMIT, and a
+  restart must read its prepare again).
 
 ``gtid`` is MariaDB's GTID position (``domain-server-seq`` per domain, comma-separated) after
 the commit, or None without GTIDs. Transactions that write nothing but the feeds' position table
@@ -24,7 +27,13 @@ from typing import Any
 import pymysql
 from pydantic_core import to_jsonable_python
 from pymysqlreplication import BinLogStreamReader
-from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryEvent, XidEvent
+from pymysqlreplication.event import (
+    HeartbeatLogEvent,
+    MariadbGtidEvent,
+    QueryEvent,
+    XAPrepareEvent,
+    XidEvent,
+)
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 from .base import Kind, RowChange, Table
@@ -41,6 +50,10 @@ _TRUNCATE = re.compile(
 _COMMENT = re.compile(r"/\*(M?!\d*)?(.*?)\*/|--[ \t][^\n]*|#[^\n]*", re.DOTALL)
 # Statements logged inside a transaction: the position after them is not a commit boundary.
 _IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
+# How the binlog names an XA transaction in XA COMMIT / XA ROLLBACK: gtrid, bqual, formatID.
+_XID = re.compile(r"X'([0-9A-Fa-f]*)'\s*,\s*X'([0-9A-Fa-f]*)'\s*,\s*(\d+)")
+_FL_PREPARED_XA = 64  # MariaDB's GTID event flag: the transaction ends with an XA PREPARE
+XidKey = tuple[int, bytes, bytes]  # formatID, gtrid, bqual
 
 
 def _json(value: Any) -> Any:
@@ -87,6 +100,10 @@ class Reader:
         self.send = send
         self.stop = stop
         self._streams = 0
+        # The rows of XA transactions prepared and not yet committed or rolled back: held,
+        # and published at their XA COMMIT. While any is held, no position is confirmed, so
+        # that a restart reads its prepare again.
+        self.prepared: dict[XidKey, list[RowChange]] = {}
         # The GTID position, one entry per replication domain.
         self.gtids = {
             part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
@@ -113,6 +130,7 @@ class Reader:
                 QueryEvent,
                 HeartbeatLogEvent,
                 MariadbGtidEvent,
+                XAPrepareEvent,
             ],
             only_schemas=sorted(schemas),
             only_tables=sorted(names),
@@ -151,6 +169,9 @@ class Reader:
         own = self.own
         pending: list[Any] = []
         gtid = ""  # the GTID of the transaction being read
+        xa = False  # it is an XA transaction: its rows wait for its XA COMMIT
+        held: list[RowChange] = []  # the rows of that XA transaction so far
+        prepared = self.prepared
         own_tx = False  # it wrote the position table
         tracked = False  # it wrote a row of the tables the feed reads
         moved = False  # a transaction not confirmed yet has ended since the last position
@@ -162,12 +183,13 @@ class Reader:
             if isinstance(event, MariadbGtidEvent):
                 gtid = event.gtid
                 own_tx = tracked = False
+                xa = bool(event.flags & _FL_PREPARED_XA)
                 continue
             if isinstance(event, HeartbeatLogEvent):
                 # The server beats only when it has sent everything: its position is a commit
                 # boundary past changes of other tables, safe to confirm.
                 here = (stream.log_file, stream.log_pos)
-                if here != last and (moved or here[0] != last[0]):
+                if not prepared and here != last and (moved or here[0] != last[0]):
                     last = here
                     moved = False
                     pending.append(("idle", (*here, self._gtid()), 0.0))
@@ -180,16 +202,28 @@ class Reader:
                     own_tx = False
                     continue  # the feeds' own bookkeeping: nothing to publish or confirm
                 own_tx = tracked = False
+            elif isinstance(event, XAPrepareEvent):
+                rows, held, xa = held, [], False
+                own_tx = tracked = False
+                if not event.one_phase:
+                    xid = (event.xid_format_id, event.xid_gtrid, event.xid_bqual)
+                    prepared[xid] = rows
+                    continue  # not committed: nothing to publish or confirm yet
+                pending.extend(rows)  # XA COMMIT ... ONE PHASE (MySQL): a commit
             elif isinstance(event, QueryEvent):
                 query = event.query.strip() if isinstance(event.query, str) else ""
                 upper = query.upper()
-                if upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
+                if upper.startswith(("XA COMMIT", "XA ROLLBACK")):
+                    self._end_xa(query, upper.startswith("XA COMMIT"), pending, ts)
+                elif upper.startswith("XA START"):  # MySQL marks XA transactions so
+                    xa = True
+                    continue
+                elif upper in ("BEGIN", "COMMIT", "ROLLBACK") or upper.startswith(_IN_TRANSACTION):
                     # Not a commit boundary (a COMMIT of non-transactional tables is confirmed
                     # at the next heartbeat).
                     moved = moved or not own_tx
                     continue
-                match = _TRUNCATE.match(_COMMENT.sub(_uncomment, query))
-                if match is not None:
+                elif (match := _TRUNCATE.match(_COMMENT.sub(_uncomment, query))) is not None:
                     schema = match.group(1) or (
                         event.schema.decode() if isinstance(event.schema, bytes) else event.schema
                     )
@@ -206,25 +240,51 @@ class Reader:
                 if table is None:
                     continue
                 tracked = True
+                into = held if xa else pending
                 if isinstance(event, UpdateRowsEvent):
                     for row in event.rows:
                         new, old = _row(row["after_values"]), _row(row["before_values"])
-                        pending.append(RowChange(table, "update", new, ts, old))
+                        into.append(RowChange(table, "update", new, ts, old))
                 else:
                     kind: Kind = "insert" if isinstance(event, WriteRowsEvent) else "delete"
                     for row in event.rows:
-                        pending.append(RowChange(table, kind, _row(row["values"]), ts))
+                        into.append(RowChange(table, kind, _row(row["values"]), ts))
                 if len(pending) >= CHUNK:
                     send(pending)
                     pending = []
                 continue
-            # A commit boundary (a transaction's XID or a DDL statement): confirm its position.
+            # A commit boundary (a transaction's XID, an XA's end or a DDL statement): confirm
+            # its position, unless an XA transaction prepared before it is still open.
             self._advance(gtid)
-            last = (stream.log_file, stream.log_pos)
-            moved = False
-            pending.append(("commit", (*last, self._gtid()), ts))
+            if prepared:
+                moved = True
+                pending.append(("held", None, ts))
+            else:
+                last = (stream.log_file, stream.log_pos)
+                moved = False
+                pending.append(("commit", (*last, self._gtid()), ts))
             send(pending)
             pending = []
+
+    def _end_xa(self, query: str, commit: bool, pending: list[Any], ts: float) -> None:
+        """XA COMMIT or XA ROLLBACK of a prepared transaction: its held rows go out with this
+        commit, or are dropped. A commit of one this reader never saw prepared (before the
+        feed's start position) flushes every table's namespace: its rows are unknown."""
+        match = _XID.search(query)
+        key = None
+        if match is not None:
+            key = (
+                int(match.group(3)),
+                bytes.fromhex(match.group(1)),
+                bytes.fromhex(match.group(2)),
+            )
+        rows = self.prepared.pop(key, None) if key is not None else None
+        if not commit or "ONE PHASE" in query.upper():
+            return
+        if rows is None:
+            pending.extend(RowChange(table, "truncate", None, ts) for table in self.tables.values())
+        else:
+            pending.extend(rows)
 
     def _advance(self, gtid: str) -> None:
         if gtid:

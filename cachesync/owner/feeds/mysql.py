@@ -12,6 +12,12 @@ start), and a ``server_id``; ``binlog_row_metadata=FULL`` (MySQL 8, MariaDB 10.5
 names from the log itself, so rows decoded after an ``ALTER TABLE`` use the columns they were
 written with. The feed's replica id is derived from its ``name``: one running feed per name.
 
+XA transactions: the rows of one prepared (``XA PREPARE``) are held until its ``XA COMMIT``,
+published then, and dropped at its ``XA ROLLBACK``; while one is open, no position is confirmed
+(a restart reads its prepare again, and publishes the commits after it again). An ``XA
+COMMIT`` of a transaction prepared before the feed's first position flushes every table's
+namespace: its rows are not in what the feed read.
+
 The position is kept in the table ``cachesync_feed_position`` of the DSN's database, written
 after the broker took the events (at most every ``SAVE_INTERVAL`` and on close), with the
 ``server_id`` of the server it was read from. On MariaDB it holds the GTID position
@@ -345,8 +351,10 @@ class MySQLSource(Source):
                 if isinstance(item, RowChange):
                     changes.append(item)
                 else:
-                    kind, batch.position, ts = item
-                    if kind == "commit":
+                    kind, position, ts = item
+                    if kind != "held":  # a commit while an XA transaction is prepared
+                        batch.position = position
+                    if kind != "idle":
                         batch.commit_ts = ts
                         batch.commits += 1
         return batch
