@@ -767,3 +767,52 @@ async def test_a_stalled_broker_bounds_publish_and_close(unique: str) -> None:
         finally:
             proxy.resume()
             await transport.close()
+
+
+async def test_an_ack_cut_short_by_the_connection_closing_ends_in_connection_lost(
+    unique: str,
+) -> None:
+    """aiormq fails what a closing channel still waits for (here the ack's write over a stalled
+    socket) with CancelledError; out of the iterator that would read as the consumer's own
+    cancellation, and a listener would stop without a word instead of flushing."""
+    proxy_module = _tcpproxy()
+    async with proxy_module.TcpProxy("127.0.0.1", 5672) as proxy:
+        transport = AmqpTransport(
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=1, prefetch=1
+        )
+        await transport.connect()
+        handled, resumed = asyncio.Event(), asyncio.Event()
+        ready = asyncio.Event()
+
+        async def consume() -> None:
+            async for _payload in transport.subscribe(unique, lambda _resumed: ready.set()):
+                await handled.wait()
+                resumed.set()  # back in the iterator, in this step: it acks, then waits
+
+        task = asyncio.create_task(consume())
+        filling: asyncio.Task[None] | None = None
+        try:
+            await ready.wait()
+            await transport.publish(unique, b"one")
+            await asyncio.sleep(0)
+            proxy.stall()
+            # The write buffer fills up behind a large publish: the ack's write cannot finish.
+            filling = asyncio.create_task(transport.publish(unique, b"x" * 16_000_000))
+            await asyncio.sleep(0.2)  # the publish has filled the socket's buffers
+            handled.set()
+            await resumed.wait()
+            closing = asyncio.create_task(transport.close())
+            await asyncio.sleep(0)  # close() has begun: the channel fails what it waits for
+            proxy.resume()
+            await closing
+            done, _ = await asyncio.wait({task}, timeout=10)
+            assert done, "the subscription did not end"
+            assert not task.cancelled(), "the subscription ended in CancelledError"
+            assert isinstance(task.exception(), ConnectionLost), task.exception()
+        finally:
+            proxy.resume()
+            for pending in (task, filling):
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
+            await transport.close()

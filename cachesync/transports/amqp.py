@@ -182,6 +182,13 @@ def is_refusal(exc: BaseException) -> bool:
     )
 
 
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled: a CancelledError it meets otherwise is
+    aiormq failing a future of a channel or connection that closed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class _Subscription(Inbox[tuple[int, bytes]]):
     """The receiving end of one subscribe() call: an inbox the consumer callback fills with
     ``(delivery tag, body)``, and the timer that says when what was applied is acknowledged."""
@@ -660,6 +667,12 @@ class AmqpTransport(Transport):
             await sub_channel.basic_ack(tag, multiple=True)
         except _FAILURES as exc:
             sub.cut(f"acknowledging failed ({describe(exc, self.url)})")
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            # aiormq fails what a closing channel still waits for (the ack's write) with
+            # CancelledError: the channel went away, the consumer was not cancelled.
+            sub.cut("acknowledging failed (the channel closed)")
 
     async def _close_channel(self, channel: UnderlayChannel) -> None:
         try:
@@ -667,3 +680,7 @@ class AmqpTransport(Transport):
                 await channel.close()
         except _FAILURES as exc:
             log.debug("closing an AMQP channel failed: %r", exc)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            log.debug("closing an AMQP channel failed: its connection closed first")
