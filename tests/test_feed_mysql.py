@@ -714,3 +714,63 @@ async def test_an_xa_commit_of_a_transaction_prepared_before_the_feed_began_flus
         with other.cursor() as cur, contextlib.suppress(pymysql.err.MySQLError):
             cur.execute(f"XA ROLLBACK 'e{unique}'")
         other.close()
+
+
+@pytest.mark.timeout(30)
+async def test_an_open_xa_transaction_shows_in_stats_and_is_logged(
+    my: My, unique: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cachesync.owner.feeds import binlog
+
+    monkeypatch.setattr(binlog, "XA_WARN_AFTER", 0.0)
+    url = f"memory://{unique}"
+    other = _connect(my.dsn)
+    other_table = f"{my.table}_other"
+    my.sql(f"CREATE TABLE {other_table} (k INT PRIMARY KEY)")
+    try:
+        async with Collector(url) as collector, _feed(my, url) as feed:
+            await feed.wait_caught_up(10)
+            start = feed.stats()["position"]
+            with other.cursor() as cur:  # touches none of the feed's tables: holds nothing
+                cur.execute(f"XA START 'o{unique}'")
+                cur.execute(f"INSERT INTO {other_table} VALUES (1)")
+                cur.execute(f"XA END 'o{unique}'")
+                cur.execute(f"XA PREPARE 'o{unique}'")
+            my.sql(f"INSERT INTO {my.table} VALUES ('A', 1, 1)")
+            await collector.wait_changes(1)
+            await eventually(lambda: feed.stats()["position"] != start)  # not held by it
+            assert feed.stats()["xa_open"] == 0
+            with other.cursor() as cur:
+                cur.execute(f"XA ROLLBACK 'o{unique}'")
+            my.sql(f"INSERT INTO {my.table} VALUES ('A2', 1, 1)")
+            await collector.wait_changes(2)
+            await feed.wait_caught_up(10)
+            moved = feed.stats()["position"]
+            with caplog.at_level("WARNING", logger="cachesync.feeds"), other.cursor() as cur:
+                cur.execute(f"XA START 'h{unique}'")
+                cur.execute(f"INSERT INTO {my.table} VALUES ('H', 1, 1)")
+                cur.execute(f"XA END 'h{unique}'")
+                cur.execute(f"XA PREPARE 'h{unique}'")
+                my.sql(f"INSERT INTO {my.table} VALUES ('B', 1, 1)")
+                await collector.wait_changes(3)
+                await eventually(lambda: feed.stats()["xa_open"] == 1)
+                await eventually(
+                    lambda: any("has not ended" in r.getMessage() for r in caplog.records)
+                )
+            stats = feed.stats()
+            assert stats["xa_open_seconds"] is not None and stats["xa_open_seconds"] >= 0
+            assert stats["position"] == moved  # held before the prepare
+            assert f"h{unique}" in next(
+                r.getMessage() for r in caplog.records if "has not ended" in r.getMessage()
+            )
+            with other.cursor() as cur:
+                cur.execute(f"XA COMMIT 'h{unique}'")
+            await collector.wait_changes(4)
+            await eventually(lambda: feed.stats()["xa_open"] == 0)
+            await eventually(lambda: feed.stats()["position"] != moved)
+        assert [e.keys for e in collector.changes] == [("A",), ("A2",), ("B",), ("H",)]
+    finally:
+        with other.cursor() as cur, contextlib.suppress(pymysql.err.MySQLError):
+            cur.execute(f"XA ROLLBACK 'h{unique}'")
+        other.close()
+        my.sql(f"DROP TABLE IF EXISTS {other_table}")

@@ -19,8 +19,10 @@ the position replicates), and confirming them would only write it again.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,8 @@ from .base import Kind, RowChange, Table
 
 Position = tuple[str, int, "str | None"]
 
+log = logging.getLogger("cachesync.feeds")
+
 CHUNK = 100  # rows: a large transaction reaches the loop in pieces, published while read
 _TRUNCATE = re.compile(
     r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([A-Za-z0-9_$]+)`?\s*\.\s*)?`?([A-Za-z0-9_$]+)`?\s*;?\s*$",
@@ -52,6 +56,7 @@ _COMMENT = re.compile(r"/\*(M?!\d*)?(.*?)\*/|--[ \t][^\n]*|#[^\n]*", re.DOTALL)
 _IN_TRANSACTION = ("SAVEPOINT", "ROLLBACK TO", "RELEASE SAVEPOINT", "XA ")
 # How the binlog names an XA transaction in XA COMMIT / XA ROLLBACK: gtrid, bqual, formatID.
 _XID = re.compile(r"X'([0-9A-Fa-f]*)'\s*,\s*X'([0-9A-Fa-f]*)'\s*,\s*(\d+)")
+XA_WARN_AFTER = 60.0  # seconds a prepared XA transaction may hold the position unremarked
 _FL_PREPARED_XA = 64  # MariaDB's GTID event flag: the transaction ends with an XA PREPARE
 XidKey = tuple[int, bytes, bytes]  # formatID, gtrid, bqual
 
@@ -104,6 +109,10 @@ class Reader:
         # and published at their XA COMMIT. While any is held, no position is confirmed, so
         # that a restart reads its prepare again.
         self.prepared: dict[XidKey, list[RowChange]] = {}
+        self.prepared_at: dict[XidKey, float] = {}  # the prepare's time (server clock)
+        # Prepared XA transactions that touch none of the tables: nothing to hold them for.
+        self.untracked_xa: set[XidKey] = set()
+        self._warned: set[XidKey] = set()
         # The GTID position, one entry per replication domain.
         self.gtids = {
             part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
@@ -189,7 +198,9 @@ class Reader:
                 # The server beats only when it has sent everything: its position is a commit
                 # boundary past changes of other tables, safe to confirm.
                 here = (stream.log_file, stream.log_pos)
-                if not prepared and here != last and (moved or here[0] != last[0]):
+                if prepared:
+                    self._warn_open_xa()
+                elif here != last and (moved or here[0] != last[0]):
                     last = here
                     moved = False
                     pending.append(("idle", (*here, self._gtid()), 0.0))
@@ -207,7 +218,11 @@ class Reader:
                 own_tx = tracked = False
                 if not event.one_phase:
                     xid = (event.xid_format_id, event.xid_gtrid, event.xid_bqual)
-                    prepared[xid] = rows
+                    if rows:
+                        prepared[xid] = rows
+                        self.prepared_at[xid] = ts
+                    else:
+                        self.untracked_xa.add(xid)
                     continue  # not committed: nothing to publish or confirm yet
                 pending.extend(rows)  # XA COMMIT ... ONE PHASE (MySQL): a commit
             elif isinstance(event, QueryEvent):
@@ -259,6 +274,7 @@ class Reader:
             if prepared:
                 moved = True
                 pending.append(("held", None, ts))
+                self._warn_open_xa()
             else:
                 last = (stream.log_file, stream.log_pos)
                 moved = False
@@ -278,13 +294,38 @@ class Reader:
                 bytes.fromhex(match.group(1)),
                 bytes.fromhex(match.group(2)),
             )
+        if key in self.untracked_xa:
+            self.untracked_xa.discard(key)
+            return  # it wrote none of the tables
         rows = self.prepared.pop(key, None) if key is not None else None
+        if key is not None:
+            self.prepared_at.pop(key, None)
+            self._warned.discard(key)
         if not commit or "ONE PHASE" in query.upper():
             return
         if rows is None:
             pending.extend(RowChange(table, "truncate", None, ts) for table in self.tables.values())
         else:
             pending.extend(rows)
+
+    def open_xa(self) -> tuple[int, float | None]:
+        """How many prepared XA transactions hold the position, and the age of the oldest
+        (seconds); safe to call from another thread."""
+        since = list(self.prepared_at.values())
+        return len(since), (max(0.0, time.time() - min(since)) if since else None)
+
+    def _warn_open_xa(self) -> None:
+        now = time.time()
+        for xid, since in list(self.prepared_at.items()):
+            if xid not in self._warned and now - since > XA_WARN_AFTER:
+                self._warned.add(xid)
+                log.warning(
+                    "change feed: XA transaction %r was prepared %.0f s ago and has not ended; "
+                    "the feed's position stays before it until XA COMMIT or XA ROLLBACK "
+                    "(XA RECOVER lists it)",
+                    xid[1] + xid[2],
+                    now - since,
+                )
 
     def _advance(self, gtid: str) -> None:
         if gtid:

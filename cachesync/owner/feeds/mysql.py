@@ -113,6 +113,7 @@ class MySQLSource(Source):
         self._saved: Position | None = None
         self._saved_at = 0.0
         self._idle_reported = False
+        self._reader: Reader | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class MySQLSource(Source):
             send=send,
             stop=stop,
         )
+        self._reader = reader
         self._thread = threading.Thread(
             target=self._read_binlog,
             args=(reader, send),
@@ -420,10 +422,15 @@ class MySQLSource(Source):
 
     def describe(self) -> dict[str, Any]:
         position = self._position
+        reader = self._reader
+        xa_open, xa_open_seconds = reader.open_xa() if reader is not None else (0, None)
         return {
             "server_id": self.server_id,
             "position": f"{position[0]}:{position[1]}" if position else None,
             "gtid": position[2] if position else None,
+            # Prepared XA transactions not yet ended: the position stays before them.
+            "xa_open": xa_open,
+            "xa_open_seconds": xa_open_seconds,
         }
 
     async def drop(self) -> None:
