@@ -14,7 +14,9 @@ Backlog drain: with the feed stopped, ``--rows`` rows are committed in one trans
 ``--rows`` single-row commits (a server-side loop, so the writer is not the bottleneck); the
 rate is rows over the time from the feed's start to the moment a subscriber on the broker has
 the last one. Target: >= 10,000 rows/s per feed. ``--shapes`` picks the backlogs (``one-tx``,
-``single``), ``--rounds`` repeats each (the range and median are reported).
+``single``), ``--rounds`` repeats each (the range and median are reported). For MariaDB, each
+round then reads the same backlog with mysql-replication alone (counting rows, with the feed's
+options): the library's own rate, which bounds any feed built on it, and the feed's share of it.
 
 ``--out FILE`` also writes the table as Markdown (``benchmarks/results/CDC.md``).
 
@@ -268,6 +270,7 @@ async def drain(db: Db, broker: str, rows: int, *, single: bool) -> dict[str, fl
     async with db.feed(broker, channel):
         pass  # creates the slot (PostgreSQL) or the stored position (MariaDB)
     await db.sql(f"DELETE FROM {db.table}")
+    start = await asyncio.to_thread(_binlog_position, db.dsn) if db.kind == "mysql" else None
     if single:
         await db.single_commits(rows)
     else:
@@ -286,7 +289,62 @@ async def drain(db: Db, broker: str, rows: int, *, single: bool) -> dict[str, fl
         child.join(10)
         if child.is_alive():
             child.kill()
-    return {"rows": rows, "seconds": elapsed, "rate": rows / elapsed}
+    result = {"rows": rows, "seconds": elapsed, "rate": rows / elapsed}
+    if start is not None:
+        result["bare"] = await asyncio.to_thread(_bare_binlog_rate, db, start, rows)
+    return result
+
+
+def _binlog_position(dsn: str) -> tuple[str, int]:
+    conn = _mysql(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW MASTER STATUS")
+            log_file, log_pos = cur.fetchone()[:2]
+            return str(log_file), int(log_pos)
+    finally:
+        conn.close()
+
+
+def _bare_binlog_rate(db: Db, start: tuple[str, int], rows: int) -> float:
+    """mysql-replication alone over the same backlog, doing nothing with a row but counting
+    it, with the options the feed uses (``freeze_schema``, ``only_tables``): the library's
+    own rate, the ceiling of any feed built on it."""
+    from urllib.parse import urlsplit
+
+    from pymysqlreplication import BinLogStreamReader
+    from pymysqlreplication.event import MariadbGtidEvent, XidEvent
+    from pymysqlreplication.row_event import WriteRowsEvent
+
+    parts = urlsplit(db.dsn)
+    stream = BinLogStreamReader(
+        connection_settings={
+            "host": parts.hostname or "127.0.0.1",
+            "port": parts.port or 3306,
+            "user": parts.username or "root",
+            "password": parts.password or "",
+        },
+        server_id=0x3FFFFFF0,
+        blocking=False,
+        resume_stream=True,
+        log_file=start[0],
+        log_pos=start[1],
+        only_events=[WriteRowsEvent, XidEvent, MariadbGtidEvent],
+        only_schemas=[parts.path.lstrip("/")],
+        only_tables=[db.table],
+        freeze_schema=True,
+    )
+    seen = 0
+    started = time.perf_counter()
+    try:
+        for event in stream:
+            if isinstance(event, WriteRowsEvent):
+                seen += len(event.rows)
+                if seen >= rows:
+                    break
+    finally:
+        stream.close()
+    return seen / (time.perf_counter() - started)
 
 
 # -- kill loop ------------------------------------------------------------------------------
@@ -493,13 +551,17 @@ async def main(args: argparse.Namespace) -> None:
                 if ("single" if single else "one-tx") not in shapes:
                     continue
                 rates = []
+                bare: list[float] = []
                 for _ in range(args.rounds):
                     async with database(kind, dsn) as db:
                         result = await drain(db, args.broker, args.rows, single=single)
                     rates.append(result["rate"])
+                    if "bare" in result:
+                        bare.append(result["bare"])
                     print(
                         f"    {kind} {'single' if single else 'one-tx'}: "
-                        f"{result['rate']:,.0f} rows/s",
+                        f"{result['rate']:,.0f} rows/s"
+                        + (f" (mysql-replication alone: {bare[-1]:,.0f})" if bare else ""),
                         flush=True,
                     )
                 shape = (
@@ -509,6 +571,13 @@ async def main(args: argparse.Namespace) -> None:
                 if len(rates) > 1:
                     value += f" ({min(rates):,.0f}-{max(rates):,.0f}, {len(rates)} rounds)"
                 add(f"{kind} drain, {shape} (rows/s)", value, ">= 10,000")
+                if bare:
+                    ratios = [rate / ceiling for rate, ceiling in zip(rates, bare, strict=True)]
+                    add(
+                        "  mysql-replication alone, same backlog (rows/s; feed/alone)",
+                        f"{statistics.median(bare):,.0f} ({min(bare):,.0f}-{max(bare):,.0f}); "
+                        f"{statistics.median(ratios):.2f}x",
+                    )
     if "kill" in only:
         for kind, dsn in dbs:
             async with database(kind, dsn) as db:
