@@ -301,6 +301,45 @@ async def test_close_during_open_ends_an_attempt_that_hangs() -> None:
     assert cleaned_up == ["socket"] and connector.state is ConnectionState.CLOSED
 
 
+async def test_close_during_open_ends_an_attempt_that_loses_the_cancellation_and_hangs() -> None:
+    # A client library that loses the cancellation and goes on waiting for a node that never
+    # answers (seen with redis-py in its connect handshake): close() ends the connect all the
+    # same, within the grace it gives the attempt, and what the attempt opens later is
+    # thrown away.
+    from cachesync.transports import base
+
+    connector = Connector("thing", 30.0)
+    waiting, answer = asyncio.Event(), asyncio.Event()
+    discarded: list[str] = []
+
+    async def deaf() -> str:
+        waiting.set()
+        while True:
+            try:
+                await answer.wait()
+                return "conn"
+            except asyncio.CancelledError:
+                continue  # lost
+
+    async def discard(conn: str) -> None:
+        discarded.append(conn)
+
+    opening = asyncio.create_task(
+        connector.open(
+            deaf, retryable=(), refused=lambda _e: None, gave_up=TransportError, discard=discard
+        )
+    )
+    await waiting.wait()
+    started = time.monotonic()
+    connector.close()
+    with pytest.raises(TransportError, match="closed while connecting"):
+        await asyncio.wait_for(opening, 5.0)
+    assert time.monotonic() - started < base.ATTEMPT_GRACE + 0.5
+    assert connector.state is ConnectionState.CLOSED
+    answer.set()  # the node answers at last
+    await eventually(lambda: discarded == ["conn"])
+
+
 async def test_close_during_the_backoff_ends_it() -> None:
     connector = Connector("thing", 30.0, initial=20.0, maximum=20.0)
     failed = asyncio.Event()

@@ -60,6 +60,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import functools
 import importlib
 import logging
 import re
@@ -274,10 +275,9 @@ class Connector:
         self._initial = initial
         self._maximum = maximum
         self._lock = asyncio.Lock()
-        # What close() cuts short: the attempt under way (its timeout, made to expire now), the
-        # backoff after a failed one (set).
-        self._attempt_timeout: asyncio.Timeout | None = None
+        # What close() cuts short: the attempt under way, or the backoff after a failed one.
         self._woken: asyncio.Event | None = None
+        self._late: set[asyncio.Future[None]] = set()  # discards of attempts that ended late
 
     @property
     def usable(self) -> bool:
@@ -294,8 +294,6 @@ class Connector:
         self.epoch += 1
         if self.state is not ConnectionState.NEW:
             self.state = ConnectionState.CLOSED
-        if self._attempt_timeout is not None:
-            self._attempt_timeout.reschedule(-1.0)
         if self._woken is not None:
             self._woken.set()
 
@@ -327,7 +325,7 @@ class Connector:
             epoch = self.epoch
             self.state = ConnectionState.CONNECTING
             try:
-                result = await self._retry(attempt, epoch, retryable, refused, gave_up)
+                result = await self._retry(attempt, epoch, retryable, refused, gave_up, discard)
             except BaseException:
                 if not self.closed_since(epoch):
                     self.state = ConnectionState.FAILED
@@ -346,6 +344,7 @@ class Connector:
         retryable: tuple[type[BaseException], ...],
         refused: Callable[[BaseException], TransportError | None],
         gave_up: Callable[[BaseException], TransportError],
+        discard: Callable[[T], Awaitable[None]] | None,
     ) -> T:
         loop = asyncio.get_running_loop()
         deadline = self.deadline = loop.time() + self.timeout
@@ -353,12 +352,7 @@ class Connector:
         retry_on: tuple[type[BaseException], ...] = (*retryable, TimeoutError)
         while True:
             try:
-                async with asyncio.timeout(max(deadline - loop.time(), 0.001)) as timeout:
-                    self._attempt_timeout = timeout
-                    try:
-                        return await attempt()
-                    finally:
-                        self._attempt_timeout = None
+                return await self._attempt(attempt, max(deadline - loop.time(), 0.001), discard)
             except retry_on as exc:
                 if self.closed_since(epoch):
                     raise self.closed_error() from exc
@@ -380,6 +374,55 @@ class Connector:
                     raise refusal from exc
                 raise
 
+    async def _attempt(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        timeout: float,
+        discard: Callable[[T], Awaitable[None]] | None,
+    ) -> T:
+        """``attempt()`` in a task of its own, for at most ``timeout`` seconds or until close().
+
+        Then it is cancelled, and given ``ATTEMPT_GRACE`` to end: a client library that loses
+        the cancellation (seen with redis-py in the middle of its connect handshake) cannot
+        hold the connect past its bound; what such an attempt opens later is discarded."""
+        task = asyncio.ensure_future(attempt())
+        woken = self._woken = asyncio.Event()
+        closed = asyncio.ensure_future(woken.wait())
+        try:
+            await asyncio.wait({task, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await self._give_up(task, discard)
+            raise
+        finally:
+            closed.cancel()
+            self._woken = None
+        if task.done():
+            return task.result()
+        await self._give_up(task, discard)
+        raise TimeoutError(f"no answer within {timeout:.3g}s")
+
+    async def _give_up(
+        self, task: asyncio.Future[T], discard: Callable[[T], Awaitable[None]] | None
+    ) -> None:
+        """Cancel a connect attempt and wait ``ATTEMPT_GRACE`` at most for it to end; one that
+        ends later, or returns all the same, has what it opened discarded."""
+        task.cancel()
+        await asyncio.wait({task}, timeout=ATTEMPT_GRACE)
+        if task.done():
+            self._discard_late(task, discard)
+        else:
+            log.debug("a cancelled connect attempt of %s is still running", self.name)
+            task.add_done_callback(functools.partial(self._discard_late, discard=discard))
+
+    def _discard_late(
+        self, task: asyncio.Future[T], discard: Callable[[T], Awaitable[None]] | None
+    ) -> None:
+        if task.cancelled() or task.exception() is not None or discard is None:
+            return
+        closing = asyncio.ensure_future(discard(task.result()))
+        self._late.add(closing)  # referenced until done
+        closing.add_done_callback(self._late.discard)
+
     async def _pause(self, delay: float, epoch: int) -> None:
         """Sleep ``delay`` seconds, or less if close() runs meanwhile."""
         if self.closed_since(epoch):
@@ -392,6 +435,10 @@ class Connector:
             pass  # the whole delay
         finally:
             self._woken = None
+
+
+ATTEMPT_GRACE = 0.5
+"""Seconds a cancelled connect attempt is given to end before it is left to end by itself."""
 
 
 def describe(exc: BaseException, url: str) -> str:
