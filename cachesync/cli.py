@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import CacheSyncError, ConfigError, ConnectionLost, EventDecodeError
-from .events import DEFAULT_CHANNEL, ChangeEvent, Op
+from .events import DEFAULT_CHANNEL, MAX_NS_LENGTH, ChangeEvent, Op
 from .publisher import Publisher
 from .signing import Signer
 from .transports.base import from_url, redact_url, scrub
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CommandError", "UsageError", "bench", "fetch_state", "listen", "main", "publish"]
 
-MAX_NS_LENGTH = 256  # the longest namespace an event carries (ChangeEvent.ns)
 SIGNING_KEY_ENV = "CACHESYNC_SIGNING_KEY"
 DEBUG_ENV = "CACHESYNC_DEBUG"
 EXIT_FAILED = 1

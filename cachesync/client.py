@@ -36,7 +36,15 @@ from .cache import LocalCache
 from .cached import CacheOptions, CacheOptionsDict, Decorator, Mode, cache_options
 from .clock import ExactClock, HitClock, LoopClock
 from .errors import EventDecodeError, StateError, TransportError, UnknownSchemaError
-from .events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, ChangeEvent, EventView, Op, decode_event
+from .events import (
+    DEFAULT_CHANNEL,
+    MAX_EVENT_BYTES,
+    MAX_NS_LENGTH,
+    ChangeEvent,
+    EventView,
+    Op,
+    decode_event,
+)
 from .explain import MAX_RECENT_KEYS, History, as_dict, describe_entry, key_event, summary, trim
 from .lifecycle import Service
 from .logutil import RateLimitedLogger
@@ -346,8 +354,10 @@ class CacheSync(Service):
     def _check_ns(ns: object) -> None:
         if not isinstance(ns, str) or not ns:
             raise ValueError(f"ns must be a non-empty namespace name, got {ns!r}")
-        if len(ns) > 256:
-            raise ValueError("ns must be at most 256 characters (what an event can name)")
+        if len(ns) > MAX_NS_LENGTH:
+            raise ValueError(
+                f"ns must be at most {MAX_NS_LENGTH} characters (what an event can name)"
+            )
 
     def _make_cache(self, ns: str, options: CacheOptions) -> LocalCache:
         cache = LocalCache(

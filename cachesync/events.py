@@ -25,6 +25,7 @@ from .errors import EventDecodeError, UnknownSchemaError
 __all__ = [
     "DEFAULT_CHANNEL",
     "MAX_EVENT_BYTES",
+    "MAX_NS_LENGTH",
     "PREVIOUS_SCHEMA_VERSION",
     "READABLE_SCHEMAS",
     "SCHEMA_VERSION",
@@ -48,6 +49,9 @@ READABLE_SCHEMAS = (PREVIOUS_SCHEMA_VERSION, SCHEMA_VERSION)
 
 MAX_EVENT_BYTES = 1 << 20
 """Default upper bound for one encoded event (1 MiB)."""
+
+MAX_NS_LENGTH = 256
+"""The longest namespace an event can name (characters)."""
 
 DEFAULT_CHANNEL = "cachesync"
 """The channel events go on unless told otherwise: the one default of the client, the
@@ -92,7 +96,7 @@ class ChangeEvent(BaseModel):
     v: int = Field(default=SCHEMA_VERSION, ge=PREVIOUS_SCHEMA_VERSION, le=SCHEMA_VERSION)
     source: str = Field(min_length=1, max_length=128)
     seq: int = Field(ge=0)
-    ns: str = Field(default="", max_length=256)
+    ns: str = Field(default="", max_length=MAX_NS_LENGTH)
     op: _OpField
     keys: tuple[str, ...] = ()
     version: int | None = None
@@ -161,7 +165,7 @@ def _unknown_schema(exc: ValidationError, data: bytes | str) -> UnknownSchemaErr
     if PREVIOUS_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
         return None  # a readable version, a bad field elsewhere
     ns = raw.get("ns")
-    readable_ns = ns if isinstance(ns, str) and ns and len(ns) <= 256 else None
+    readable_ns = ns if isinstance(ns, str) and ns and len(ns) <= MAX_NS_LENGTH else None
     return UnknownSchemaError(
         f"unknown schema version {version!r} (this consumer reads v{_READABLE})",
         version=version,
@@ -219,7 +223,7 @@ class _Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     op: OpName
     ts: float
     v: Annotated[int, msgspec.Meta(ge=PREVIOUS_SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
-    ns: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    ns: Annotated[str, msgspec.Meta(max_length=MAX_NS_LENGTH)] = ""
     keys: tuple[str, ...] = ()
     version: int | None = None
     value: Any = None

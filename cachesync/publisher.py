@@ -18,6 +18,7 @@ from .backoff import Backoff
 from .errors import StateError, TransportError
 from .events import (
     DEFAULT_CHANNEL,
+    MAX_NS_LENGTH,
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
     ChangeEvent,
@@ -46,9 +47,6 @@ class Change(NamedTuple):
     value: Any = None
     ts: float | None = None
     tags: tuple[str, ...] = ()
-
-
-_MAX_NS = 256  # ChangeEvent.ns's max_length
 
 
 def _check(change: Change) -> None:
@@ -336,7 +334,7 @@ class Publisher(Service):
             self._signer is not None
             or type(change.op) is not Op
             or type(change.ns) is not str
-            or len(change.ns) > _MAX_NS
+            or len(change.ns) > MAX_NS_LENGTH
             or type(keys) is not tuple
             or not (version is None or type(version) is int)
             or type(ts) is not float

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from ...backoff import Backoff
 from ...errors import CacheSyncError, ConfigError, StateError, TransportError
-from ...events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, Op
+from ...events import DEFAULT_CHANNEL, MAX_EVENT_BYTES, MAX_NS_LENGTH, Op
 from ...lifecycle import Service
 from ...publisher import Change, Publisher
 from ...transports.base import redact_url
@@ -77,8 +77,8 @@ class Table:
         for column in columns:
             if not isinstance(column, str) or not _COLUMN.match(column):
                 raise ValueError(f"table {self.name}: {column!r} is not a column name")
-        if self.ns is not None and (not self.ns or len(self.ns) > 256):
-            raise ValueError("ns must be a non-empty string of at most 256 characters")
+        if self.ns is not None and (not self.ns or len(self.ns) > MAX_NS_LENGTH):
+            raise ValueError(f"ns must be a non-empty string of at most {MAX_NS_LENGTH} characters")
 
     @property
     def namespace(self) -> str:
