@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pymysql
@@ -77,6 +78,16 @@ def _row(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v if type(v) in _JSON_TYPES else _json(v) for k, v in values.items()}
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A prepared XA transaction: its rows, the prepare's time (server clock), and whether it
+    was logged as open too long."""
+
+    rows: list[RowChange]
+    at: float
+    warned: bool = False
+
+
 class Reader:
     """Reads the binlog from ``position`` (from its GTID when ``by_gtid``, else from its file
     and offset) and hands what the feed needs to ``send`` until ``stop`` is set (seen at the
@@ -108,11 +119,9 @@ class Reader:
         # The rows of XA transactions prepared and not yet committed or rolled back: held,
         # and published at their XA COMMIT. While any is held, no position is confirmed, so
         # that a restart reads its prepare again.
-        self.prepared: dict[XidKey, list[RowChange]] = {}
-        self.prepared_at: dict[XidKey, float] = {}  # the prepare's time (server clock)
+        self.prepared: dict[XidKey, _Prepared] = {}
         # Prepared XA transactions that touch none of the tables: nothing to hold them for.
         self.untracked_xa: set[XidKey] = set()
-        self._warned: set[XidKey] = set()
         # The GTID position, one entry per replication domain.
         self.gtids = {
             part.split("-", 1)[0]: part for part in (position[2] or "").split(",") if part
@@ -219,8 +228,7 @@ class Reader:
                 if not event.one_phase:
                     xid = (event.xid_format_id, event.xid_gtrid, event.xid_bqual)
                     if rows:
-                        prepared[xid] = rows
-                        self.prepared_at[xid] = ts
+                        prepared[xid] = _Prepared(rows, ts)
                     else:
                         self.untracked_xa.add(xid)
                     continue  # not committed: nothing to publish or confirm yet
@@ -229,7 +237,7 @@ class Reader:
                 query = event.query.strip() if isinstance(event.query, str) else ""
                 upper = query.upper()
                 if upper.startswith(("XA COMMIT", "XA ROLLBACK")):
-                    self._end_xa(query, upper.startswith("XA COMMIT"), pending, ts)
+                    self._end_xa(query, upper, pending, ts)
                 elif upper.startswith("XA START"):  # MySQL marks XA transactions so
                     xa = True
                     continue
@@ -282,10 +290,11 @@ class Reader:
             send(pending)
             pending = []
 
-    def _end_xa(self, query: str, commit: bool, pending: list[Any], ts: float) -> None:
-        """XA COMMIT or XA ROLLBACK of a prepared transaction: its held rows go out with this
-        commit, or are dropped. A commit of one this reader never saw prepared (before the
-        feed's start position) flushes every table's namespace: its rows are unknown."""
+    def _end_xa(self, query: str, upper: str, pending: list[Any], ts: float) -> None:
+        """XA COMMIT or XA ROLLBACK (``upper`` is the query in upper case) of a prepared
+        transaction: its held rows go out with this commit, or are dropped. A commit of one
+        this reader never saw prepared (before the feed's start position) flushes every
+        table's namespace: its rows are unknown."""
         match = _XID.search(query)
         key = None
         if match is not None:
@@ -297,34 +306,31 @@ class Reader:
         if key in self.untracked_xa:
             self.untracked_xa.discard(key)
             return  # it wrote none of the tables
-        rows = self.prepared.pop(key, None) if key is not None else None
-        if key is not None:
-            self.prepared_at.pop(key, None)
-            self._warned.discard(key)
-        if not commit or "ONE PHASE" in query.upper():
+        held = self.prepared.pop(key, None) if key is not None else None
+        if not upper.startswith("XA COMMIT") or "ONE PHASE" in upper:
             return
-        if rows is None:
+        if held is None:
             pending.extend(RowChange(table, "truncate", None, ts) for table in self.tables.values())
         else:
-            pending.extend(rows)
+            pending.extend(held.rows)
 
     def open_xa(self) -> tuple[int, float | None]:
         """How many prepared XA transactions hold the position, and the age of the oldest
         (seconds); safe to call from another thread."""
-        since = list(self.prepared_at.values())
+        since = [held.at for held in list(self.prepared.values())]
         return len(since), (max(0.0, time.time() - min(since)) if since else None)
 
     def _warn_open_xa(self) -> None:
         now = time.time()
-        for xid, since in list(self.prepared_at.items()):
-            if xid not in self._warned and now - since > XA_WARN_AFTER:
-                self._warned.add(xid)
+        for xid, held in list(self.prepared.items()):
+            if not held.warned and now - held.at > XA_WARN_AFTER:
+                held.warned = True
                 log.warning(
                     "change feed: XA transaction %r was prepared %.0f s ago and has not ended; "
                     "the feed's position stays before it until XA COMMIT or XA ROLLBACK "
                     "(XA RECOVER lists it)",
                     xid[1] + xid[2],
-                    now - since,
+                    now - held.at,
                 )
 
     def _advance(self, gtid: str) -> None:
