@@ -187,7 +187,14 @@ def _meta_leader(group: ProcessGroup) -> str:
     return ""
 
 
+# A cluster test waits, each wait bounded, for the cluster to be healthy again after the one
+# before it (up to 20 s), for its stream's leaders (up to 15 s), then for its scenario:
+# more than the module's 40 s when a restarted node is slow to catch up.
+CLUSTER_TIMEOUT = 90
+
+
 # The reader's own node: test_cached_reads_stay_coherent_when_the_consumers_node_dies.
+@pytest.mark.timeout(CLUSTER_TIMEOUT)
 @pytest.mark.parametrize("victim", ["stream leader"])
 async def test_cluster_loses_a_node_while_events_flow(
     nats_nodes: ProcessGroup, unique: str, victim: str
@@ -250,6 +257,7 @@ async def test_cluster_loses_a_node_while_events_flow(
         _restart(nats_nodes, killed, wait=False)
 
 
+@pytest.mark.timeout(CLUSTER_TIMEOUT)
 async def test_cached_reads_stay_coherent_when_the_consumers_node_dies(
     nats_nodes: ProcessGroup, unique: str
 ) -> None:
