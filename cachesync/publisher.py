@@ -116,7 +116,10 @@ class Publisher(Service):
         self._signer = Signer([signing_key]) if signing_key is not None else None
         self._clock = clock
         self.schema_version = schema_version
-        self._lock = asyncio.Lock()
+        # One lock per channel sent on: a seq is taken and sent in order under its channel's
+        # lock, so a channel that hangs (its shard failing over) holds back no other's changes
+        # or heartbeats.
+        self._locks: dict[str, asyncio.Lock] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._running = False
         self.source = ""
@@ -240,13 +243,17 @@ class Publisher(Service):
             _check(change)
         if not changes:
             return
-        async with self._lock:
+        wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
+        async with contextlib.AsyncExitStack() as held:
+            # The locks of every channel of the batch, always in the same order: two batches
+            # over the same channels cannot each hold one the other waits for.
+            for wire in sorted(set(wires)):
+                await held.enter_async_context(self._lock_for(wire))
             # Every event is built and encoded before any seq is taken: a change that cannot
             # go out must not leave a gap that makes every consumer flush.
             # Seqs run per channel (a transport may spread namespaces over channels: see
             # Transport.channel_for); they are taken only once every event is valid.
             taken: dict[str, int] = {}
-            wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
             payloads: list[bytes] = []
             for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
                 seq = taken.get(wire, self._last_seq(wire)) + 1
@@ -275,6 +282,12 @@ class Publisher(Service):
                 if wire != self.channel:
                     self._wire_ns.setdefault(wire, change.ns)
             await self._send_payloads(list(zip(wires, payloads, strict=True)))
+
+    def _lock_for(self, wire: str) -> asyncio.Lock:
+        lock = self._locks.get(wire)
+        if lock is None:
+            lock = self._locks[wire] = asyncio.Lock()
+        return lock
 
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
@@ -430,26 +443,35 @@ class Publisher(Service):
                     async with asyncio.timeout_at(deadline):
                         await self._transport.connect()
 
-    def _heartbeats(self, interval: float) -> list[ChangeEvent]:
-        """A heartbeat for every channel this publisher sends on, with its last seq (on a
-        channel of its own, a heartbeat names a namespace of that channel)."""
-        now = self._clock()
+    def _beating(self) -> list[tuple[str, str]]:
+        """``(channel, namespace)`` for every channel this publisher sends on: each gets a
+        heartbeat with its last seq (on a channel of its own, a heartbeat names a namespace of
+        that channel)."""
         beats = []
         if self._transport.channel_for(self.channel, "") == self.channel or not self._wire_seqs:
-            beats.append((self.seq, ""))
-        beats += [(seq, self._wire_ns[wire]) for wire, seq in self._wire_seqs.items()]
-        return [
-            ChangeEvent(
+            beats.append((self.channel, ""))
+        beats += [(wire, self._wire_ns[wire]) for wire in self._wire_seqs]
+        return beats
+
+    async def _beat(self, wire: str, ns: str, interval: float) -> None:
+        """One heartbeat on ``wire``, with the seq last sent there: under that channel's lock,
+        waited for an interval at most (a beat that cannot go out is skipped, not queued)."""
+        lock = self._lock_for(wire)
+        async with asyncio.timeout(max(interval, 0.001)):
+            await lock.acquire()
+        try:
+            beat = ChangeEvent(
                 v=self.schema_version,
                 source=self.source,
-                seq=seq,
+                seq=self._last_seq(wire),
                 ns=ns,
                 op=Op.HEARTBEAT,
                 value={"interval": interval},
-                ts=now,
+                ts=self._clock(),
             )
-            for seq, ns in beats
-        ]
+            await self._send([beat], timeout=min(interval, self.publish_timeout))
+        finally:
+            lock.release()
 
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
@@ -457,25 +479,16 @@ class Publisher(Service):
         # the interval is skipped, not queued; whatever fails, the loop goes on until stop().
         while True:
             try:
-                async with asyncio.timeout(max(interval, 0.001)):
-                    await self._lock.acquire()
-                try:
-                    # Each channel on its own, all at once: one that fails or hangs (its shard
-                    # failing over) holds back neither the beats of the others (consumers
-                    # would miss them) nor, for more than an interval, the changes waiting.
-                    timeout = min(interval, self.publish_timeout)
-                    results = await asyncio.gather(
-                        *(
-                            self._send([beat], timeout=timeout)
-                            for beat in self._heartbeats(interval)
-                        ),
-                        return_exceptions=True,
-                    )
-                    failures = [r for r in results if isinstance(r, BaseException)]
-                    if failures:
-                        raise failures[0]
-                finally:
-                    self._lock.release()
+                # Each channel on its own, all at once: one that fails or hangs (its shard
+                # failing over) holds back neither the beats of the others (consumers would
+                # miss them) nor, for more than an interval, the changes waiting.
+                results = await asyncio.gather(
+                    *(self._beat(wire, ns, interval) for wire, ns in self._beating()),
+                    return_exceptions=True,
+                )
+                failures = [r for r in results if isinstance(r, BaseException)]
+                if failures:
+                    raise failures[0]
             except (TransportError, TimeoutError) as exc:
                 error = scrub(str(exc), self.url) or type(exc).__name__
                 log.warning("heartbeat not sent", extra={"error": error})
