@@ -187,6 +187,20 @@ def test_latency_benchmark_runs(scheme: str) -> None:
     assert all(c.verdict in ("PASS", "FAIL", "not shown") for c in result.checks())
 
 
+@pytest.mark.timeout(60)
+async def test_stream_cost_benchmark_runs() -> None:
+    from benchmarks import stream_cost
+
+    from .conftest import REDIS_URL, require_server
+
+    require_server("redis")
+    rounds = await stream_cost.run(REDIS_URL, events=300, rounds=1)
+    assert set(rounds[0]) == set(stream_cost.STEPS)
+    assert all(cpu > 0 for cpu in rounds[0].values())
+    text = stream_cost.report(rounds, "python -m benchmarks.stream_cost", 300)
+    assert "| ours " in text and "the target is 0.80x" in text
+
+
 async def test_batch_benchmark_runs() -> None:
     from benchmarks import batch
 
