@@ -103,6 +103,40 @@ async def test_retention_that_dropped_missed_messages_reports_not_resumed(
         assert await again.wait_for(1) == [b"new"]
 
 
+async def test_a_subscriber_that_stops_reading_gets_every_message_in_order_later(
+    nats_url: str, channel: str
+) -> None:
+    # More messages than the subscription's inbox holds arrive while its consumer takes none:
+    # the inbox makes nats-py wait, nats-py's own queue holds the rest, nothing is dropped.
+    from cachesync.transports.nats import INBOX_SIZE
+
+    count = 3 * INBOX_SIZE
+    transport = NatsTransport(nats_url, connect_timeout=5.0)
+    pub = NatsTransport(nats_url, connect_timeout=5.0)
+    await transport.connect()
+    await pub.connect()
+    ready = asyncio.Event()
+    messages = transport.subscribe(channel, lambda resumed: ready.set())
+    try:
+        first = asyncio.ensure_future(anext(messages))
+        await ready.wait()
+        await pub.publish(channel, b"0")
+        assert await first == b"0"
+        for i in range(1, count + 1):  # the consumer takes none of these meanwhile
+            await pub.publish(channel, b"%d" % i)
+        received = []
+        async with asyncio.timeout(20):
+            async for payload in messages:
+                received.append(payload)
+                if len(received) == count:
+                    break
+        assert received == [b"%d" % i for i in range(1, count + 1)]
+    finally:
+        await messages.aclose()
+        await pub.close()
+        await transport.close()
+
+
 # -- a 3-node JetStream cluster ------------------------------------------------------------
 
 

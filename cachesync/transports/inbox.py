@@ -3,7 +3,10 @@
 The memory bus and the AMQP consumer callback push payloads; the subscription's ``async for``
 drains them. Like Redis with a slow pub/sub client, a subscriber that falls more than
 ``max_backlog`` payloads behind is cut: what it had not read is dropped (the consumer flushes
-anyway when its subscription ends), and the iterator raises ``ConnectionLost``.
+anyway when its subscription ends), and the iterator raises ``ConnectionLost``. A callback
+that can wait (nats-py awaits its callback before it delivers the next message) uses
+:meth:`Inbox.put` instead: it waits for room, and the client library's own bounded queue
+holds the rest.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ class Inbox(Generic[T]):
             await inbox.refill(what)
     """
 
-    __slots__ = ("buffer", "wakeup", "lost", "reason", "max_backlog")
+    __slots__ = ("buffer", "wakeup", "room", "lost", "reason", "max_backlog")
 
     def __init__(self, max_backlog: int) -> None:
         self.buffer: deque[T] = deque()
         self.wakeup = asyncio.Event()
+        self.room = asyncio.Event()  # set while put() may add more
+        self.room.set()
         self.lost = False
         self.reason = ""
         self.max_backlog = max_backlog
@@ -49,6 +54,17 @@ class Inbox(Generic[T]):
         self.buffer.append(payload)
         self.wakeup.set()
 
+    async def put(self, payload: T) -> None:
+        """Queue ``payload`` for the iterator; once ``max_backlog`` wait, wait until the
+        iterator has taken them (or the subscription was cut). Never cuts by itself."""
+        if self.lost:
+            return
+        self.buffer.append(payload)
+        self.wakeup.set()
+        if len(self.buffer) >= self.max_backlog:
+            self.room.clear()
+            await self.room.wait()
+
     def cut(self, reason: str) -> None:
         """End the subscription: the iterator raises ConnectionLost(``reason``). The first
         reason given stays."""
@@ -58,6 +74,7 @@ class Inbox(Generic[T]):
         self.reason = reason
         self.buffer.clear()
         self.wakeup.set()
+        self.room.set()
 
     async def refill(self, what: str) -> None:
         """Wait until there is something to read, or something else woke the iterator (the
@@ -67,6 +84,7 @@ class Inbox(Generic[T]):
             raise ConnectionLost(f"{what}: {self.reason}")
         if self.buffer:  # filled while the iterator awaited something else (an ack)
             return
+        self.room.set()  # all taken
         self.wakeup.clear()
         await self.wakeup.wait()
         if self.lost:

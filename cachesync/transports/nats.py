@@ -71,12 +71,14 @@ from .base import (
     text_option,
 )
 from .hosts import HostTurns, parse_node_url, try_each_host
+from .inbox import Inbox
 
 try:
     import nats
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -91,6 +93,9 @@ log = logging.getLogger("cachesync.transports.nats")
 DEFAULT_MAX_AGE: Final = 86400.0
 DEFAULT_MAX_MSGS: Final = 100_000
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
+# Messages a subscription holds for its iterator; past that, nats-py's own pending queue
+# (bounded by its limits, which drop what goes past them: a gap the iterator sees) holds them.
+INBOX_SIZE: Final = 1024
 _OPTIONS: Final = (
     duration_option("max_age", DEFAULT_MAX_AGE),
     int_option("max_msgs", DEFAULT_MAX_MSGS),
@@ -403,6 +408,16 @@ class NatsTransport(Transport):
             if on_ready is not None:
                 on_ready(resumed)
 
+        # What nats-py delivers waits here for the iterator (nats-py waits while it is full);
+        # the subscription ends once the connection closes.
+        inbox: Inbox[Msg] = Inbox(INBOX_SIZE)
+
+        def closed(_: object) -> None:
+            inbox.cut("the connection closed")
+
+        lost = self._lost
+        if lost is not None:
+            lost.add_done_callback(closed)
         sub: Any = None
         consumer: str | None = None
         try:
@@ -428,12 +443,14 @@ class NatsTransport(Transport):
                     verdict = True
                 else:
                     verdict = None
-                inbox = nc.new_inbox()
-                sub = await nc.subscribe(inbox)
+                subject = nc.new_inbox()
+                # A callback, not next_msg(): nats-py's next_msg() starts a task and a timer
+                # for every message, several times what the rest of reading one costs.
+                sub = await nc.subscribe(subject, cb=inbox.put)
                 info = await js.add_consumer(
                     name,
                     ConsumerConfig(
-                        deliver_subject=inbox,
+                        deliver_subject=subject,
                         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                         opt_start_seq=cursor.seq + 1,
                         ack_policy=AckPolicy.NONE,
@@ -450,37 +467,40 @@ class NatsTransport(Transport):
                 raise TransportError(f"{what} was refused: {self._describe(exc)}") from exc
             if verdict is not None:
                 report(verdict)
+            buffer = inbox.buffer
             while True:
+                while buffer:
+                    msg = buffer.popleft()
+                    if not msg.reply:
+                        continue  # a status message (none are asked for); not a stream message
+                    seq = msg.metadata.sequence.stream
+                    if seq <= cursor.seq:
+                        continue  # delivered twice
+                    if seq != cursor.seq + 1:
+                        if verdict is None:
+                            # The backlog has a hole: flush instead of replaying the rest.
+                            verdict = False
+                            report(False)
+                        else:
+                            cursor.lost = True
+                            raise ConnectionLost(
+                                f"{what} fell behind: messages {cursor.seq + 1}..{seq - 1} "
+                                f"were dropped before it read them (max_msgs={self.max_msgs}, "
+                                f"max_age={self.max_age:g}s, or a slow consumer)"
+                            )
+                    cursor.seq = seq
+                    yield msg.data
+                    if verdict is None and cursor.seq >= last:
+                        verdict = True
+                        report(True)
                 try:
-                    msg = await sub.next_msg(timeout=self.health_check_interval)
-                except nats.errors.TimeoutError:
+                    async with asyncio.timeout(self.health_check_interval):
+                        await inbox.refill(what)
+                except TimeoutError:
                     await self._check_consumer(js, name, consumer, what)
-                    continue
-                except _FAILURES as exc:
-                    raise ConnectionLost(f"{what} ended: {self._describe(exc)}") from exc
-                if not msg.reply:
-                    continue  # a status message (none are asked for); not a stream message
-                seq = msg.metadata.sequence.stream
-                if seq <= cursor.seq:
-                    continue  # delivered twice
-                if seq != cursor.seq + 1:
-                    if verdict is None:
-                        # The backlog has a hole: flush instead of replaying the rest.
-                        verdict = False
-                        report(False)
-                    else:
-                        cursor.lost = True
-                        raise ConnectionLost(
-                            f"{what} fell behind: messages {cursor.seq + 1}..{seq - 1} were "
-                            f"dropped before it read them (max_msgs={self.max_msgs}, "
-                            f"max_age={self.max_age:g}s, or a slow consumer)"
-                        )
-                cursor.seq = seq
-                yield msg.data
-                if verdict is None and cursor.seq >= last:
-                    verdict = True
-                    report(True)
         finally:
+            if lost is not None:
+                lost.remove_done_callback(closed)
             if sub is not None:
                 await self._cleanup(js, sub, name, consumer)
 
