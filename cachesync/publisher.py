@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -62,6 +62,16 @@ def _check(change: Change) -> None:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return " ".join(lines[:3]) if lines else type(exc).__name__
+
+
+class _Turn:
+    """A channel's lock, and how many hold it or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class PublisherState(dict[str, Any]):
@@ -119,7 +129,7 @@ class Publisher(Service):
         # One lock per channel sent on: a seq is taken and sent in order under its channel's
         # lock, so a channel that hangs (its shard failing over) holds back no other's changes
         # or heartbeats.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _Turn] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._running = False
         self.source = ""
@@ -244,50 +254,114 @@ class Publisher(Service):
         if not changes:
             return
         wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
-        async with contextlib.AsyncExitStack() as held:
-            # The locks of every channel of the batch, always in the same order: two batches
-            # over the same channels cannot each hold one the other waits for.
-            for wire in sorted(set(wires)):
-                await held.enter_async_context(self._lock_for(wire))
-            # Every event is built and encoded before any seq is taken: a change that cannot
-            # go out must not leave a gap that makes every consumer flush.
-            # Seqs run per channel (a transport may spread namespaces over channels: see
-            # Transport.channel_for); they are taken only once every event is valid.
-            taken: dict[str, int] = {}
-            payloads: list[bytes] = []
-            for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
-                seq = taken.get(wire, self._last_seq(wire)) + 1
-                try:
-                    payload = None if events is not None else self._plain_payload(seq, change)
-                    if payload is None:
-                        event = self._event(seq, change)
-                        payload = self._payload(event)
-                        if events is not None:
-                            events.append(event)
-                except (ValueError, TypeError) as exc:
-                    if events is not None:
-                        events.clear()
-                    raise ValueError(
-                        f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
-                        f"a valid event: {_first_line(exc)}; nothing was published"
-                    ) from None
-                taken[wire] = seq
-                payloads.append(payload)
-            for wire, seq in taken.items():
-                if wire == self.channel:
-                    self.seq = seq
-                else:
-                    self._wire_seqs[wire] = seq
-            for change, wire in zip(changes, wires, strict=True):
-                if wire != self.channel:
-                    self._wire_ns.setdefault(wire, change.ns)
-            await self._send_payloads(list(zip(wires, payloads, strict=True)))
+        # Every event is built and encoded before any seq is taken or any lock waited for: a
+        # change that cannot go out must not leave a gap that makes every consumer flush.
+        # Seqs run per channel (a transport may spread namespaces over channels: see
+        # Transport.channel_for); they are taken only once every event is valid.
+        taken: dict[str, int] = {}
+        bases: dict[str, int] = {}
+        by_wire: dict[str, list[int]] = {}
+        payloads: list[bytes] = []
+        for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
+            last = taken.get(wire)
+            if last is None:
+                last = bases[wire] = self._last_seq(wire)
+                by_wire[wire] = []
+            try:
+                payload, event = self._build(last + 1, change, events is not None)
+            except (ValueError, TypeError) as exc:
+                if events is not None:
+                    events.clear()
+                raise ValueError(
+                    f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
+                    f"a valid event: {_first_line(exc)}; nothing was published"
+                ) from None
+            taken[wire] = last + 1
+            by_wire[wire].append(offset)
+            payloads.append(payload)
+            if events is not None and event is not None:
+                events.append(event)
+        if len(by_wire) == 1:
+            await self._send_on(
+                wires[0], bases[wires[0]], by_wire[wires[0]], changes, payloads, events
+            )
+            return
+        # Each channel on its own, all at once, under its own lock: a channel that hangs (its
+        # shard failing over) holds back neither the batch's other channels nor, while the
+        # batch waits for it or sends on it, their other changes and heartbeats. A batch never
+        # holds one channel's lock while it waits for another's.
+        results = await asyncio.gather(
+            *(
+                self._send_on(wire, bases[wire], offsets, changes, payloads, events)
+                for wire, offsets in by_wire.items()
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    def _lock_for(self, wire: str) -> asyncio.Lock:
-        lock = self._locks.get(wire)
-        if lock is None:
-            lock = self._locks[wire] = asyncio.Lock()
-        return lock
+    def _build(self, seq: int, change: Change, model: bool) -> tuple[bytes, ChangeEvent | None]:
+        """The bytes of the event for ``change`` with ``seq``, and its model if ``model``."""
+        payload = None if model else self._plain_payload(seq, change)
+        if payload is not None:
+            return payload, None
+        event = self._event(seq, change)
+        return self._payload(event), event
+
+    async def _send_on(
+        self,
+        wire: str,
+        base: int,
+        offsets: list[int],
+        changes: Sequence[Change],
+        payloads: list[bytes],
+        events: list[ChangeEvent] | None,
+    ) -> None:
+        """Take the seqs of ``changes[offsets]`` on ``wire`` and send them there, in order,
+        under that channel's lock. They were built with the seqs that followed ``base``: if
+        others were taken meanwhile (or the lock was waited for: the default ``ts`` is the
+        time the lock is held, as it always was), they are built again with the next ones."""
+        async with self._holding(wire) as waited:
+            last = self._last_seq(wire)
+            if waited or last != base:
+                for seq, offset in enumerate(offsets, start=last + 1):
+                    payload, event = self._build(seq, changes[offset], events is not None)
+                    payloads[offset] = payload
+                    if events is not None and event is not None:
+                        events[offset] = event
+            seq = last + len(offsets)
+            if wire == self.channel:
+                self.seq = seq
+            else:
+                self._wire_ns.setdefault(wire, changes[offsets[0]].ns)
+                self._wire_seqs[wire] = seq
+            await self._send_payloads([(wire, payloads[offset]) for offset in offsets])
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, wire: str, timeout: float | None = None) -> AsyncIterator[bool]:
+        """Hold ``wire``'s lock (waiting ``timeout`` seconds at most, then TimeoutError);
+        yields whether it had to wait. A lock is kept only while someone holds or waits for
+        it, so there are never more than there are sends under way."""
+        entry = self._locks.get(wire)
+        if entry is None:
+            entry = self._locks[wire] = _Turn()
+        entry.users += 1
+        try:
+            waited = entry.lock.locked()
+            if timeout is None:
+                await entry.lock.acquire()
+            else:
+                async with asyncio.timeout(timeout):
+                    await entry.lock.acquire()
+            try:
+                yield waited
+            finally:
+                entry.lock.release()
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[wire]
 
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
@@ -456,10 +530,7 @@ class Publisher(Service):
     async def _beat(self, wire: str, ns: str, interval: float) -> None:
         """One heartbeat on ``wire``, with the seq last sent there: under that channel's lock,
         waited for an interval at most (a beat that cannot go out is skipped, not queued)."""
-        lock = self._lock_for(wire)
-        async with asyncio.timeout(max(interval, 0.001)):
-            await lock.acquire()
-        try:
+        async with self._holding(wire, timeout=max(interval, 0.001)):
             beat = ChangeEvent(
                 v=self.schema_version,
                 source=self.source,
@@ -470,8 +541,6 @@ class Publisher(Service):
                 ts=self._clock(),
             )
             await self._send([beat], timeout=min(interval, self.publish_timeout))
-        finally:
-            lock.release()
 
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new

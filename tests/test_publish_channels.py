@@ -294,6 +294,8 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
         publish_timeout=0.01,
     )  # fmt: skip
 
+    returned: list[ChangeEvent] = []
+
     async def one(kind: str, namespaces: list[str], n: int) -> None:
         if kind == "beat":
             ns = namespaces[0]
@@ -301,7 +303,7 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
             return
         changes = [Change(Op.UPSERT, ns, (f"k{n}",), version=n) for ns in namespaces]
         if kind == "send_many":
-            await publisher.send_many(changes)
+            returned.extend(await publisher.send_many(changes))
         else:
             await publisher.send_batch(changes)
 
@@ -334,6 +336,8 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
         return interrupted
 
     interrupted = asyncio.run(scenario())
+    for event in returned:  # what send_many returns is what went out
+        assert event in shards.sent[f"c{{{event.ns}}}"]
     for wire, events in shards.sent.items():
         seqs = [e.seq for e in events if e.op != Op.HEARTBEAT]
         assert seqs == sorted(set(seqs)), f"{wire}: seqs out of order or repeated: {seqs}"
