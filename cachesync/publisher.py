@@ -546,24 +546,43 @@ class Publisher(Service):
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
         # source) right away rather than at its first change. A beat that cannot go out within
         # the interval is skipped, not queued; whatever fails, the loop goes on until stop().
-        while True:
-            try:
-                # Each channel on its own, all at once: one that fails or hangs (its shard
-                # failing over) holds back neither the beats of the others (consumers would
-                # miss them) nor, for more than an interval, the changes waiting.
-                results = await asyncio.gather(
-                    *(self._beat(wire, ns, interval) for wire, ns in self._beating()),
-                    return_exceptions=True,
-                )
-                failures = [r for r in results if isinstance(r, BaseException)]
+        # Each channel's beat runs on its own, every interval, whatever the others do: one
+        # that fails or hangs (its shard failing over, a client library that lost the
+        # cancellation of its timeout) holds back neither the beats of the others (consumers
+        # would miss them) nor, for more than an interval, the changes waiting; while its beat
+        # is still under way, that channel's next ones are skipped.
+        beating: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                failures: list[BaseException] = []
+                for wire, task in list(beating.items()):
+                    if task.done():
+                        del beating[wire]
+                        if not task.cancelled() and (failure := task.exception()) is not None:
+                            failures.append(failure)
+                try:
+                    for wire, ns in self._beating():
+                        if wire not in beating:
+                            beating[wire] = asyncio.create_task(
+                                self._beat(wire, ns, interval), name="cachesync-heartbeat"
+                            )
+                except Exception as exc:
+                    failures.append(exc)
                 if failures:
-                    raise failures[0]
-            except (TransportError, TimeoutError) as exc:
-                error = scrub(str(exc), self.url) or type(exc).__name__
-                log.warning("heartbeat not sent", extra={"error": error})
-            except Exception:
-                log.exception("heartbeat failed; the next one goes out as usual")
-            await asyncio.sleep(interval)
+                    self._beat_failed(failures[0])
+                await asyncio.sleep(interval)
+        finally:
+            for task in beating.values():
+                task.cancel()
+            if beating:
+                await asyncio.gather(*beating.values(), return_exceptions=True)
+
+    def _beat_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, TransportError | TimeoutError):
+            error = scrub(str(exc), self.url) or type(exc).__name__
+            log.warning("heartbeat not sent", extra={"error": error})
+        else:
+            log.error("heartbeat failed; the next one goes out as usual", exc_info=exc)
 
 
 class BlockingPublisher:
