@@ -320,11 +320,11 @@ class Publisher(Service):
     ) -> None:
         """Take the seqs of ``changes[offsets]`` on ``wire`` and send them there, in order,
         under that channel's lock. They were built with the seqs that followed ``base``: if
-        others were taken meanwhile (or the lock was waited for: the default ``ts`` is the
-        time the lock is held, as it always was), they are built again with the next ones."""
+        others were taken meanwhile, they are built again with the next ones (and so are
+        those without a ``ts`` if the lock was waited for: their ``ts`` is when it is held)."""
         async with self._holding(wire) as waited:
             last = self._last_seq(wire)
-            if waited or last != base:
+            if last != base or (waited and any(changes[o].ts is None for o in offsets)):
                 for seq, offset in enumerate(offsets, start=last + 1):
                     payload, event = self._build(seq, changes[offset], events is not None)
                     payloads[offset] = payload
