@@ -349,3 +349,42 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
                 assert all(seq > event.seq for seq in later), (
                     f"{wire}: a heartbeat with seq {event.seq} before the change it names"
                 )
+
+
+async def test_stop_cancelled_while_a_heartbeat_hangs_is_cancelled_and_closes() -> None:
+    # stop() waits for the heartbeat to end; a caller that gives up on it (a shutdown with a
+    # deadline) must see its cancellation, not have it swallowed, and the connection closes
+    # still.
+    shards = Deaf()
+    closed = asyncio.Event()
+
+    async def close() -> None:
+        closed.set()
+
+    shards.close = close  # type: ignore[method-assign]
+    publisher = Publisher("fake://shards", channel="c", transport=shards, heartbeat_interval=0.02)
+    await publisher.start()
+    heartbeat = publisher._heartbeat_task  # noqa: SLF001
+    assert heartbeat is not None
+    try:
+        await publisher.changed("a", "k", version=1)
+        shards.stall("c{a}")
+        await shards.waiting["c{a}"].wait()  # a beat to a hangs, deaf to its cancellation
+        stopping = asyncio.create_task(publisher.stop())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not stopping.done()  # waiting for the heartbeat to end
+        stopping.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        shards.release("c{a}")  # the beat ends at last, and so does the heartbeat
+        async with asyncio.timeout(2.0):
+            with pytest.raises(asyncio.CancelledError):
+                await stopping
+            await closed.wait()
+        assert stopping.cancelled()
+    finally:
+        if "c{a}" in shards.stalled:
+            shards.release("c{a}")
+        async with asyncio.timeout(2.0):
+            await asyncio.gather(heartbeat, return_exceptions=True)
