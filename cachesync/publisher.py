@@ -166,14 +166,25 @@ class Publisher(Service):
         the heartbeat or the broker failed with (that was logged when it happened)."""
         self._running = False
         task, self._heartbeat_task = self._heartbeat_task, None
+        current = asyncio.current_task()
+        cancelling = current.cancelling() if current is not None else 0
+        cancelled = False
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                # The heartbeat's own end, or stop() itself cancelled while it waited (a
+                # shutdown with a deadline): that one is passed on, once the connection closed.
+                cancelled = current is not None and current.cancelling() > cancelling
+            except Exception:
+                pass
         try:
             await self._transport.close()
         except Exception as exc:
             log.warning("closing the publisher's connection failed", extra={"error": str(exc)})
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- the API ---------------------------------------------------------------------------
 
