@@ -248,10 +248,14 @@ class Flaky(Shards):
     """A channel per namespace; each publish (of one payload or several, all or none) yields a
     few times and may fail, as ``rng`` decides."""
 
-    def __init__(self, rng: random.Random, failing: float) -> None:
+    def __init__(self, rng: random.Random, failing: float, spread: bool = True) -> None:
         super().__init__()
         self.rng = rng
         self.failing = failing
+        self.spread = spread
+
+    def channel_for(self, channel: str, namespace: str) -> str:
+        return super().channel_for(channel, namespace) if self.spread else channel
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self.publish_many(channel, [payload])
@@ -279,16 +283,23 @@ operations = st.lists(
 @pytest.mark.timeout(120)
 @settings(max_examples=80, deadline=None)
 @given(
-    ops=operations, failing=st.sampled_from([0.0, 0.0, 0.2]), rng=st.randoms(use_true_random=False)
+    ops=operations,
+    failing=st.sampled_from([0.0, 0.0, 0.2]),
+    spread=st.booleans(),
+    rng=st.randoms(use_true_random=False),
 )
 def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_them(
-    ops: list[tuple[str, list[str], int | None, int]], failing: float, rng: random.Random
+    ops: list[tuple[str, list[str], int | None, int]],
+    failing: float,
+    spread: bool,
+    rng: random.Random,
 ) -> None:
     """Batches over any channels, heartbeats, failures and cancellations, in any interleaving:
     on each channel the changes sent carry increasing seqs (a seq is missing only where a
     publish failed or a caller was cancelled), and no heartbeat goes out before a change whose
-    seq it names."""
-    shards = Flaky(rng, failing)
+    seq it names. On a transport with one channel for every namespace, as on one that
+    spreads them."""
+    shards = Flaky(rng, failing, spread)
     publisher = Publisher(
         "fake://shards", channel="c", transport=shards, heartbeat_interval=None,
         publish_timeout=0.01,
@@ -299,7 +310,8 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
     async def one(kind: str, namespaces: list[str], n: int) -> None:
         if kind == "beat":
             ns = namespaces[0]
-            await publisher._beat(f"c{{{ns}}}", ns, 1.0)  # noqa: SLF001
+            wire = shards.channel_for("c", ns)
+            await publisher._beat(wire, ns if spread else "", 1.0)  # noqa: SLF001
             return
         changes = [Change(Op.UPSERT, ns, (f"k{n}",), version=n) for ns in namespaces]
         if kind == "send_many":
@@ -337,7 +349,7 @@ def test_any_interleaving_keeps_each_channels_seqs_in_order_and_beats_behind_the
 
     interrupted = asyncio.run(scenario())
     for event in returned:  # what send_many returns is what went out
-        assert event in shards.sent[f"c{{{event.ns}}}"]
+        assert event in shards.sent[shards.channel_for("c", event.ns)]
     for wire, events in shards.sent.items():
         seqs = [e.seq for e in events if e.op != Op.HEARTBEAT]
         assert seqs == sorted(set(seqs)), f"{wire}: seqs out of order or repeated: {seqs}"
