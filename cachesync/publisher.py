@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -62,6 +62,16 @@ def _check(change: Change) -> None:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return " ".join(lines[:3]) if lines else type(exc).__name__
+
+
+class _Turn:
+    """A channel's lock, and how many hold it or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class PublisherState(dict[str, Any]):
@@ -119,7 +129,7 @@ class Publisher(Service):
         # One lock per channel sent on: a seq is taken and sent in order under its channel's
         # lock, so a channel that hangs (its shard failing over) holds back no other's changes
         # or heartbeats.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _Turn] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._running = False
         self.source = ""
@@ -156,14 +166,25 @@ class Publisher(Service):
         the heartbeat or the broker failed with (that was logged when it happened)."""
         self._running = False
         task, self._heartbeat_task = self._heartbeat_task, None
+        current = asyncio.current_task()
+        cancelling = current.cancelling() if current is not None else 0
+        cancelled = False
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                # The heartbeat's own end, or stop() itself cancelled while it waited (a
+                # shutdown with a deadline): that one is passed on, once the connection closed.
+                cancelled = current is not None and current.cancelling() > cancelling
+            except Exception:
+                pass
         try:
             await self._transport.close()
         except Exception as exc:
             log.warning("closing the publisher's connection failed", extra={"error": str(exc)})
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -244,50 +265,114 @@ class Publisher(Service):
         if not changes:
             return
         wires = [self._transport.channel_for(self.channel, change.ns) for change in changes]
-        async with contextlib.AsyncExitStack() as held:
-            # The locks of every channel of the batch, always in the same order: two batches
-            # over the same channels cannot each hold one the other waits for.
-            for wire in sorted(set(wires)):
-                await held.enter_async_context(self._lock_for(wire))
-            # Every event is built and encoded before any seq is taken: a change that cannot
-            # go out must not leave a gap that makes every consumer flush.
-            # Seqs run per channel (a transport may spread namespaces over channels: see
-            # Transport.channel_for); they are taken only once every event is valid.
-            taken: dict[str, int] = {}
-            payloads: list[bytes] = []
-            for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
-                seq = taken.get(wire, self._last_seq(wire)) + 1
-                try:
-                    payload = None if events is not None else self._plain_payload(seq, change)
-                    if payload is None:
-                        event = self._event(seq, change)
-                        payload = self._payload(event)
-                        if events is not None:
-                            events.append(event)
-                except (ValueError, TypeError) as exc:
-                    if events is not None:
-                        events.clear()
-                    raise ValueError(
-                        f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
-                        f"a valid event: {_first_line(exc)}; nothing was published"
-                    ) from None
-                taken[wire] = seq
-                payloads.append(payload)
-            for wire, seq in taken.items():
-                if wire == self.channel:
-                    self.seq = seq
-                else:
-                    self._wire_seqs[wire] = seq
-            for change, wire in zip(changes, wires, strict=True):
-                if wire != self.channel:
-                    self._wire_ns.setdefault(wire, change.ns)
-            await self._send_payloads(list(zip(wires, payloads, strict=True)))
+        # Every event is built and encoded before any seq is taken or any lock waited for: a
+        # change that cannot go out must not leave a gap that makes every consumer flush.
+        # Seqs run per channel (a transport may spread namespaces over channels: see
+        # Transport.channel_for); they are taken only once every event is valid.
+        taken: dict[str, int] = {}
+        bases: dict[str, int] = {}
+        by_wire: dict[str, list[int]] = {}
+        payloads: list[bytes] = []
+        for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
+            last = taken.get(wire)
+            if last is None:
+                last = bases[wire] = self._last_seq(wire)
+                by_wire[wire] = []
+            try:
+                payload, event = self._build(last + 1, change, events is not None)
+            except (ValueError, TypeError) as exc:
+                if events is not None:
+                    events.clear()
+                raise ValueError(
+                    f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
+                    f"a valid event: {_first_line(exc)}; nothing was published"
+                ) from None
+            taken[wire] = last + 1
+            by_wire[wire].append(offset)
+            payloads.append(payload)
+            if events is not None and event is not None:
+                events.append(event)
+        if len(by_wire) == 1:
+            await self._send_on(
+                wires[0], bases[wires[0]], by_wire[wires[0]], changes, payloads, events
+            )
+            return
+        # Each channel on its own, all at once, under its own lock: a channel that hangs (its
+        # shard failing over) holds back neither the batch's other channels nor, while the
+        # batch waits for it or sends on it, their other changes and heartbeats. A batch never
+        # holds one channel's lock while it waits for another's.
+        results = await asyncio.gather(
+            *(
+                self._send_on(wire, bases[wire], offsets, changes, payloads, events)
+                for wire, offsets in by_wire.items()
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    def _lock_for(self, wire: str) -> asyncio.Lock:
-        lock = self._locks.get(wire)
-        if lock is None:
-            lock = self._locks[wire] = asyncio.Lock()
-        return lock
+    def _build(self, seq: int, change: Change, model: bool) -> tuple[bytes, ChangeEvent | None]:
+        """The bytes of the event for ``change`` with ``seq``, and its model if ``model``."""
+        payload = None if model else self._plain_payload(seq, change)
+        if payload is not None:
+            return payload, None
+        event = self._event(seq, change)
+        return self._payload(event), event
+
+    async def _send_on(
+        self,
+        wire: str,
+        base: int,
+        offsets: list[int],
+        changes: Sequence[Change],
+        payloads: list[bytes],
+        events: list[ChangeEvent] | None,
+    ) -> None:
+        """Take the seqs of ``changes[offsets]`` on ``wire`` and send them there, in order,
+        under that channel's lock. They were built with the seqs that followed ``base``: if
+        others were taken meanwhile, they are built again with the next ones (and so are
+        those without a ``ts`` if the lock was waited for: their ``ts`` is when it is held)."""
+        async with self._holding(wire) as waited:
+            last = self._last_seq(wire)
+            if last != base or (waited and any(changes[o].ts is None for o in offsets)):
+                for seq, offset in enumerate(offsets, start=last + 1):
+                    payload, event = self._build(seq, changes[offset], events is not None)
+                    payloads[offset] = payload
+                    if events is not None and event is not None:
+                        events[offset] = event
+            seq = last + len(offsets)
+            if wire == self.channel:
+                self.seq = seq
+            else:
+                self._wire_ns.setdefault(wire, changes[offsets[0]].ns)
+                self._wire_seqs[wire] = seq
+            await self._send_payloads([(wire, payloads[offset]) for offset in offsets])
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, wire: str, timeout: float | None = None) -> AsyncIterator[bool]:
+        """Hold ``wire``'s lock (waiting ``timeout`` seconds at most, then TimeoutError);
+        yields whether it had to wait. A lock is kept only while someone holds or waits for
+        it, so there are never more than there are sends under way."""
+        entry = self._locks.get(wire)
+        if entry is None:
+            entry = self._locks[wire] = _Turn()
+        entry.users += 1
+        try:
+            waited = entry.lock.locked()
+            if timeout is None:
+                await entry.lock.acquire()
+            else:
+                async with asyncio.timeout(timeout):
+                    await entry.lock.acquire()
+            try:
+                yield waited
+            finally:
+                entry.lock.release()
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[wire]
 
     def _last_seq(self, wire: str) -> int:
         return self.seq if wire == self.channel else self._wire_seqs.get(wire, 0)
@@ -456,10 +541,7 @@ class Publisher(Service):
     async def _beat(self, wire: str, ns: str, interval: float) -> None:
         """One heartbeat on ``wire``, with the seq last sent there: under that channel's lock,
         waited for an interval at most (a beat that cannot go out is skipped, not queued)."""
-        lock = self._lock_for(wire)
-        async with asyncio.timeout(max(interval, 0.001)):
-            await lock.acquire()
-        try:
+        async with self._holding(wire, timeout=max(interval, 0.001)):
             beat = ChangeEvent(
                 v=self.schema_version,
                 source=self.source,
@@ -470,31 +552,48 @@ class Publisher(Service):
                 ts=self._clock(),
             )
             await self._send([beat], timeout=min(interval, self.publish_timeout))
-        finally:
-            lock.release()
 
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new
         # source) right away rather than at its first change. A beat that cannot go out within
         # the interval is skipped, not queued; whatever fails, the loop goes on until stop().
-        while True:
-            try:
-                # Each channel on its own, all at once: one that fails or hangs (its shard
-                # failing over) holds back neither the beats of the others (consumers would
-                # miss them) nor, for more than an interval, the changes waiting.
-                results = await asyncio.gather(
-                    *(self._beat(wire, ns, interval) for wire, ns in self._beating()),
-                    return_exceptions=True,
-                )
-                failures = [r for r in results if isinstance(r, BaseException)]
+        # Each channel's beat runs on its own, every interval, whatever the others do: one
+        # that fails or hangs (its shard failing over, a client library that lost the
+        # cancellation of its timeout) holds back neither the beats of the others (consumers
+        # would miss them) nor, for more than an interval, the changes waiting; while its beat
+        # is still under way, that channel's next ones are skipped.
+        beating: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                failures: list[BaseException] = []
+                for wire, task in list(beating.items()):
+                    if task.done():
+                        del beating[wire]
+                        if not task.cancelled() and (failure := task.exception()) is not None:
+                            failures.append(failure)
+                try:
+                    for wire, ns in self._beating():
+                        if wire not in beating:
+                            beating[wire] = asyncio.create_task(
+                                self._beat(wire, ns, interval), name="cachesync-heartbeat"
+                            )
+                except Exception as exc:
+                    failures.append(exc)
                 if failures:
-                    raise failures[0]
-            except (TransportError, TimeoutError) as exc:
-                error = scrub(str(exc), self.url) or type(exc).__name__
-                log.warning("heartbeat not sent", extra={"error": error})
-            except Exception:
-                log.exception("heartbeat failed; the next one goes out as usual")
-            await asyncio.sleep(interval)
+                    self._beat_failed(failures[0])
+                await asyncio.sleep(interval)
+        finally:
+            for task in beating.values():
+                task.cancel()
+            if beating:
+                await asyncio.gather(*beating.values(), return_exceptions=True)
+
+    def _beat_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, TransportError | TimeoutError):
+            error = scrub(str(exc), self.url) or type(exc).__name__
+            log.warning("heartbeat not sent", extra={"error": error})
+        else:
+            log.error("heartbeat failed; the next one goes out as usual", exc_info=exc)
 
 
 class BlockingPublisher:
