@@ -7,16 +7,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
-from cachesync.errors import ConfigError, TransportError
+from cachesync.errors import ConfigError, ConnectionLost, TransportError
 from cachesync.transports.base import from_url
 
 from .clusters import ProcessGroup, free_ports, nats_cluster, wait_until
 from .engine_tools import Feeder, Reader, in_order_without_gaps, require_binary
 from .tcpproxy import TcpProxy, proxied_url
-from .test_transport_contract import Subscriber, delete_nats_streams
+from .test_transport_contract import Subscriber, delete_nats_streams, subscribed
 
 pytest.importorskip("nats")
 
@@ -135,6 +136,185 @@ async def test_a_subscriber_that_stops_reading_gets_every_message_in_order_later
         await messages.aclose()
         await pub.close()
         await transport.close()
+
+
+def _received(transport: NatsTransport) -> int:
+    """How many messages the transport's client has received (replies to requests too)."""
+    assert transport._nc is not None
+    return int(transport._nc.stats["in_msgs"])
+
+
+async def _until_received(transport: NatsTransport, count: int, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while _received(transport) < count:
+            await asyncio.sleep(0.01)
+
+
+async def _read_until_lost(messages: AsyncIterator[bytes], timeout: float = 10.0) -> list[int]:
+    """What ``messages`` yields until it raises ConnectionLost (which must come in time)."""
+    received: list[int] = []
+    async with asyncio.timeout(timeout):
+        with pytest.raises(ConnectionLost):
+            async for payload in messages:
+                received.append(int(payload))
+    return received
+
+
+async def test_messages_the_client_drops_for_a_slow_subscriber_end_its_subscription(
+    nats_url: str, channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past its pending limits (here 100 messages) nats-py drops what arrives for a subscriber
+    # that reads nothing. Nothing is published after the dropped ones, so no later sequence
+    # shows the hole: the subscription itself must end, and the next one must not claim to
+    # have resumed.
+    from nats.aio.client import Client
+
+    from cachesync.transports.nats import INBOX_SIZE
+
+    subscribe = Client.subscribe
+
+    async def small_limits(self: Client, subject: str, **kwargs: Any) -> Any:
+        kwargs["pending_msgs_limit"] = 100
+        return await subscribe(self, subject, **kwargs)
+
+    monkeypatch.setattr(Client, "subscribe", small_limits)
+    count = INBOX_SIZE + 100 + 200
+    async with (
+        NatsTransport(nats_url, connect_timeout=5.0, health_check_interval=1.0) as transport,
+        NatsTransport(nats_url, connect_timeout=5.0) as pub,
+    ):
+        ready = asyncio.Event()
+        messages = transport.subscribe(channel, lambda resumed: ready.set())
+        try:
+            first = asyncio.ensure_future(anext(messages))
+            await ready.wait()
+            await pub.publish(channel, b"0")
+            assert await first == b"0"
+            for i in range(1, count + 1):  # the subscriber takes none of these meanwhile
+                await pub.publish(channel, b"%d" % i)
+            received = await _read_until_lost(messages)
+        finally:
+            await messages.aclose()
+        assert received == list(range(1, len(received) + 1))
+        assert len(received) < count
+        again = Subscriber(transport, channel)
+        try:
+            await again.live()
+            assert again.log == [("ready", False)]
+        finally:
+            await again.stop()
+
+
+async def test_a_cut_while_the_subscriber_reads_nothing_replays_the_whole_backlog_in_order(
+    nats_url: str, channel: str
+) -> None:
+    # More than the subscription's inbox holds is waiting (nats-py waits for room in it) when
+    # the connection is cut: the next subscription replays all that was not yielded, in order,
+    # once each, and reports resumed only after the last of them.
+    from cachesync.transports.nats import INBOX_SIZE
+
+    count = 2 * INBOX_SIZE + 10
+    host, _, port = nats_url.removeprefix("nats://").partition(":")
+    async with (
+        TcpProxy(host, int(port)) as proxy,
+        NatsTransport(nats_url, connect_timeout=5.0) as pub,
+    ):
+        transport = NatsTransport(
+            proxied_url(nats_url, proxy), connect_timeout=5.0, health_check_interval=2.0
+        )
+        try:
+            await transport.connect()
+            ready = asyncio.Event()
+            messages = transport.subscribe(channel, lambda resumed: ready.set())
+            try:
+                first = asyncio.ensure_future(anext(messages))
+                await ready.wait()
+                await pub.publish(channel, b"0")
+                assert await first == b"0"
+                received = _received(transport)
+                for i in range(1, count + 1):
+                    await pub.publish(channel, b"%d" % i)
+                # All of them reached the client: the inbox is full, nats-py holds the rest.
+                await _until_received(transport, received + count)
+                await proxy.cut()
+                before = await _read_until_lost(messages)
+            finally:
+                await messages.aclose()
+            assert before == list(range(1, len(before) + 1))
+            await transport.connect()
+            again = Subscriber(transport, channel)
+            try:
+                rest = await again.wait_for(count - len(before))
+                await again.live()
+            finally:
+                await again.stop()
+            assert [int(payload) for payload in rest] == list(range(len(before) + 1, count + 1))
+            assert again.log[-1] == ("ready", True)
+            assert again.log.count(("ready", True)) == 1
+        finally:
+            await transport.close()
+
+
+async def test_subscriptions_ended_every_way_leave_no_task_behind(
+    nats_url: str, channel: str
+) -> None:
+    # Ended while idle, from another task while nats-py waits for room in a full inbox, and by
+    # close(): nothing of theirs keeps running.
+    from cachesync.transports.nats import INBOX_SIZE
+
+    async with NatsTransport(nats_url, connect_timeout=5.0) as pub:
+        await pub.publish(channel, b"0")
+        outside = asyncio.all_tasks()
+        transport = NatsTransport(nats_url, connect_timeout=5.0)
+        try:
+            await transport.connect()
+            # One cycle first, so what the client starts once (its request inbox) exists.
+            async with subscribed(transport, channel) as sub:
+                await pub.publish(channel, b"1")
+                await sub.wait_for(1)
+            before = asyncio.all_tasks()
+            for _ in range(20):
+                async with subscribed(transport, channel):
+                    pass
+            for _ in range(2):
+                for i in range(INBOX_SIZE + 5):
+                    await pub.publish(channel, b"%d" % i)
+                received = _received(transport)
+                messages = transport.subscribe(channel)
+                await anext(messages)  # the backlog replays
+                await _until_received(transport, received + INBOX_SIZE + 5)
+                await asyncio.create_task(messages.aclose())
+            assert asyncio.all_tasks() == before
+            live = Subscriber(transport, channel)
+            await live.wait_for(INBOX_SIZE + 5 - 1)
+            await live.live()
+            await transport.close()
+            assert isinstance(await live.ended(), ConnectionLost)
+            assert asyncio.all_tasks() == outside
+        finally:
+            await transport.close()
+
+
+async def test_an_idle_subscription_ends_when_its_consumer_is_deleted(
+    nats_url: str, channel: str
+) -> None:
+    import nats
+
+    from cachesync.transports.nats import stream_name
+
+    async with NatsTransport(nats_url, connect_timeout=5.0, health_check_interval=1.0) as t:
+        async with subscribed(t, channel) as sub:
+            nc = await nats.connect(nats_url, allow_reconnect=False)
+            try:
+                js = nc.jetstream()
+                consumers = await js.consumers_info(stream_name(channel))
+                assert len(consumers) == 1
+                await js.delete_consumer(stream_name(channel), consumers[0].name)
+            finally:
+                await nc.close()
+            error = await sub.ended(timeout=5.0)
+            assert isinstance(error, ConnectionLost)
+            assert "consumer is gone" in str(error)
 
 
 # -- a 3-node JetStream cluster ------------------------------------------------------------
