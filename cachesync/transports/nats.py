@@ -54,7 +54,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -94,7 +94,7 @@ DEFAULT_MAX_AGE: Final = 86400.0
 DEFAULT_MAX_MSGS: Final = 100_000
 DEFAULT_HEALTH_CHECK_INTERVAL: Final = 5.0
 # Messages a subscription holds for its iterator; past that, nats-py's own pending queue
-# (bounded by its limits, which drop what goes past them: a gap the iterator sees) holds them.
+# holds them (bounded by its limits: a message dropped past them ends the subscription).
 INBOX_SIZE: Final = 1024
 _OPTIONS: Final = (
     duration_option("max_age", DEFAULT_MAX_AGE),
@@ -186,6 +186,8 @@ class NatsTransport(Transport):
         self._lost: asyncio.Future[None] | None = None  # done once the connection closed
         self._streams: set[str] = set()
         self._cursors: dict[str, _Cursor] = {}
+        # nats-py subscription -> what ends it once nats-py dropped messages for it.
+        self._fell_behind: dict[Any, Callable[[], None]] = {}
 
     # -- connection ----------------------------------------------------------------------
 
@@ -283,6 +285,13 @@ class NatsTransport(Transport):
         return nc, lost
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # Past its pending limits nats-py drops what arrives for a subscription: end it
+            # now. With nothing published after the dropped ones, no sequence gap would show.
+            fell_behind = self._fell_behind.get(exc.sub)
+            if fell_behind is not None:
+                fell_behind()
+                return
         log.debug("nats client error", extra={"url": self.safe_url, "error": self._describe(exc)})
 
     async def _close_client(self, nc: Client) -> None:
@@ -447,6 +456,15 @@ class NatsTransport(Transport):
                 # A callback, not next_msg(): nats-py's next_msg() starts a task and a timer
                 # for every message, several times what the rest of reading one costs.
                 sub = await nc.subscribe(subject, cb=inbox.put)
+
+                def fell_behind() -> None:
+                    cursor.lost = True
+                    inbox.cut(
+                        "it fell behind: the client dropped messages it had not read "
+                        "(a slow consumer)"
+                    )
+
+                self._fell_behind[sub] = fell_behind
                 info = await js.add_consumer(
                     name,
                     ConsumerConfig(
@@ -502,6 +520,7 @@ class NatsTransport(Transport):
             if lost is not None:
                 lost.remove_done_callback(closed)
             if sub is not None:
+                self._fell_behind.pop(sub, None)
                 await self._cleanup(js, sub, name, consumer)
 
     async def _check_consumer(
