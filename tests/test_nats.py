@@ -317,6 +317,34 @@ async def test_an_idle_subscription_ends_when_its_consumer_is_deleted(
             assert "consumer is gone" in str(error)
 
 
+async def test_close_while_a_subscription_sets_up_ends_it_at_once(
+    nats_url: str, channel: str
+) -> None:
+    # The setup waits for a JetStream reply that cannot come on a closed connection: the
+    # subscription must not wait out the request's timeout (connect_timeout, here 10s).
+    host, _, port = nats_url.removeprefix("nats://").partition(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        transport = NatsTransport(proxied_url(nats_url, proxy), connect_timeout=10.0)
+        try:
+            await transport.connect()
+            assert transport._nc is not None
+            sent = transport._nc.stats["out_msgs"]
+            proxy.stall()  # its first request stays unanswered
+            messages = transport.subscribe(channel)
+            setup = asyncio.ensure_future(anext(messages))
+            async with asyncio.timeout(5):
+                while transport._nc.stats["out_msgs"] == sent:
+                    await asyncio.sleep(0.01)
+            await transport.close()
+            async with asyncio.timeout(2):
+                with pytest.raises(ConnectionLost):
+                    await setup
+            await messages.aclose()
+        finally:
+            proxy.resume()
+            await transport.close()
+
+
 # -- a 3-node JetStream cluster ------------------------------------------------------------
 
 
