@@ -56,7 +56,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ..errors import ConfigError, ConnectionLost, StateError, TransportError
 from .base import (
@@ -104,6 +104,7 @@ _OPTIONS: Final = (
     duration_option("publish_timeout", None),
     text_option("name"),
 )
+T = TypeVar("T")
 _NAME_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # What a broken or refused connection looks like from nats-py.
@@ -321,16 +322,20 @@ class NatsTransport(Transport):
             raise TransportError(f"the connection to {self.safe_url} was lost; call connect()")
         return self._nc, self._js
 
-    async def _unless_lost(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work``, but fail at once when the connection closes: nats-py lets a request
-        on a dead connection wait for its whole timeout."""
-        lost = self._lost
+    async def _unless_lost(
+        self, work: Coroutine[Any, Any, T], lost: asyncio.Future[None] | None = None
+    ) -> T:
+        """Run ``work``, but fail at once when the connection closes (``lost``, by default
+        the current one's): nats-py lets a request on a dead connection wait for its whole
+        timeout."""
         if lost is None:
-            await work
-            return
+            lost = self._lost
+        if lost is None:
+            return await work
         task = asyncio.ensure_future(work)
+        waiting: set[asyncio.Future[Any]] = {task, lost}
         try:
-            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
@@ -338,7 +343,7 @@ class NatsTransport(Transport):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise nats.errors.ConnectionClosedError
-        task.result()
+        return task.result()
 
     # -- streams -------------------------------------------------------------------------
 
@@ -431,8 +436,9 @@ class NatsTransport(Transport):
         consumer: str | None = None
         try:
             try:
-                await self._ensure_stream(js, name)
-                state = (await js.stream_info(name)).state
+                # Requests that fail at once when the connection closes.
+                await self._unless_lost(self._ensure_stream(js, name), lost)
+                state = (await self._unless_lost(js.stream_info(name), lost)).state
                 first, last = state.first_seq, state.last_seq
                 cursor = self._cursors.get(channel)
                 # What to report once the consumer is live: a bool now, or None for "after
@@ -465,18 +471,21 @@ class NatsTransport(Transport):
                     )
 
                 self._fell_behind[sub] = fell_behind
-                info = await js.add_consumer(
-                    name,
-                    ConsumerConfig(
-                        deliver_subject=subject,
-                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                        opt_start_seq=cursor.seq + 1,
-                        ack_policy=AckPolicy.NONE,
-                        filter_subject=name,
-                        mem_storage=True,
-                        num_replicas=1,
-                        inactive_threshold=max(5.0, 3 * self.health_check_interval),
+                info = await self._unless_lost(
+                    js.add_consumer(
+                        name,
+                        ConsumerConfig(
+                            deliver_subject=subject,
+                            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=cursor.seq + 1,
+                            ack_policy=AckPolicy.NONE,
+                            filter_subject=name,
+                            mem_storage=True,
+                            num_replicas=1,
+                            inactive_threshold=max(5.0, 3 * self.health_check_interval),
+                        ),
                     ),
+                    lost,
                 )
                 consumer = info.name
             except _FAILURES as exc:
@@ -515,7 +524,7 @@ class NatsTransport(Transport):
                     async with asyncio.timeout(self.health_check_interval):
                         await inbox.refill(what)
                 except TimeoutError:
-                    await self._check_consumer(js, name, consumer, what)
+                    await self._check_consumer(js, name, consumer, what, lost)
         finally:
             if lost is not None:
                 lost.remove_done_callback(closed)
@@ -524,12 +533,19 @@ class NatsTransport(Transport):
                 await self._cleanup(js, sub, name, consumer)
 
     async def _check_consumer(
-        self, js: JetStreamContext, stream: str, consumer: str | None, what: str
+        self,
+        js: JetStreamContext,
+        stream: str,
+        consumer: str | None,
+        what: str,
+        lost: asyncio.Future[None] | None,
     ) -> None:
         if consumer is None:
             return
         try:
-            await js.consumer_info(stream, consumer, timeout=self.health_check_interval)
+            await self._unless_lost(
+                js.consumer_info(stream, consumer, timeout=self.health_check_interval), lost
+            )
         except nats.js.errors.NotFoundError:
             raise ConnectionLost(
                 f"{what}: its consumer is gone (a node restarted or the stream moved)"
