@@ -201,6 +201,17 @@ async def test_stream_cost_benchmark_runs() -> None:
     assert "| ours " in text and "the target is 0.80x" in text
 
 
+@pytest.mark.timeout(60)
+async def test_replay_cost_benchmark_runs() -> None:
+    from benchmarks import replay_cost
+
+    from .conftest import require_server
+
+    require_server("redis")
+    results = await replay_cost.run(["redis+stream"], messages=200, rounds=1)
+    assert len(results["redis+stream"]) == 1 and results["redis+stream"][0] > 0
+
+
 async def test_batch_benchmark_runs() -> None:
     from benchmarks import batch
 
