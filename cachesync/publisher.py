@@ -269,17 +269,17 @@ class Publisher(Service):
         # change that cannot go out must not leave a gap that makes every consumer flush.
         # Seqs run per channel (a transport may spread namespaces over channels: see
         # Transport.channel_for); they are taken only once every event is valid.
-        taken: dict[str, int] = {}
-        bases: dict[str, int] = {}
-        by_wire: dict[str, list[int]] = {}
+        bases: dict[str, int] = {}  # each channel's last seq when the batch was built
+        by_wire: dict[str, list[int]] = {}  # each channel's changes (offsets), in order
         payloads: list[bytes] = []
         for offset, (change, wire) in enumerate(zip(changes, wires, strict=True)):
-            last = taken.get(wire)
-            if last is None:
-                last = bases[wire] = self._last_seq(wire)
-                by_wire[wire] = []
+            offsets = by_wire.get(wire)
+            if offsets is None:
+                offsets = by_wire[wire] = []
+                bases[wire] = self._last_seq(wire)
             try:
-                payload, event = self._build(last + 1, change, events is not None)
+                seq = bases[wire] + len(offsets) + 1
+                payload, event = self._build(seq, change, events is not None)
             except (ValueError, TypeError) as exc:
                 if events is not None:
                     events.clear()
@@ -287,8 +287,7 @@ class Publisher(Service):
                     f"change {offset} of {len(changes)} ({change.op} {change.ns!r}) is not "
                     f"a valid event: {_first_line(exc)}; nothing was published"
                 ) from None
-            taken[wire] = last + 1
-            by_wire[wire].append(offset)
+            offsets.append(offset)
             payloads.append(payload)
             if events is not None and event is not None:
                 events.append(event)
@@ -347,7 +346,7 @@ class Publisher(Service):
             else:
                 self._wire_ns.setdefault(wire, changes[offsets[0]].ns)
                 self._wire_seqs[wire] = seq
-            await self._send_payloads([(wire, payloads[offset]) for offset in offsets])
+            await self._send_payloads(wire, [payloads[offset] for offset in offsets])
 
     @contextlib.asynccontextmanager
     async def _holding(self, wire: str, timeout: float | None = None) -> AsyncIterator[bool]:
@@ -461,40 +460,17 @@ class Publisher(Service):
         signer = self._signer
         return (signer.sign(event) if signer is not None else event).encode()
 
-    async def _send(self, events: Sequence[ChangeEvent], *, timeout: float | None = None) -> None:
-        """Publish ``events`` (see :meth:`_send_payloads`), each on its namespace's channel."""
-        wire = self.channel
-        pairs = []
-        for event in events:
-            wire = self._transport.channel_for(self.channel, event.ns) if event.ns else wire
-            pairs.append((wire, self._payload(event)))
-        await self._send_payloads(pairs, timeout=timeout)
-
     async def _send_payloads(
-        self, payloads: Sequence[tuple[str, bytes]], *, timeout: float | None = None
+        self, channel: str, payloads: Sequence[bytes], *, timeout: float | None = None
     ) -> None:
-        """Publish each ``(channel, bytes)``, retrying (and reconnecting) for ``timeout``
-        seconds at most, ``publish_timeout`` by default, from the first attempt to the last: a
-        stalled network or a broker that is down makes it raise TransportError in time, and
-        the next call tries again on a fresh connection, however long the outage lasts.
-        Consecutive payloads for one channel go out together, in order."""
+        """Publish ``payloads`` on ``channel``, together and in order, retrying (and
+        reconnecting) for ``timeout`` seconds at most, ``publish_timeout`` by default, from the
+        first attempt to the last: a stalled network or a broker that is down makes it raise
+        TransportError in time, and the next call tries again on a fresh connection, however
+        long the outage lasts."""
         budget = self.publish_timeout if timeout is None else timeout
-        deadline = asyncio.get_running_loop().time() + budget
-        run: list[bytes] = []
-        wire = self.channel
-        for target, payload in payloads:
-            if run and target != wire:
-                await self._send_to(wire, run, deadline, budget)
-                run = []
-            wire = target
-            run.append(payload)
-        if run:
-            await self._send_to(wire, run, deadline, budget)
-
-    async def _send_to(
-        self, channel: str, payloads: Sequence[bytes], deadline: float, budget: float
-    ) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         backoff: Backoff | None = None  # made on the first failure: seeding it reads urandom
         while True:
             try:
@@ -551,7 +527,9 @@ class Publisher(Service):
                 value={"interval": interval},
                 ts=self._clock(),
             )
-            await self._send([beat], timeout=min(interval, self.publish_timeout))
+            await self._send_payloads(
+                wire, [self._payload(beat)], timeout=min(interval, self.publish_timeout)
+            )
 
     async def _heartbeat_loop(self, interval: float) -> None:
         # The first beat goes out at once, so consumers learn of a restarted owner (a new

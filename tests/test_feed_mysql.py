@@ -635,6 +635,17 @@ def _xa(my: My, xid: str, statements: list[str], end: str) -> None:
     my.sql(f"XA {end} '{xid}'")
 
 
+def _prepare_xa(conn: Any, xid: str, statements: list[str]) -> None:
+    """XA START ``xid``, ``statements``, XA END and XA PREPARE on ``conn``: a prepared XA
+    transaction, left open."""
+    with conn.cursor() as cur:
+        cur.execute(f"XA START '{xid}'")
+        for statement in statements:
+            cur.execute(statement)
+        cur.execute(f"XA END '{xid}'")
+        cur.execute(f"XA PREPARE '{xid}'")
+
+
 @pytest.mark.timeout(30)
 async def test_xa_transactions_publish_at_their_commit_and_never_after_a_rollback(
     my: My, unique: str
@@ -669,11 +680,7 @@ async def test_a_prepared_xa_transaction_holds_the_position_until_it_ends(
     try:
         async with Collector(url) as collector:
             async with _feed(my, url) as feed:
-                with other.cursor() as cur:
-                    cur.execute(f"XA START 'a{unique}'")
-                    cur.execute(f"INSERT INTO {my.table} VALUES ('HELD', 1, 1)")
-                    cur.execute(f"XA END 'a{unique}'")
-                    cur.execute(f"XA PREPARE 'a{unique}'")
+                _prepare_xa(other, f"a{unique}", [f"INSERT INTO {my.table} VALUES ('HELD', 1, 1)"])
                 my.sql(f"INSERT INTO {my.table} VALUES ('AFTER', 2, 2)")
                 await collector.wait_changes(1)
                 await feed.wait_caught_up(10)
@@ -699,11 +706,7 @@ async def test_an_xa_commit_of_a_transaction_prepared_before_the_feed_began_flus
     url = f"memory://{unique}"
     other = _connect(my.dsn)
     try:
-        with other.cursor() as cur:
-            cur.execute(f"XA START 'e{unique}'")
-            cur.execute(f"INSERT INTO {my.table} VALUES ('EARLY', 1, 1)")
-            cur.execute(f"XA END 'e{unique}'")
-            cur.execute(f"XA PREPARE 'e{unique}'")
+        _prepare_xa(other, f"e{unique}", [f"INSERT INTO {my.table} VALUES ('EARLY', 1, 1)"])
         async with Collector(url) as collector, _feed(my, url) as feed:
             await feed.wait_caught_up(10)  # its first start: from the server's position now
             with other.cursor() as cur:
@@ -731,11 +734,8 @@ async def test_an_open_xa_transaction_shows_in_stats_and_is_logged(
         async with Collector(url) as collector, _feed(my, url) as feed:
             await feed.wait_caught_up(10)
             start = feed.stats()["position"]
-            with other.cursor() as cur:  # touches none of the feed's tables: holds nothing
-                cur.execute(f"XA START 'o{unique}'")
-                cur.execute(f"INSERT INTO {other_table} VALUES (1)")
-                cur.execute(f"XA END 'o{unique}'")
-                cur.execute(f"XA PREPARE 'o{unique}'")
+            # Touches none of the feed's tables: holds nothing.
+            _prepare_xa(other, f"o{unique}", [f"INSERT INTO {other_table} VALUES (1)"])
             my.sql(f"INSERT INTO {my.table} VALUES ('A', 1, 1)")
             await collector.wait_changes(1)
             await eventually(lambda: feed.stats()["position"] != start)  # not held by it
@@ -746,11 +746,8 @@ async def test_an_open_xa_transaction_shows_in_stats_and_is_logged(
             await collector.wait_changes(2)
             await feed.wait_caught_up(10)
             moved = feed.stats()["position"]
-            with caplog.at_level("WARNING", logger="cachesync.feeds"), other.cursor() as cur:
-                cur.execute(f"XA START 'h{unique}'")
-                cur.execute(f"INSERT INTO {my.table} VALUES ('H', 1, 1)")
-                cur.execute(f"XA END 'h{unique}'")
-                cur.execute(f"XA PREPARE 'h{unique}'")
+            with caplog.at_level("WARNING", logger="cachesync.feeds"):
+                _prepare_xa(other, f"h{unique}", [f"INSERT INTO {my.table} VALUES ('H', 1, 1)"])
                 my.sql(f"INSERT INTO {my.table} VALUES ('B', 1, 1)")
                 await collector.wait_changes(3)
                 await eventually(lambda: feed.stats()["xa_open"] == 1)

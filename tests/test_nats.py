@@ -104,6 +104,24 @@ async def test_retention_that_dropped_missed_messages_reports_not_resumed(
         assert await again.wait_for(1) == [b"new"]
 
 
+@asynccontextmanager
+async def _reading(
+    transport: NatsTransport, pub: NatsTransport, channel: str
+) -> AsyncIterator[AsyncIterator[bytes]]:
+    """A live subscription of ``transport`` to ``channel`` that has yielded ``b"0"`` (published
+    by ``pub``): its iterator, closed on the way out."""
+    ready = asyncio.Event()
+    messages = transport.subscribe(channel, lambda resumed: ready.set())
+    try:
+        first = asyncio.ensure_future(anext(messages))
+        await ready.wait()
+        await pub.publish(channel, b"0")
+        assert await first == b"0"
+        yield messages
+    finally:
+        await messages.aclose()
+
+
 async def test_a_subscriber_that_stops_reading_gets_every_message_in_order_later(
     nats_url: str, channel: str
 ) -> None:
@@ -116,24 +134,18 @@ async def test_a_subscriber_that_stops_reading_gets_every_message_in_order_later
     pub = NatsTransport(nats_url, connect_timeout=5.0)
     await transport.connect()
     await pub.connect()
-    ready = asyncio.Event()
-    messages = transport.subscribe(channel, lambda resumed: ready.set())
     try:
-        first = asyncio.ensure_future(anext(messages))
-        await ready.wait()
-        await pub.publish(channel, b"0")
-        assert await first == b"0"
-        for i in range(1, count + 1):  # the consumer takes none of these meanwhile
-            await pub.publish(channel, b"%d" % i)
-        received = []
-        async with asyncio.timeout(20):
-            async for payload in messages:
-                received.append(payload)
-                if len(received) == count:
-                    break
+        async with _reading(transport, pub, channel) as messages:
+            for i in range(1, count + 1):  # the consumer takes none of these meanwhile
+                await pub.publish(channel, b"%d" % i)
+            received = []
+            async with asyncio.timeout(20):
+                async for payload in messages:
+                    received.append(payload)
+                    if len(received) == count:
+                        break
         assert received == [b"%d" % i for i in range(1, count + 1)]
     finally:
-        await messages.aclose()
         await pub.close()
         await transport.close()
 
@@ -183,18 +195,10 @@ async def test_messages_the_client_drops_for_a_slow_subscriber_end_its_subscript
         NatsTransport(nats_url, connect_timeout=5.0, health_check_interval=1.0) as transport,
         NatsTransport(nats_url, connect_timeout=5.0) as pub,
     ):
-        ready = asyncio.Event()
-        messages = transport.subscribe(channel, lambda resumed: ready.set())
-        try:
-            first = asyncio.ensure_future(anext(messages))
-            await ready.wait()
-            await pub.publish(channel, b"0")
-            assert await first == b"0"
+        async with _reading(transport, pub, channel) as messages:
             for i in range(1, count + 1):  # the subscriber takes none of these meanwhile
                 await pub.publish(channel, b"%d" % i)
             received = await _read_until_lost(messages)
-        finally:
-            await messages.aclose()
         assert received == list(range(1, len(received) + 1))
         assert len(received) < count
         again = Subscriber(transport, channel)
@@ -224,13 +228,7 @@ async def test_a_cut_while_the_subscriber_reads_nothing_replays_the_whole_backlo
         )
         try:
             await transport.connect()
-            ready = asyncio.Event()
-            messages = transport.subscribe(channel, lambda resumed: ready.set())
-            try:
-                first = asyncio.ensure_future(anext(messages))
-                await ready.wait()
-                await pub.publish(channel, b"0")
-                assert await first == b"0"
+            async with _reading(transport, pub, channel) as messages:
                 received = _received(transport)
                 for i in range(1, count + 1):
                     await pub.publish(channel, b"%d" % i)
@@ -238,8 +236,6 @@ async def test_a_cut_while_the_subscriber_reads_nothing_replays_the_whole_backlo
                 await _until_received(transport, received + count)
                 await proxy.cut()
                 before = await _read_until_lost(messages)
-            finally:
-                await messages.aclose()
             assert before == list(range(1, len(before) + 1))
             await transport.connect()
             again = Subscriber(transport, channel)

@@ -62,6 +62,16 @@ class Shards(Transport):
     def beats(self, channel: str) -> int:
         return sum(1 for event in self.sent[channel] if event.op == Op.HEARTBEAT)
 
+    async def more_beats(self, channel: str, count: int) -> None:
+        """Wait until ``count`` more heartbeats than now went out on ``channel``."""
+        beats = self.beats(channel)
+        while self.beats(channel) < beats + count:
+            await asyncio.sleep(0.01)
+
+    def changes(self, channel: str) -> list[tuple[int, int | None]]:
+        """``(seq, version)`` of each change sent on ``channel`` (heartbeats left out)."""
+        return [(e.seq, e.version) for e in self.sent[channel] if e.op != Op.HEARTBEAT]
+
 
 async def test_a_hung_channel_holds_back_no_other_channels_changes_or_heartbeats() -> None:
     shards = Shards()
@@ -77,19 +87,13 @@ async def test_a_hung_channel_holds_back_no_other_channels_changes_or_heartbeats
         async with asyncio.timeout(2.0):
             await publisher.changed("b", "k", version=2)
             # ... and so do its heartbeats: consumers of b must not take it for dead.
-            beats = shards.beats("c{b}")
-            while shards.beats("c{b}") < beats + 2:
-                await asyncio.sleep(0.01)
+            await shards.more_beats("c{b}", 2)
         assert not hung.done()
         shards.release("c{a}")
         await hung
         await publisher.changed("a", "k", version=3)
-    changes = {
-        wire: [(e.seq, e.version) for e in events if e.op != Op.HEARTBEAT]
-        for wire, events in shards.sent.items()
-    }
-    assert changes["c{a}"] == [(1, 1), (2, 2), (3, 3)]
-    assert changes["c{b}"] == [(1, 1), (2, 2)]
+    assert shards.changes("c{a}") == [(1, 1), (2, 2), (3, 3)]
+    assert shards.changes("c{b}") == [(1, 1), (2, 2)]
 
 
 async def test_concurrent_batches_keep_each_channels_seqs_consecutive_and_in_order() -> None:
@@ -139,20 +143,14 @@ async def test_a_batch_over_a_hung_channel_holds_back_no_other_channels_changes(
         try:
             async with asyncio.timeout(2.0):
                 await publisher.changed("b", "k", version=3)
-                beats = shards.beats("c{b}")
-                while shards.beats("c{b}") < beats + 2:
-                    await asyncio.sleep(0.01)
+                await shards.more_beats("c{b}", 2)
             assert not batch.done()
         finally:
             shards.release("c{a}")
             await batch
         await publisher.changed("a", "k", version=3)
-    changes = {
-        wire: [(e.seq, e.version) for e in events if e.op != Op.HEARTBEAT]
-        for wire, events in shards.sent.items()
-    }
-    assert changes["c{a}"] == [(1, 1), (2, 2), (3, 3)]
-    assert changes["c{b}"] == [(1, 1), (2, 2), (3, 3)]
+    assert shards.changes("c{a}") == [(1, 1), (2, 2), (3, 3)]
+    assert shards.changes("c{b}") == [(1, 1), (2, 2), (3, 3)]
 
 
 async def test_a_batch_waiting_for_a_hung_channel_holds_back_no_other_channels_changes() -> None:
@@ -177,20 +175,14 @@ async def test_a_batch_waiting_for_a_hung_channel_holds_back_no_other_channels_c
                 while [e.version for e in shards.sent["c{a}"] if e.op != Op.HEARTBEAT] != [1, 2]:
                     await asyncio.sleep(0.01)  # a's part of the batch goes out at once
                 await publisher.changed("a", "k", version=3)
-                beats = shards.beats("c{a}")
-                while shards.beats("c{a}") < beats + 2:
-                    await asyncio.sleep(0.01)
+                await shards.more_beats("c{a}", 2)
             assert not hung.done() and not batch.done()
         finally:
             shards.release("c{b}")
             await hung
             await batch
-    changes = {
-        wire: [(e.seq, e.version) for e in events if e.op != Op.HEARTBEAT]
-        for wire, events in shards.sent.items()
-    }
-    assert changes["c{a}"] == [(1, 1), (2, 2), (3, 3)]
-    assert changes["c{b}"] == [(1, 1), (2, 2), (3, 3)]
+    assert shards.changes("c{a}") == [(1, 1), (2, 2), (3, 3)]
+    assert shards.changes("c{b}") == [(1, 1), (2, 2), (3, 3)]
 
 
 class Deaf(Shards):
@@ -224,9 +216,7 @@ async def test_a_heartbeat_stuck_on_one_channel_holds_back_no_other_channels_bea
         await shards.waiting["c{a}"].wait()  # a heartbeat to a hangs, past its timeout
         try:
             async with asyncio.timeout(2.0):
-                beats = shards.beats("c{b}")
-                while shards.beats("c{b}") < beats + 3:
-                    await asyncio.sleep(0.01)
+                await shards.more_beats("c{b}", 3)
         finally:
             shards.release("c{a}")
 
