@@ -172,7 +172,6 @@ class RedisClusterTransport(Transport):
             if self._slots and not self._stale:
                 self._connector.state = ConnectionState.OPEN
                 return
-            await self._drop()
 
             def refused(exc: BaseException) -> TransportError | None:
                 if not isinstance(exc, REFUSALS):
@@ -185,10 +184,15 @@ class RedisClusterTransport(Transport):
             async def attempt() -> list[tuple[int, int, tuple[str, int]]]:
                 return await self._load_slots(self._connector.deadline)
 
+            # A stale map stays in use meanwhile: the shards that did not move go on
+            # publishing while it is loaded again (one that failed over holds back no other).
             slots = await self._connector.open(
                 attempt, retryable=_ERRORS, refused=refused, gave_up=self._unreachable
             )
             self._slots, self._stale = slots, False
+            primaries = {address for _, _, address in slots}
+            for address in [a for a in self._publishers if a not in primaries]:
+                await _close_client(self._publishers.pop(address))
 
     def _unreachable(self, exc: BaseException) -> TransportError:
         return TransportError(
